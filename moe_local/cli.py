@@ -1,0 +1,157 @@
+"""The ``moe-local`` command line: each command parses its options, then calls one public function.
+
+Heavy imports (torch, transformers) live inside the command bodies so ``--help`` answers fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from moe_local import env
+from moe_local.errors import MoeLocalError
+
+app = typer.Typer(
+    name="moe-local",
+    help="Run large Mixture-of-Experts models locally, experts behind a cache.",
+    epilog="Environment variables:\n\n" + env.describe().replace("\n", "\n\n"),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[
+    str, typer.Argument(help="checkpoint folder or a hub id in the local Hugging Face cache")
+]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")]
+ExpertMemOpt = Annotated[
+    str | None, typer.Option("--expert-memory", help="RAM for experts, e.g. 2GiB (default: all in RAM)")
+]
+DownloadOpt = Annotated[
+    bool, typer.Option("--download", help="fetch a hub id that is not cached (needs network)")
+]
+
+
+def _setup_torch() -> None:
+    import torch
+
+    threads = env.THREADS.get()
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+@app.command(
+    epilog="Example: moe-local generate ./Mixtral-8x7B-v0.1 'The capital of France is' --no-chat -n 32"
+)
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="the prompt (use - to read it from standard input)")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: all)")] = 0,
+    min_p: Annotated[float, typer.Option(help="drop tokens below min_p x the top probability")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help=">1 discourages repeats")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="apply the chat template (default: if the model has one)"),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="print speed and expert-cache stats after the text")
+    ] = False,
+    dtype: DtypeOpt = "auto",
+    expert_memory: ExpertMemOpt = None,
+    download: DownloadOpt = False,
+) -> None:
+    """Generate text from a prompt, streamed to standard output."""
+    from moe_local.config import LoadOptions, SamplingParams, parse_size
+    from moe_local.generate import stream_generate
+    from moe_local.loading.loader import load
+
+    _setup_torch()
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
+    options = LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory), download=download)
+    lm = load(model, options)
+    last = None
+    for last in stream_generate(lm, prompt, params, chat=chat):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if stats and last is not None:
+        typer.echo(format_stats(last), err=True)
+
+
+def format_stats(resp) -> str:
+    """One-paragraph summary of a finished generation's speed and expert traffic."""
+    from moe_local.inspect_model import human_bytes
+
+    t = resp.experts.total
+    return (
+        f"prompt: {resp.prompt_tokens} tokens at {resp.prompt_tps:.1f} tok/s, "
+        f"time to first token {resp.ttft_s * 1000:.0f} ms\n"
+        f"generation: {resp.generation_tokens} tokens at {resp.generation_tps:.1f} tok/s "
+        f"(finish: {resp.finish_reason})\n"
+        f"experts: {t.hits} hits, {t.misses} misses, hit rate {resp.experts.hit_rate:.1%}, "
+        f"{t.evictions} evictions, read {human_bytes(t.bytes_from_disk)} from disk, "
+        f"I/O wait {t.io_wait_s * 1000:.0f} ms"
+    )
+
+
+@app.command(epilog="Example: moe-local inspect ./Mixtral-8x7B-v0.1")
+def inspect(model: ModelArg, download: DownloadOpt = False) -> None:
+    """Show a checkpoint's family, layers, experts, parameters and sizes (loads no weights)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.inspect_model import human_bytes, human_count, inspect_model
+
+    info = inspect_model(model, download=download)
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("path", str(info.path)),
+        ("family", f"{info.family} ({info.architecture})"),
+        ("status", info.status),
+        ("layers", f"{info.layers} ({info.moe_layers} with experts)"),
+        ("experts", f"{info.experts_per_layer} per layer, top-{info.top_k} per token"),
+        (
+            "parameters",
+            f"{human_count(info.total_params)} total, {human_count(info.active_params)} active per token",
+        ),
+        ("dense part", human_bytes(info.dense_bytes)),
+        ("experts", human_bytes(info.expert_bytes)),
+        ("dtype", ", ".join(info.dtypes)),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    try:
+        app()
+    except MoeLocalError as exc:
+        _err(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)

@@ -1,0 +1,100 @@
+"""Frozen configuration: load-time options apart from per-request sampling options."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from moe_local.errors import MoeLocalError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+_UNITS["ti"] = 1024**4
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Parse a memory size such as ``"700MiB"``, ``"22GiB"``, ``"1.5GB"`` or ``4096`` into bytes.
+
+    Args:
+        text: the size; None passes through.
+
+    Returns:
+        Bytes, or None.
+
+    Raises:
+        MoeLocalError: the text is not a size.
+    """
+    if text is None or isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise MoeLocalError(f"not a memory size: {text!r} (examples: 700MiB, 22GiB, 1.5GB)")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: devices, dtype and memory budgets (fixed for the model's life).
+
+    Attributes:
+        dtype: "auto" (the checkpoint's, float32 for half-precision checkpoints on CPU),
+            "float32", "bfloat16" or "float16".
+        device: where the dense part computes ("cpu", "cuda", "cuda:1").
+        expert_memory: bytes of experts kept in RAM; None keeps every expert resident.
+        download: allow fetching a hub id that is not in the local cache.
+        context: context length to allow (None: the model's own).
+    """
+
+    dtype: str = "auto"
+    device: str = "cpu"
+    expert_memory: int | None = None
+    download: bool = False
+    context: int | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation options.
+
+    Attributes:
+        max_tokens: most new tokens to generate.
+        temperature: 0 means greedy.
+        top_p: nucleus sampling mass (1 disables).
+        top_k: keep the k most likely tokens (0 disables).
+        min_p: drop tokens below min_p times the top probability (0 disables).
+        repetition_penalty: >1 discourages tokens already seen (1 disables).
+        presence_penalty: OpenAI-style additive penalty for tokens present so far.
+        frequency_penalty: OpenAI-style additive penalty per occurrence.
+        seed: seed of the sampler's generator (None: nondeterministic).
+        stop: strings that end the generation (not included in the output).
+        ignore_eos: keep generating past end-of-sequence tokens.
+        logprobs: number of top log-probabilities to report per token (0: none).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 0, "max_tokens must be >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MoeLocalError(msg)

@@ -1,0 +1,29 @@
+"""The one registry of MOE_LOCAL_* environment variables, shown in ``moe-local --help``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable moe-local reads."""
+
+    name: str
+    default: str
+    help: str
+
+    def get(self) -> str:
+        """Return the variable's value, or its default when unset or empty."""
+        return os.environ.get(self.name) or self.default
+
+
+THREADS = EnvVar("MOE_LOCAL_THREADS", "", "torch CPU threads (default: all cores)")
+
+REGISTRY: tuple[EnvVar, ...] = (THREADS,)
+
+
+def describe() -> str:
+    """Return the registry as help text, one variable a line."""
+    return "\n".join(f"{v.name} (default {v.default or 'unset'}): {v.help}" for v in REGISTRY)

@@ -1,0 +1,109 @@
+"""OffloadedExperts: the drop-in for ``layer.mlp.experts`` that computes only selected experts.
+
+The router, shared experts and routing rules stay transformers' own code; this module only
+receives ``(hidden, top_k_index, top_k_weights)`` and asks an ExpertStore for each selected
+expert. The family's own gate function (SwiGLU, GPT-OSS's clamped GLU, ...) is reused, so
+every family computes exactly what transformers would.
+Legend: T=tokens, K=experts per token, H=hidden size, I=expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_local.experts.store import ExpertStore
+from moe_local.experts.weights import apply_linear
+
+EXPERT_PARAM_NAMES = (
+    "gate_up_proj",
+    "gate_up_proj_bias",
+    "up_proj",
+    "up_proj_bias",
+    "down_proj",
+    "down_proj_bias",
+)
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a transformers experts module built on its experts interface (fused 3-D weights)."""
+    return (
+        hasattr(module, "has_gate") and hasattr(module, "num_experts") and "down_proj" in module._parameters
+    )
+
+
+class _GateHolder:
+    """Keeps the original experts module (weights removed) for its gate function and constants."""
+
+    def __init__(self, original: nn.Module) -> None:
+        for name in EXPERT_PARAM_NAMES:
+            original._parameters.pop(name, None)
+        self.original = original
+
+
+class OffloadedExperts(nn.Module):
+    """Computes the selected experts of one layer from weights an ExpertStore hands out.
+
+    Args:
+        original: the family's experts module (its fused weights are dropped here).
+        layer: index of the decoder layer.
+        store: where the experts live.
+    """
+
+    def __init__(self, original: nn.Module, layer: int, store: ExpertStore) -> None:
+        super().__init__()
+        self.layer = layer
+        self.store = store
+        self.num_experts = int(original.num_experts)
+        self.has_gate = bool(original.has_gate)
+        self.has_bias = bool(getattr(original, "has_bias", False))
+        self.has_post_expert_norm = bool(getattr(original, "has_post_expert_norm", False))
+        if self.has_post_expert_norm:
+            self.post_expert_norm = original.post_expert_norm
+        self._holder = _GateHolder(original)
+        self.trace: list[list[int]] | None = None  # set to a list to record routed experts per call
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, store={type(self.store).__name__}"
+
+    def _gate(self, proj: torch.Tensor) -> torch.Tensor:
+        orig = self._holder.original
+        if self.has_gate:
+            return orig._apply_gate(proj)
+        return orig.act_fn(proj)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Mix the selected experts' outputs by their routing weights.
+
+        Args:
+            hidden_states: [T, H] (or [..., H]).
+            top_k_index: [T, K] expert ids.
+            top_k_weights: [T, K] routing weights.
+
+        Returns:
+            [T, H] weighted sum of the selected experts' outputs.
+        """
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        idx = top_k_index.reshape(x.shape[0], -1)  # [T, K]
+        wts = top_k_weights.reshape(x.shape[0], -1)  # [T, K]
+        out = torch.zeros_like(x)  # [T, H]
+        needed = [e for e in torch.unique(idx).tolist() if 0 <= e < self.num_experts]
+        if self.trace is not None:
+            self.trace.append(needed)
+        for e in self.store.order(self.layer, needed):
+            tok, kpos = torch.where(idx == e)  # [n], [n]
+            w = self.store.get(self.layer, e)
+            xe = x[tok]  # [n, H]
+            if self.has_gate:
+                h = self._gate(apply_linear(xe, w.gate_up, w.gate_up_bias))  # [n, I]
+            else:
+                h = self._gate(apply_linear(xe, w.up, w.up_bias))  # [n, I]
+            y = apply_linear(h, w.down, w.down_bias)  # [n, H]
+            if self.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            y = y * wts[tok, kpos, None].to(y.dtype)
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out.reshape(shape)

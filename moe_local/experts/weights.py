@@ -1,0 +1,89 @@
+"""One expert's weights in the canonical moe-local layout.
+
+Every family is reduced to the same shape: ``gate_up`` [2I, H] (or ``up`` [I, H] for
+ungated experts), ``down`` [H, I], optional biases; rows of ``gate_up`` keep the order the
+family's own gate function expects (concatenated or interleaved).
+Legend: H=hidden size, I=expert intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+
+@runtime_checkable
+class LinearWeight(Protocol):
+    """A (possibly quantized) weight matrix that computes ``x @ W^T + b``."""
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+WeightLike = torch.Tensor | LinearWeight
+
+
+def apply_linear(x: torch.Tensor, weight: WeightLike, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute ``x @ weight^T + bias`` for a dense tensor or a quantized weight.
+
+    Args:
+        x: input [T, in].
+        weight: dense [out, in] tensor or an object with ``linear``.
+        bias: optional [out].
+
+    Returns:
+        Output [T, out].
+    """
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias)
+
+
+def weight_nbytes(weight: WeightLike | None) -> int:
+    """Bytes of storage a weight occupies (0 for None)."""
+    if weight is None:
+        return 0
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return int(weight.nbytes)
+
+
+@dataclass
+class ExpertWeights:
+    """The tensors of one expert (layer, e), ready to compute."""
+
+    down: WeightLike  # [H, I]
+    gate_up: WeightLike | None = None  # [2I, H] for gated experts
+    up: WeightLike | None = None  # [I, H] for ungated experts
+    gate_up_bias: torch.Tensor | None = None  # [2I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of all tensors of this expert."""
+        parts = (self.down, self.gate_up, self.up, self.gate_up_bias, self.up_bias, self.down_bias)
+        return sum(weight_nbytes(p) for p in parts)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """Return a copy on ``device``; dense float tensors are cast to ``dtype`` when given."""
+
+        def move(t):
+            if t is None:
+                return None
+            if isinstance(t, torch.Tensor):
+                return t.to(
+                    device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None
+                )
+            return t.to(device) if device is not None else t
+
+        return ExpertWeights(
+            down=move(self.down),
+            gate_up=move(self.gate_up),
+            up=move(self.up),
+            gate_up_bias=move(self.gate_up_bias),
+            up_bias=move(self.up_bias),
+            down_bias=move(self.down_bias),
+        )

@@ -1,0 +1,290 @@
+"""Generation in layers: ``generate_step`` -> ``stream_generate`` -> ``generate``.
+
+``generate_step`` runs the model one token at a time over a KV cache; ``stream_generate``
+turns tokens into text deltas with stop strings, EOS and stats; ``generate`` collects it.
+Legend: P=prompt tokens, V=vocabulary size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_local.config import SamplingParams
+from moe_local.errors import MoeLocalError, PromptTooLongError
+from moe_local.experts.store import StoreStats
+from moe_local.loading.loader import LoadedModel
+from moe_local.sampling import LogitsProcessor, Sampler, sampler_from_params
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a streamed generation.
+
+    Attributes:
+        text: new text since the previous response (may be empty while a character or a
+            possible stop string is incomplete).
+        token: the token generated at this step (None on the final summary response).
+        logprob: log-probability of ``token``.
+        top_logprobs: the most likely (token, log-probability) pairs, when asked for.
+        prompt_tokens: tokens in the prompt.
+        generation_tokens: tokens generated so far.
+        prompt_tps: prefill speed, tokens/s.
+        generation_tps: decode speed so far, tokens/s.
+        ttft_s: time to first token, seconds.
+        finish_reason: None while running, then "stop" (EOS or stop string) or "length".
+        experts: expert store counters accumulated during this generation.
+    """
+
+    text: str
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    ttft_s: float = 0.0
+    finish_reason: str | None = None
+    experts: StoreStats = field(default_factory=StoreStats)
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation: the text and the last response's stats."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    stats: GenerationResponse
+
+
+def generate_step(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    sampler: Sampler,
+    processors: Sequence[LogitsProcessor] = (),
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield tokens one at a time, forever (the caller stops it).
+
+    Args:
+        lm: the loaded model.
+        prompt_ids: the prompt's token ids (at least one).
+        sampler: picks a token from processed logits [V].
+        processors: applied to the logits before sampling, with the tokens seen so far.
+
+    Yields:
+        (token, log-probabilities [V] of the processed logits).
+    """
+    from transformers import DynamicCache
+
+    model = lm.model
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    seen = list(prompt_ids)
+    ids = torch.tensor(seen, dtype=torch.long, device=device)  # [P]
+    with torch.inference_mode():
+        for start in range(0, len(seen), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK][None]
+            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        while True:
+            logits = out.logits[0, -1].float().cpu()  # [V]
+            for proc in processors:
+                logits = proc(seen, logits)
+            token = sampler(logits)
+            yield token, torch.log_softmax(logits, dim=-1)
+            seen.append(token)
+            step = torch.tensor([[token]], dtype=torch.long, device=device)
+            out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def encode_prompt(lm: LoadedModel, prompt: Prompt, chat: bool | None = None) -> list[int]:
+    """Turn a prompt into token ids.
+
+    Args:
+        lm: the loaded model (its tokenizer and chat template).
+        prompt: text, token ids, or chat messages (``[{"role": ..., "content": ...}]``).
+        chat: wrap text in the chat template as one user turn (None: only when the tokenizer has one).
+
+    Returns:
+        The prompt's token ids.
+    """
+    if isinstance(prompt, str):
+        tok = _tokenizer(lm)
+        if chat is None:
+            chat = bool(getattr(tok, "chat_template", None))
+        if not chat:
+            return list(tok.encode(prompt))
+        prompt = [{"role": "user", "content": prompt}]
+    items = list(prompt)
+    if items and isinstance(items[0], dict):
+        tok = _tokenizer(lm)
+        if not getattr(tok, "chat_template", None):
+            raise MoeLocalError(f"{lm.name} has no chat template; pass plain text with --no-chat")
+        ids = tok.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return [int(t) for t in items]
+
+
+def stream_generate(
+    lm: LoadedModel, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool | None = None
+) -> Iterator[GenerationResponse]:
+    """Generate, yielding a response per token with the new text and running stats.
+
+    Args:
+        lm: the loaded model.
+        prompt: text, token ids, or chat messages.
+        params: sampling and stopping options.
+        chat: apply the chat template to a text prompt (None: when the tokenizer has one).
+
+    Yields:
+        GenerationResponse per token; the last one has ``finish_reason`` set.
+
+    Raises:
+        PromptTooLongError: the prompt leaves no room in the context.
+    """
+    params = params or SamplingParams()
+    prompt_ids = encode_prompt(lm, prompt, chat)
+    if not prompt_ids:
+        raise MoeLocalError("the prompt is empty")
+    if len(prompt_ids) >= lm.context:
+        raise PromptTooLongError(len(prompt_ids), lm.context)
+    budget = min(params.max_tokens, lm.context - len(prompt_ids))
+    sampler, procs = sampler_from_params(params)
+    detok = _Detokenizer(lm.tokenizer, params.stop)
+    before = lm.store.stats()
+    t0 = t_first = time.perf_counter()
+    ttft = prefill_tps = 0.0
+    tokens: list[int] = []
+    finish = "length"
+    last = GenerationResponse(text="", token=None, prompt_tokens=len(prompt_ids))
+    steps = generate_step(lm, prompt_ids, sampler, procs)
+    try:
+        for _ in range(budget):
+            token, logprobs = next(steps)
+            now = time.perf_counter()
+            if not tokens:
+                ttft, t_first = now - t0, now
+                prefill_tps = len(prompt_ids) / ttft if ttft > 0 else 0.0
+            if token in lm.eos_token_ids and not params.ignore_eos:
+                finish = "stop"
+                break
+            tokens.append(token)
+            text, stopped = detok.add(token)
+            decode_s = now - t_first
+            last = GenerationResponse(
+                text=text,
+                token=token,
+                logprob=float(logprobs[token]),
+                top_logprobs=_top(logprobs, params.logprobs),
+                prompt_tokens=len(prompt_ids),
+                generation_tokens=len(tokens),
+                prompt_tps=prefill_tps,
+                generation_tps=(len(tokens) - 1) / decode_s if decode_s > 0 else 0.0,
+                ttft_s=ttft,
+            )
+            if stopped:
+                finish = "stop"
+                break
+            yield last
+    finally:
+        steps.close()
+    if detok.stopped:
+        final = last  # carries the text up to the stop string, not yielded yet
+    else:
+        final = GenerationResponse(
+            text=detok.flush(),
+            token=None,
+            prompt_tokens=len(prompt_ids),
+            generation_tokens=len(tokens),
+            prompt_tps=prefill_tps,
+            generation_tps=last.generation_tps,
+            ttft_s=ttft,
+        )
+    final.finish_reason = finish
+    final.experts = lm.store.stats().minus(before)
+    yield final
+
+
+def generate(
+    lm: LoadedModel, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool | None = None
+) -> GenerationResult:
+    """Generate a whole completion.
+
+    Args:
+        lm: the loaded model.
+        prompt: text, token ids, or chat messages.
+        params: sampling and stopping options.
+        chat: apply the chat template to a text prompt (None: when the tokenizer has one).
+
+    Returns:
+        The text, the generated tokens, why it stopped, and the final stats.
+    """
+    parts, tokens = [], []
+    resp = None
+    for resp in stream_generate(lm, prompt, params, chat=chat):
+        parts.append(resp.text)
+        if resp.token is not None:
+            tokens.append(resp.token)
+    assert resp is not None  # stream_generate always yields a final response
+    return GenerationResult("".join(parts), tokens, resp.finish_reason or "length", resp)
+
+
+def _tokenizer(lm: LoadedModel):
+    if lm.tokenizer is None:
+        raise MoeLocalError(f"{lm.name} was loaded without a tokenizer; pass token ids")
+    return lm.tokenizer
+
+
+def _top(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    if n <= 0:
+        return []
+    vals, idx = torch.topk(logprobs, n)
+    return [(int(i), float(v)) for i, v in zip(idx, vals, strict=True)]
+
+
+class _Detokenizer:
+    """Incremental detokenization with stop strings: emits only text that is final."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (text now safe to show, whether a stop string was hit)."""
+        self.tokens.append(token)
+        if self.tokenizer is None:
+            return "", False
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False  # an incomplete UTF-8 character: wait for its next byte
+        self.text = text
+        for s in self.stop:
+            pos = text.find(s, max(0, self.emitted - len(s)))
+            if pos != -1:
+                self.text = text[:pos]
+                self.stopped = True
+                return self._emit(len(self.text)), True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(len(text) - hold), False
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
+
+    def flush(self) -> str:
+        """Return any text held back (a partial stop string that never completed)."""
+        return self._emit(len(self.text))

@@ -1,0 +1,1 @@
+"""Resolve a MODEL argument and load it: checkpoint reading, family facts, the loader."""

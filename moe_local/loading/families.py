@@ -1,0 +1,219 @@
+"""Per-family facts: where each layer's experts live in a checkpoint and how to read one.
+
+Checkpoints store experts either one tensor set per expert
+(``...experts.{e}.w1/w2/w3`` for Mixtral and Phi-MoE, ``...experts.{e}.gate_proj/up_proj/down_proj``
+for Qwen, OLMoE, DeepSeek) or fused as 3-D tensors (``...experts.gate_up_proj`` [E, ...] for
+GPT-OSS and others). Key renames between disk and memory come from transformers' own
+conversion mapping, so names are never guessed from file names.
+Legend: E=experts, H=hidden size, I=expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_local.errors import UnsupportedModelError
+from moe_local.experts.module import EXPERT_PARAM_NAMES, is_experts_module
+from moe_local.experts.weights import ExpertWeights
+from moe_local.loading.safetensors_io import CheckpointFiles
+
+_GATE_NAMES = ("w1", "gate_proj")
+_UP_NAMES = ("w3", "up_proj")
+_DOWN_NAMES = ("w2", "down_proj")
+_FUSED_PARTS = {
+    "gate_up_proj": "gate_up",
+    "gate_up_proj_bias": "gate_up_bias",
+    "up_proj": "up",
+    "up_proj_bias": "up_bias",
+    "down_proj": "down",
+    "down_proj_bias": "down_bias",
+}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+# Families proven by tests; others whose experts follow transformers' experts interface load too.
+TESTED_FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "phimoe",
+)
+
+
+@dataclass(frozen=True)
+class ExpertsSite:
+    """One layer's experts module: its name in the model and its layout facts."""
+
+    name: str  # module path in memory, e.g. "model.layers.3.mlp.experts"
+    layer: int
+    num_experts: int
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool  # fused weights stored [E, in, out] instead of [E, out, in]
+    is_concatenated: bool  # gate and up rows concatenated (True) or interleaved (False)
+
+
+def find_expert_sites(model: nn.Module) -> list[ExpertsSite]:
+    """List every experts module of ``model`` in layer order.
+
+    Raises:
+        UnsupportedModelError: a module looks like experts but lacks transformers' experts interface.
+    """
+    sites = []
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            m = _LAYER_RE.search(name + ".")
+            if m is None:
+                raise UnsupportedModelError(f"cannot tell which layer the experts module {name} belongs to")
+            sites.append(
+                ExpertsSite(
+                    name=name,
+                    layer=int(m.group(1)),
+                    num_experts=int(module.num_experts),
+                    has_gate=bool(module.has_gate),
+                    has_bias=bool(getattr(module, "has_bias", False)),
+                    is_transposed=bool(getattr(module, "is_transposed", False)),
+                    is_concatenated=bool(getattr(module, "is_concatenated", True)),
+                )
+            )
+        elif name.endswith("experts") and any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} keeps its experts in a layout moe-local does not support yet "
+                "(no transformers experts interface)"
+            )
+    return sites
+
+
+def checkpoint_renamer(model: nn.Module):
+    """Return a function mapping a checkpoint key to the model's in-memory name (renames only)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", "model")
+    own = set(model.state_dict().keys()) if not renamings else None
+
+    def rename(key: str) -> str:
+        out = apply_renamings(key, renamings) if renamings else key
+        if own is not None and out not in own and f"{prefix}.{out}" in own:
+            out = f"{prefix}.{out}"
+        return out
+
+    return rename
+
+
+@dataclass
+class _SiteKeys:
+    fused: dict[str, str]  # canonical part -> checkpoint key of the fused [E, ...] tensor
+    per_expert: dict[int, dict[str, str]]  # expert -> canonical part -> checkpoint key
+
+
+class CheckpointExperts:
+    """Reads any expert (layer, e) of a Hugging Face checkpoint into canonical ExpertWeights.
+
+    Args:
+        files: the checkpoint's safetensors files.
+        sites: the model's experts modules.
+        renamed: in-memory name -> checkpoint key, for every checkpoint key.
+        dtype: dtype to cast float weights to (None keeps the checkpoint's).
+        drop_cache: evict read bytes from the page cache (a RAM budget must hold).
+    """
+
+    def __init__(
+        self,
+        files: CheckpointFiles,
+        sites: list[ExpertsSite],
+        renamed: dict[str, str],
+        dtype: torch.dtype | None,
+        drop_cache: bool = False,
+    ) -> None:
+        self.files = files
+        self.sites = {s.layer: s for s in sites}
+        self.dtype = dtype
+        self.drop_cache = drop_cache
+        self.keys: dict[int, _SiteKeys] = {}
+        self.claimed: set[str] = set()  # checkpoint keys that belong to experts
+        for site in sites:
+            self.keys[site.layer] = self._match(site, renamed)
+
+    def _match(self, site: ExpertsSite, renamed: dict[str, str]) -> _SiteKeys:
+        fused: dict[str, str] = {}
+        for pname in EXPERT_PARAM_NAMES:
+            key = renamed.get(f"{site.name}.{pname}")
+            if key is not None:
+                fused[pname] = key
+                self.claimed.add(key)
+        per: dict[int, dict[str, str]] = {}
+        pat = re.compile(re.escape(site.name) + r"\.(\d+)\.(\w+)\.(weight|bias)$")
+        for mem_name, key in renamed.items():
+            m = pat.match(mem_name)
+            if m is None:
+                continue
+            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+            part = {**dict.fromkeys(_GATE_NAMES, "gate"), **dict.fromkeys(_UP_NAMES, "up")}.get(proj)
+            part = part or ("down" if proj in _DOWN_NAMES else None)
+            if part is None:
+                raise UnsupportedModelError(f"unknown expert tensor {key} (expected w1/w2/w3 or *_proj)")
+            per.setdefault(e, {})[part if kind == "weight" else part + "_bias"] = key
+            self.claimed.add(key)
+        if not fused and not per:
+            raise UnsupportedModelError(f"no expert weights found for {site.name} in the checkpoint")
+        if not fused:
+            missing = [e for e in range(site.num_experts) if "down" not in per.get(e, {})]
+            if missing:
+                raise UnsupportedModelError(f"{site.name}: checkpoint lacks experts {missing[:8]}")
+        elif "down_proj" not in fused:
+            raise UnsupportedModelError(f"{site.name}: fused experts lack down_proj in the checkpoint")
+        return _SiteKeys(fused, per)
+
+    def _read(self, key: str, index: int | None = None) -> torch.Tensor:
+        if index is None:
+            t = self.files.read(key, drop_cache=self.drop_cache)
+        else:
+            t = self.files.read_slice(key, index, drop_cache=self.drop_cache)
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        return t
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes of one expert of ``layer`` in the checkpoint's dtype."""
+        keys = self.keys[layer]
+        if keys.fused:
+            return sum(self.files.info(k).nbytes // self.files.info(k).shape[0] for k in keys.fused.values())
+        first = next(iter(keys.per_expert.values()))
+        return sum(self.files.info(k).nbytes for k in first.values())
+
+    def read(self, layer: int, expert: int) -> ExpertWeights:
+        """Read expert ``expert`` of ``layer`` into canonical weights."""
+        site = self.sites[layer]
+        keys = self.keys[layer]
+        if keys.fused:
+            parts = {_FUSED_PARTS[p]: self._read(k, expert) for p, k in keys.fused.items()}
+            if site.is_transposed:  # [in, out] -> [out, in]
+                for p in ("gate_up", "up", "down"):
+                    if p in parts:
+                        parts[p] = parts[p].t().contiguous()
+            return ExpertWeights(**parts)
+        src = {p: self._read(k) for p, k in keys.per_expert[expert].items()}
+        w = ExpertWeights(down=src["down"], down_bias=src.get("down_bias"))
+        if "gate" in src:
+            w.gate_up = _join(src["gate"], src["up"], site.is_concatenated)
+            if "gate_bias" in src:
+                w.gate_up_bias = _join(src["gate_bias"], src["up_bias"], site.is_concatenated)
+        else:
+            w.up, w.up_bias = src["up"], src.get("up_bias")
+        return w
+
+
+def _join(gate: torch.Tensor, up: torch.Tensor, concatenated: bool) -> torch.Tensor:
+    """Stack gate [I, ...] and up [I, ...] into [2I, ...], concatenated or interleaved."""
+    if concatenated:
+        return torch.cat([gate, up], dim=0)
+    return torch.stack([gate, up], dim=1).reshape(-1, *gate.shape[1:])

@@ -1,0 +1,212 @@
+"""``load``: a checkpoint folder -> a transformers model whose experts sit behind an ExpertStore.
+
+Dense weights (attention, norms, embeddings, routers, shared experts) are read tensor by
+tensor into the model built on meta; every layer's experts module is swapped for
+OffloadedExperts over a store, so peak memory is the dense part plus what the store keeps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_local.config import LoadOptions
+from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError
+from moe_local.experts.module import OffloadedExperts
+from moe_local.experts.store import CachedStore, ExpertStore, InMemoryStore
+from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
+from moe_local.loading.meta import build_on_meta
+from moe_local.loading.resolve import resolve_model_path
+from moe_local.loading.safetensors_io import CheckpointFiles
+
+Progress = Callable[[str, int, int], None]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: the transformers model, its tokenizer and its expert store."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    store: ExpertStore
+    path: Path
+    options: LoadOptions
+    sites: list[ExpertsSite]
+    context: int
+    dense_bytes: int
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def config(self):
+        """The transformers config."""
+        return self.model.config
+
+    @property
+    def name(self) -> str:
+        """A short name for the model (its folder's name)."""
+        return self.path.name
+
+
+def load_config(path: Path):
+    """Read config.json with transformers, turning its errors into one clear line."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({exc})") from exc
+    model_type = raw.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError(f"{path / 'config.json'} has no model_type")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(
+            f"unknown model_type {model_type!r}: this transformers does not define that family"
+        ) from exc
+
+
+def resolve_dtype(option: str, config, device: str) -> torch.dtype:
+    """Pick the compute dtype: an explicit choice, else the checkpoint's (float32 on CPU)."""
+    if option != "auto":
+        if option not in _DTYPES:
+            raise MoeLocalError(f"unknown dtype {option!r}; choose auto, {', '.join(_DTYPES)}")
+        return _DTYPES[option]
+    if device.startswith("cpu"):
+        return torch.float32  # half-precision matmuls are slow on most CPUs
+    ckpt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(ckpt, str):
+        ckpt = _DTYPES.get(ckpt)
+    return ckpt if isinstance(ckpt, torch.dtype) else torch.bfloat16
+
+
+def load_tokenizer(path: Path):
+    """Load the folder's tokenizer, or fail with one line saying what is missing."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # tokenizer back-ends raise many types; one line is what a user needs
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load(
+    model: str | Path,
+    options: LoadOptions | None = None,
+    *,
+    tokenizer: bool = True,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load a Hugging Face MoE checkpoint with its experts behind an ExpertStore.
+
+    Args:
+        model: a checkpoint folder (config.json, safetensors, tokenizer) or a cached hub id.
+        options: devices, dtype and memory budgets (defaults: CPU, all experts in RAM).
+        tokenizer: also load the tokenizer (needed to generate from text).
+        progress: called as ``progress(description, done, total)`` while loading.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        MoeLocalError: the folder, its files or the family cannot be loaded (one clear line).
+    """
+    options = options or LoadOptions()
+    path = resolve_model_path(model, download=options.download)
+    if (path / "moe_local.json").exists():
+        raise MoeLocalError(
+            f"{path} is a moe-local quantized folder; this version cannot load quantized folders yet"
+        )
+    config = load_config(path)
+    dtype = resolve_dtype(options.dtype, config, options.device)
+    files = CheckpointFiles(path)
+    tok = load_tokenizer(path) if tokenizer else None
+    try:
+        lm = build_on_meta(config, dtype)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"transformers cannot build {config.model_type!r} as a causal LM: {str(exc).splitlines()[0]}"
+        ) from exc
+
+    sites = find_expert_sites(lm)
+    rename = checkpoint_renamer(lm)
+    renamed = {rename(k): k for k in files.names()}
+    experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=options.expert_memory is not None)
+    dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
+    store = _make_store(experts, sites, options, progress)
+    for site in sites:
+        parent_name, _, attr = site.name.rpartition(".")
+        parent = lm.get_submodule(parent_name)
+        setattr(parent, attr, OffloadedExperts(getattr(parent, attr), site.layer, store))
+    lm.tie_weights()
+    leftover = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"checkpoint lacks {len(leftover)} weights, e.g. {leftover[0]}")
+    lm.to(options.device)
+    context = options.context or _model_context(config)
+    eos = _eos_ids(lm, tok)
+    return LoadedModel(lm, tok, store, path, options, sites, context, dense_bytes, eos)
+
+
+def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, progress) -> int:
+    """Read every non-expert weight into the meta model; return their bytes."""
+    wanted = lm.state_dict(keep_vars=True)
+    dense = {name: key for name, key in renamed.items() if key not in claimed and name in wanted}
+    total, state = 0, {}
+    for i, (name, key) in enumerate(dense.items()):
+        t = files.read(key)
+        target = wanted[name]
+        if tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}"
+            )
+        if t.is_floating_point() and target.is_floating_point():
+            t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
+        state[name] = t
+        total += t.numel() * t.element_size()
+        if progress:
+            progress("dense weights", i + 1, len(dense))
+    lm.load_state_dict(state, strict=False, assign=True)
+    return total
+
+
+def _make_store(experts: CheckpointExperts, sites, options: LoadOptions, progress) -> ExpertStore:
+    if options.expert_memory is not None:
+        need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
+        if sites and options.expert_memory < need:
+            raise MoeLocalError(
+                f"expert memory budget of {options.expert_memory} bytes is smaller than one expert ({need})"
+            )
+        return CachedStore(experts.read, options.expert_memory)
+    all_experts = {}
+    total = sum(s.num_experts for s in sites)
+    for site in sites:
+        for e in range(site.num_experts):
+            all_experts[(site.layer, e)] = experts.read(site.layer, e)
+            if progress:
+                progress("experts", len(all_experts), total)
+    return InMemoryStore(all_experts)
+
+
+def _model_context(config) -> int:
+    text = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(text, "max_position_embeddings", None) or 4096)
+
+
+def _eos_ids(lm, tok) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm, "generation_config", None), lm.config, tok):
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value if v is not None)
+    return frozenset(ids)

@@ -1,0 +1,76 @@
+"""Build a transformers model with its parameters on the meta device (no weight memory)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand}
+_BIG = 1 << 16  # elements: weights this size or larger are created on meta, never allocated
+
+
+def _numel(args: tuple) -> int:
+    dims = args[0] if args and isinstance(args[0], tuple | list | torch.Size) else args
+    n = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return 0
+        n *= d
+    return n
+
+
+class _BigTensorsOnMeta(TorchFunctionMode):
+    """Creates large factory tensors (weights being built) on meta; small ones (rotary tables) stay real.
+
+    Constructors allocate every weight before it is registered; without this, building a model
+    would touch (and keep in the allocator) as much memory as its largest layers.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("device") is None and _numel(args) >= _BIG:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside this context, every new parameter lives on the meta device; buffers stay real.
+
+    Buffers such as rotary frequencies are computed at construction and are not in
+    checkpoints, so they must stay on the CPU; parameters are filled from the checkpoint later.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        with _BigTensorsOnMeta():
+            yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_on_meta(config, dtype: torch.dtype):
+    """Instantiate the causal-LM class of ``config`` with meta parameters.
+
+    Args:
+        config: a transformers config.
+        dtype: dtype of the model's parameters once loaded.
+
+    Returns:
+        The model, in eval mode, parameters on meta.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,204 @@
+"""A small safetensors reader built on ``os.pread``: no mmap, no pickle.
+
+Reading with pread into buffers we own keeps resident memory equal to what we keep,
+instead of leaving touched mmap pages in RSS; ``drop_cache`` also evicts the file's
+pages from the OS page cache so a RAM budget holds for the whole process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_local.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+_CHUNK = 1 << 30  # pread moves at most ~2 GiB per call on Linux
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``, looping over short reads.
+
+    Raises:
+        OSError: when the file ends before ``buf`` is full.
+    """
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done : done + _CHUNK]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: its header, and reads of whole tensors or leading-dim slices."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{self.path.name} is not a safetensors file (too short)")
+                (header_len,) = struct.unpack("<Q", raw)
+                if header_len > min(_MAX_HEADER, self.size - 8):
+                    raise CheckpointError(f"{self.path.name} is truncated or not a safetensors file")
+                header = json.loads(f.read(header_len))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise CheckpointError(f"missing weights file {self.path}") from exc
+            raise CheckpointError(f"{self.path.name} has a corrupt safetensors header ({exc})") from exc
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        base = 8 + header_len
+        for name, entry in header.items():
+            self.tensors[name] = self._parse_entry(name, entry, base)
+
+    def _parse_entry(self, name: str, entry: dict, base: int) -> TensorInfo:
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path.name}: tensor {name} has a malformed header entry") from exc
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(f"{self.path.name}: tensor {name} size does not match its shape {shape}")
+        if base + end > self.size:
+            raise CheckpointError(
+                f"{self.path.name} is truncated: tensor {name} ends at byte {base + end} "
+                f"but the file has {self.size}"
+            )
+        return TensorInfo(name, dtype, shape, base + begin, nbytes)
+
+    def keys(self) -> list[str]:
+        """Return the tensor names in the file."""
+        return list(self.tensors)
+
+    def read(self, name: str, *, drop_cache: bool = False) -> torch.Tensor:
+        """Read one whole tensor into a new CPU tensor.
+
+        Args:
+            name: tensor name in this file.
+            drop_cache: evict the bytes read from the OS page cache afterwards.
+
+        Returns:
+            The tensor, owning its memory.
+        """
+        info = self.tensors[name]
+        return self._read_range(info.offset, info.nbytes, info.dtype, info.shape, drop_cache)
+
+    def read_slice(self, name: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
+        """Read ``tensor[index]`` of a tensor along its first dimension (one contiguous range)."""
+        info = self.tensors[name]
+        if not info.shape or not 0 <= index < info.shape[0]:
+            raise CheckpointError(f"{self.path.name}: {name} has no row {index}")
+        row = info.nbytes // info.shape[0]
+        return self._read_range(info.offset + index * row, row, info.dtype, info.shape[1:], drop_cache)
+
+    def _read_range(
+        self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], drop_cache: bool
+    ) -> torch.Tensor:
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if nbytes:
+                pread_into(fd, memoryview(out.numpy()), offset)
+            if drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path.name}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return out.view(dtype).reshape(shape)
+
+
+class CheckpointFiles:
+    """All safetensors files of a checkpoint folder, as one name -> file map."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        self.files: dict[str, SafetensorsFile] = {}
+        self.key_to_file: dict[str, SafetensorsFile] = {}
+        if index.exists():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index.name} is not a valid safetensors index") from exc
+            for shard in sorted(set(weight_map.values())):
+                if not (self.folder / shard).exists():
+                    raise CheckpointError(
+                        f"shard {shard} listed in {index.name} is missing from {self.folder}"
+                    )
+                self.files[shard] = SafetensorsFile(self.folder / shard)
+            for key, shard in weight_map.items():
+                if key not in self.files[shard].tensors:
+                    raise CheckpointError(f"{shard} does not contain {key}, which {index.name} says it holds")
+                self.key_to_file[key] = self.files[shard]
+        else:
+            paths = sorted(self.folder.glob("*.safetensors"))
+            if not paths:
+                bins = sorted(p.name for p in self.folder.glob("*.bin"))
+                hint = (
+                    f" (found {bins[0]}: pickle checkpoints are not loaded, convert to safetensors)"
+                    if bins
+                    else ""
+                )
+                raise CheckpointError(f"no .safetensors weights in {self.folder}{hint}")
+            for p in paths:
+                f = SafetensorsFile(p)
+                self.files[p.name] = f
+                for key in f.tensors:
+                    self.key_to_file[key] = f
+
+    def names(self) -> list[str]:
+        """Return every tensor name of the checkpoint."""
+        return list(self.key_to_file)
+
+    def info(self, key: str) -> TensorInfo:
+        """Return where ``key`` lies."""
+        return self.key_to_file[key].tensors[key]
+
+    def read(self, key: str, *, drop_cache: bool = False) -> torch.Tensor:
+        """Read tensor ``key`` from whichever shard holds it."""
+        return self.key_to_file[key].read(key, drop_cache=drop_cache)
+
+    def read_slice(self, key: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
+        """Read ``key[index]`` along the first dimension."""
+        return self.key_to_file[key].read_slice(key, index, drop_cache=drop_cache)

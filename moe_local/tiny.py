@@ -1,0 +1,141 @@
+"""Tiny random checkpoints of every supported MoE family, for tests and trying the machinery.
+
+Each is written the way ``save_pretrained`` writes real checkpoints (per-expert or fused
+expert tensors as the family stores them) with a small byte-level BPE tokenizer and a chat
+template, so it goes through exactly the loading path real models take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe_local.errors import MoeLocalError
+
+VOCAB = 320
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+    tie_word_embeddings=False,
+)
+_DEEPSEEK = dict(
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    n_group=2,
+    topk_group=1,
+    num_hidden_layers=3,
+    rope_scaling=None,
+)
+FAMILIES: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy"),
+    "deepseek_v3": dict(_DEEPSEEK, q_lora_rank=16),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=16,
+    ),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_config(family: str, **overrides):
+    """Return a tiny transformers config of ``family`` (see ``FAMILIES``)."""
+    from transformers import AutoConfig
+
+    if family not in FAMILIES:
+        raise MoeLocalError(f"no tiny config for {family!r}; choose one of {', '.join(FAMILIES)}")
+    return AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer over 256 bytes plus a few specials, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    return fast
+
+
+def make_tiny_checkpoint(family: str, out: str | Path, *, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random checkpoint of ``family`` to ``out`` (config, safetensors, tokenizer).
+
+    Args:
+        family: a transformers model_type from ``FAMILIES``.
+        out: destination folder (created).
+        seed: torch seed for the random weights.
+        **overrides: config fields to change (e.g. ``num_hidden_layers=4``).
+
+    Returns:
+        The folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init make routing and logits decisive
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_local.tiny FAMILY OUT``: write a tiny random checkpoint to try the machinery."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m moe_local.tiny", description=main.__doc__)
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    print(make_tiny_checkpoint(args.family, args.out))
+
+
+if __name__ == "__main__":
+    main()

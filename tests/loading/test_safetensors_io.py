@@ -1,0 +1,47 @@
+"""The pread-based safetensors reader agrees with the safetensors library."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moe_local.errors import CheckpointError
+from moe_local.loading.safetensors_io import CheckpointFiles, SafetensorsFile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8])
+def test_read_whole_and_slices(tmp_path, dtype):
+    t = (torch.randn(4, 6, 5) * 10).to(dtype)
+    save_file({"a": t, "b": torch.arange(7)}, tmp_path / "x.safetensors")
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    assert torch.equal(f.read("a"), t)
+    assert torch.equal(f.read("b"), torch.arange(7))
+    for i in range(4):
+        assert torch.equal(f.read_slice("a", i, drop_cache=True), t[i])
+    with pytest.raises(CheckpointError):
+        f.read_slice("a", 4)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    save_file({"a": torch.zeros(1000)}, tmp_path / "x.safetensors")
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        SafetensorsFile(tmp_path / "x.safetensors")
+
+
+def test_sharded_index(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "s1.safetensors")
+    save_file({"b": torch.zeros(3)}, tmp_path / "s2.safetensors")
+    index = {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    files = CheckpointFiles(tmp_path)
+    assert sorted(files.names()) == ["a", "b"]
+    assert torch.equal(files.read("b"), torch.zeros(3))
+    index["weight_map"]["c"] = "s2.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="does not contain c"):
+        CheckpointFiles(tmp_path)
