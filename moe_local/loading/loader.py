@@ -179,18 +179,22 @@ def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, p
 
 
 def _make_store(experts: CheckpointExperts, sites, options: LoadOptions, progress) -> ExpertStore:
+    device = torch.device(options.device)
     if options.expert_memory is not None:
         need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
         if sites and options.expert_memory < need:
             raise MoeLocalError(
                 f"expert memory budget of {options.expert_memory} bytes is smaller than one expert ({need})"
             )
-        return CachedStore(experts.read, options.expert_memory)
+        if device.type == "cpu":
+            return CachedStore(experts.read, options.expert_memory)
+        # on an accelerator the budget is device memory: experts are read, then copied over
+        return CachedStore(lambda layer, e: experts.read(layer, e).to(device), options.expert_memory)
     all_experts = {}
     total = sum(s.num_experts for s in sites)
     for site in sites:
         for e in range(site.num_experts):
-            all_experts[(site.layer, e)] = experts.read(site.layer, e)
+            all_experts[(site.layer, e)] = experts.read(site.layer, e).to(device)
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)
