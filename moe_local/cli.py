@@ -145,6 +145,70 @@ def inspect(model: ModelArg, download: DownloadOpt = False) -> None:
     Console().print(table)
 
 
+@app.command(epilog="Example: moe-local quantize ./Mixtral-8x7B-v0.1 ./mixtral-q4 --recipe experts-4bit")
+def quantize(
+    src: Annotated[str, typer.Argument(help="Hugging Face MoE checkpoint folder")],
+    out: Annotated[str, typer.Argument(help="folder to create (written as OUT.partial, renamed when done)")],
+    recipe: Annotated[str, typer.Option(help="shipped recipe name or a recipe .toml file")] = "experts-4bit",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
+) -> None:
+    """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.inspect_model import human_bytes
+    from moe_local.recipes import load_recipe
+
+    _setup_torch()
+    rec = load_recipe(recipe)
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+        start = __import__("time").perf_counter()
+        seen = [0]
+
+        def progress(stage: str, done: int, total: int, nbytes: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+            seen[0] += nbytes if stage != "dense" else 0
+            rate = seen[0] / max(__import__("time").perf_counter() - start, 1e-9) / 1e6
+            bar.update(tasks[stage], completed=done, rate=f"{rate:.1f} MB/s")
+
+        report = quantize_checkpoint(
+            src, out, rec, overwrite=overwrite, resume=resume, dry_run=dry_run, progress=progress
+        )
+    table = Table(title=("plan" if dry_run else "quantized") + f" with recipe {rec.name}")
+    for col in ("scheme", "tensors", "before", "after", "bits/weight", "rel. error"):
+        table.add_column(col)
+    for row in report.rows.values():
+        bpw = 8 * row.bytes_out / max(row.params, 1)
+        err = f"{row.rel_error_sum / row.measured:.4f}" if row.measured else "-"
+        table.add_row(
+            row.scheme,
+            str(row.tensors),
+            human_bytes(row.bytes_in),
+            human_bytes(row.bytes_out),
+            f"{bpw:.2f}",
+            err,
+        )
+    Console().print(table)
+    verb = "would write" if dry_run else "wrote"
+    typer.echo(
+        f"{verb} {human_bytes(report.bytes_out)} from {human_bytes(report.bytes_in)} "
+        f"({report.experts} experts) in {report.seconds:.1f} s" + ("" if dry_run else f" to {report.out}")
+    )
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:

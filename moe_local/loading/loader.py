@@ -18,6 +18,8 @@ from moe_local.config import LoadOptions
 from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError
 from moe_local.experts.module import OffloadedExperts
 from moe_local.experts.store import CachedStore, ExpertStore, InMemoryStore
+from moe_local.format.manifest import MANIFEST, read_manifest
+from moe_local.format.reader import BlobExperts, load_dense
 from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
@@ -121,13 +123,11 @@ def load(
     """
     options = options or LoadOptions()
     path = resolve_model_path(model, download=options.download)
-    if (path / "moe_local.json").exists():
-        raise MoeLocalError(
-            f"{path} is a moe-local quantized folder; this version cannot load quantized folders yet"
-        )
+    quantized = (path / MANIFEST).exists()
+    manifest = read_manifest(path) if quantized else None
     config = load_config(path)
     dtype = resolve_dtype(options.dtype, config, options.device)
-    files = CheckpointFiles(path)
+    files = None if quantized else CheckpointFiles(path)
     tok = load_tokenizer(path) if tokenizer else None
     try:
         lm = build_on_meta(config, dtype)
@@ -137,10 +137,15 @@ def load(
         ) from exc
 
     sites = find_expert_sites(lm)
-    rename = checkpoint_renamer(lm)
-    renamed = {rename(k): k for k in files.names()}
-    experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=options.expert_memory is not None)
-    dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
+    budgeted = options.expert_memory is not None
+    if manifest is not None:
+        experts = BlobExperts(path, manifest, sites, dtype, drop_cache=budgeted)
+        dense_bytes = load_dense(lm, path, manifest, dtype)
+    else:
+        rename = checkpoint_renamer(lm)
+        renamed = {rename(k): k for k in files.names()}
+        experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=budgeted)
+        dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
     store = _make_store(experts, sites, options, progress)
     for site in sites:
         parent_name, _, attr = site.name.rpartition(".")
@@ -178,7 +183,9 @@ def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, p
     return total
 
 
-def _make_store(experts: CheckpointExperts, sites, options: LoadOptions, progress) -> ExpertStore:
+def _make_store(
+    experts: CheckpointExperts | BlobExperts, sites, options: LoadOptions, progress
+) -> ExpertStore:
     device = torch.device(options.device)
     if options.expert_memory is not None:
         need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)

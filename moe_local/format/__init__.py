@@ -1,0 +1,1 @@
+"""The moe-local folder format: a manifest, dense safetensors, and one aligned blob per expert."""

@@ -1,0 +1,313 @@
+"""``quantize_checkpoint``: stream a Hugging Face MoE checkpoint into the moe-local format.
+
+Works a layer at a time (one expert in memory at once), in ``OUT.partial/``; each finished
+layer leaves a progress record so ``resume`` continues at the next one; the folder is renamed
+to OUT only when everything is written, so an unfinished folder never loads.
+Legend: E=experts, H=hidden size, I=expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_local.errors import MoeLocalError
+from moe_local.experts.weights import ExpertWeights
+from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up
+from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moe_local.loading.families import CheckpointExperts, checkpoint_renamer, find_expert_sites
+from moe_local.loading.loader import load_config
+from moe_local.loading.meta import build_on_meta
+from moe_local.loading.resolve import resolve_model_path
+from moe_local.loading.safetensors_io import CheckpointFiles
+from moe_local.recipes import Recipe
+
+Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+         "added_tokens.json")  # fmt: skip
+_PARTS = ("gate_up", "up", "down")
+
+
+@dataclass
+class SchemeRow:
+    """A group of tensors sharing one scheme, for the plan and the summary."""
+
+    scheme: str
+    tensors: int = 0
+    params: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rel_error_sum: float = 0.0
+    measured: int = 0
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_checkpoint`` did (or would do, for a dry run)."""
+
+    out: Path
+    rows: dict[str, SchemeRow] = field(default_factory=dict)
+    experts: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def add(self, scheme: str, params: int, bytes_in: int, bytes_out: int, err: float | None = None) -> None:
+        row = self.rows.setdefault(scheme, SchemeRow(scheme))
+        row.tensors += 1
+        row.params += params
+        row.bytes_in += bytes_in
+        row.bytes_out += bytes_out
+        if err is not None:
+            row.rel_error_sum += err
+            row.measured += 1
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of the source tensors."""
+        return sum(r.bytes_in for r in self.rows.values())
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes written (before alignment padding)."""
+        return sum(r.bytes_out for r in self.rows.values())
+
+
+def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
+    o, i = shape
+    if i % qtype.group_size:
+        raise MoeLocalError(
+            f"cannot quantize {name} {tuple(shape)} as {qtype}: {i} is not divisible by the group size"
+        )
+    return o * i * qtype.bits // 8 + 2 * 2 * o * (i // qtype.group_size)
+
+
+def _quantize(w: torch.Tensor, qtype, name: str):
+    from moe_local.quant import quantize
+
+    try:
+        return quantize(w.float(), qtype)
+    except ValueError as exc:
+        raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
+
+
+def _rel_err(w: torch.Tensor, q) -> float:
+    return float((w.float() - q.dequantize()).norm() / w.float().norm().clamp_min(1e-12))
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeReport:
+    """Quantize SRC into a moe-local folder OUT following ``recipe``.
+
+    Args:
+        src: a Hugging Face checkpoint folder (or cached hub id).
+        out: the folder to create.
+        recipe: which scheme each tensor gets.
+        overwrite: replace an existing OUT (and any unfinished OUT.partial).
+        resume: continue an interrupted run in OUT.partial at the next unfinished layer.
+        dry_run: plan only: compute sizes per scheme, write nothing.
+        progress: called as ``progress(stage, done, total, input_bytes)``.
+
+    Returns:
+        The report: per scheme, tensors, parameters, bytes before/after and mean relative error.
+
+    Raises:
+        MoeLocalError: bad SRC, existing OUT, a scheme that does not fit a tensor, a full disk.
+    """
+    t0 = time.perf_counter()
+    src_path = resolve_model_path(src)
+    out = Path(out)
+    config = load_config(src_path)
+    files = CheckpointFiles(src_path)
+    meta = build_on_meta(config, torch.float32)
+    sites = find_expert_sites(meta)
+    rename = checkpoint_renamer(meta)
+    renamed = {rename(k): k for k in files.names()}
+    experts = CheckpointExperts(files, sites, renamed, None, drop_cache=True)
+    linear_weights = {f"{n}.weight" for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
+    dense = {n: k for n, k in renamed.items() if k not in experts.claimed}
+    report = QuantizeReport(out, dry_run=dry_run)
+
+    # planning checks every scheme against every shape before anything is written
+    _plan(report, recipe, files, dense, linear_weights, experts, sites)
+    if dry_run:
+        report.seconds = time.perf_counter() - t0
+        return report
+    report = QuantizeReport(out)
+
+    partial = out.with_name(out.name + ".partial")
+    _prepare(out, partial, overwrite, resume)
+    try:
+        _write_dense(partial, report, recipe, files, dense, linear_weights, progress)
+        layers = {}
+        for site in sites:
+            layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress)
+        for name in _COPY:
+            if (src_path / name).exists():
+                shutil.copy2(src_path / name, partial / name)
+        index = src_path / "model.safetensors.index.json"
+        ident = index.read_bytes() if index.exists() else "\n".join(sorted(files.names())).encode()
+        manifest = {
+            "format": "moe-local",
+            "version": FORMAT_VERSION,
+            "source": {"name": src_path.name, "index_sha256": hashlib.sha256(ident).hexdigest()},
+            "recipe": recipe.name,
+            "model_type": config.model_type,
+            "dense": {n: s for n, s in report_dense_schemes(recipe, dense, linear_weights).items()},
+            "layers": layers,
+        }
+        write_json_atomic(partial / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except OSError as exc:
+        raise MoeLocalError(
+            f"cannot write {partial}: {exc.strerror or exc} (OUT.partial kept for --resume)"
+        ) from exc
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def report_dense_schemes(recipe: Recipe, dense: dict[str, str], linear_weights: set[str]) -> dict[str, str]:
+    """Scheme name of every dense tensor ("keep" for those left as they are)."""
+    out = {}
+    for name in dense:
+        q = recipe.scheme_for(name) if name in linear_weights else None
+        out[name] = q.full_name if q is not None else "keep"
+    return out
+
+
+def _prepare(out: Path, partial: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not overwrite:
+        raise MoeLocalError(f"{out} exists; pass --overwrite to replace it")
+    if partial.exists() and not resume:
+        if not overwrite:
+            raise MoeLocalError(
+                f"{partial} holds an unfinished run; pass --resume to continue it or --overwrite"
+            )
+        shutil.rmtree(partial)
+    if resume and not partial.exists():
+        raise MoeLocalError(f"nothing to resume: {partial} does not exist")
+    (partial / "experts").mkdir(parents=True, exist_ok=True)
+    (partial / "progress").mkdir(exist_ok=True)
+
+
+def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
+    for name, key in dense.items():
+        info = files.info(key)
+        q = recipe.scheme_for(name) if name in linear_weights else None
+        out_bytes = _qbytes(info.shape, q, name) if q is not None else info.nbytes
+        report.add(q.full_name if q else "keep", _numel(info.shape), info.nbytes, out_bytes)
+    for site in sites:
+        sample = experts.read(site.layer, 0)
+        for _ in range(site.num_experts):
+            for part, t in _parts(sample).items():
+                q = recipe.scheme_for(f"{site.name}.{part}") if part in _PARTS else None
+                nbytes = t.numel() * t.element_size()
+                out_bytes = _qbytes(tuple(t.shape), q, f"{site.name}.{part}") if q else nbytes
+                report.add(q.full_name if q else "keep", t.numel(), nbytes, out_bytes)
+            report.experts += 1
+
+
+def _write_dense(partial, report, recipe, files, dense, linear_weights, progress) -> None:
+    from safetensors.torch import save_file
+
+    if (partial / "progress" / "dense.done").exists():
+        return
+    tensors: dict[str, torch.Tensor] = {}
+    done_bytes = 0
+    for i, (name, key) in enumerate(dense.items()):
+        w = files.read(key, drop_cache=True)
+        q = recipe.scheme_for(name) if name in linear_weights else None
+        if q is None:
+            tensors[name] = w
+            report.add("keep", w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
+        else:
+            qt = _quantize(w, q, name)
+            for part, t in qt.tensors().items():
+                tensors[f"{name}.{part}"] = t
+            report.add(q.full_name, w.numel(), w.numel() * w.element_size(), qt.nbytes, _rel_err(w, qt))
+        done_bytes += w.numel() * w.element_size()
+        if progress:
+            progress("dense", i + 1, len(dense), done_bytes)
+    save_file(tensors, str(partial / DENSE_FILE))
+    (partial / "progress" / "dense.done").touch()
+
+
+def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
+    names = ("gate_up", "up", "down", "gate_up_bias", "up_bias", "down_bias")
+    return {n: getattr(w, n) for n in names if getattr(w, n) is not None}
+
+
+def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress) -> dict:
+    import json
+
+    record = partial / "progress" / f"layer-{site.layer:04d}.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    fname = f"experts/layer-{site.layer:04d}.bin"
+    schemes: dict[str, str] = {}
+    entries, slots, length, offset = [], None, 0, 0
+    with open(partial / fname, "wb") as f:
+        for e in range(site.num_experts):
+            w = experts.read(site.layer, e)
+            blob_tensors: dict[str, torch.Tensor] = {}
+            for part, t in _parts(w).items():
+                q = recipe.scheme_for(f"{site.name}.{part}") if part in _PARTS else None
+                nbytes = t.numel() * t.element_size()
+                if q is None:
+                    blob_tensors[part] = t.contiguous()
+                    schemes[part] = "keep"
+                    report.add("keep", t.numel(), nbytes, nbytes)
+                    continue
+                qt = _quantize(t, q, f"{site.name}.{e}.{part}")
+                schemes[part] = q.full_name
+                for k, v in qt.tensors().items():
+                    blob_tensors[f"{part}.{k}"] = v
+                err = _rel_err(t, qt) if e < 2 else None  # measured on a sample: it costs a dequantize
+                report.add(q.full_name, t.numel(), nbytes, qt.nbytes, err)
+            if slots is None:
+                slots, length = layout_of(blob_tensors)
+            blob = pack_blob(blob_tensors, slots, length)
+            f.write(blob)
+            f.write(b"\0" * (round_up(length) - length))
+            entries.append([offset, length, checksum(blob)])
+            offset += round_up(length, ALIGN)
+            report.experts += 1
+            if progress:
+                progress(f"layer {site.layer}", e + 1, site.num_experts, w.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+    shapes = {p: list(t.shape) for p, t in _parts(w).items()}
+    entry = {
+        "file": fname,
+        "schemes": schemes,
+        "shapes": shapes,
+        "slots": [s.to_json() for s in slots or []],
+        "experts": entries,
+    }
+    write_json_atomic(record, entry)
+    return entry
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,33 @@
+"""``quantize``: one entry point from a float weight and a scheme to a ``QuantizedTensor``."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_local.quant.hqq import HqqConfig, hqq_quantize
+from moe_local.quant.rtn import rtn_quantize
+from moe_local.quant.schemes import QType, parse_qtype
+from moe_local.quant.tensor import QuantizedTensor
+
+# Shapes: [O, I] weight.  O=out features, I=in features.
+
+
+def quantize(w: torch.Tensor, qtype: QType | str, *, hqq_config: HqqConfig | None = None) -> QuantizedTensor:
+    """Quantize a weight matrix with the scheme's method (``rtn`` or ``hqq``).
+
+    Args:
+        w: float weight ``[O, I]`` (any float dtype); ``I`` must be divisible by the group size.
+        qtype: a ``QType`` or a scheme name such as ``"int4-g64"`` / ``"int3-g64-hqq"``.
+        hqq_config: optimization parameters for the ``hqq`` method (default ``HqqConfig()``).
+
+    Returns:
+        The quantized tensor, on ``w``'s device.
+
+    Raises:
+        ValueError: on an unsupported scheme, a malformed weight or NaN/inf values.
+    """
+    qt = parse_qtype(qtype) if isinstance(qtype, str) else qtype
+    if not isinstance(qt, QType):
+        raise ValueError(f"qtype must be a QType or a scheme name, got {type(qtype).__name__}")
+    parts = hqq_quantize(w, qt, hqq_config) if qt.method == "hqq" else rtn_quantize(w, qt)
+    return QuantizedTensor(parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qt)

@@ -1,0 +1,100 @@
+"""Quantization schemes: which bit width, group size and method a weight is quantized with.
+
+A scheme is written ``int<bits>-g<group_size>`` (``int4-g64``), optionally followed by
+``-<method>`` (``int3-g64-hqq``); the method defaults to ``rtn``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+VALID_BITS: tuple[int, ...] = (8, 4, 3, 2)
+VALID_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128)
+VALID_METHODS: tuple[str, ...] = ("rtn", "hqq")
+
+# Bits stored per group on top of the codes: one fp16 scale and one fp16 zero point.
+GROUP_OVERHEAD_BITS = 32
+
+_QTYPE_RE = re.compile(r"^int(\d+)-g(\d+)(?:-([a-z]+))?$")
+
+
+@dataclass(frozen=True)
+class QType:
+    """A group-wise asymmetric integer quantization scheme.
+
+    Attributes:
+        bits: bits per code, one of ``VALID_BITS``.
+        group_size: consecutive input-feature weights sharing one scale and zero point.
+        method: how scale and zero are chosen: ``"rtn"`` (min/max round-to-nearest) or
+            ``"hqq"`` (calibration-free optimization, see ``moe_local.quant.hqq``).
+    """
+
+    bits: int
+    group_size: int
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in VALID_BITS:
+            raise ValueError(f"unsupported bits {self.bits!r}; valid: {', '.join(map(str, VALID_BITS))}")
+        if isinstance(self.group_size, bool) or self.group_size not in VALID_GROUP_SIZES:
+            raise ValueError(
+                f"unsupported group size {self.group_size!r}; valid: {', '.join(map(str, VALID_GROUP_SIZES))}"
+            )
+        if self.method not in VALID_METHODS:
+            raise ValueError(f"unsupported method {self.method!r}; valid: {', '.join(VALID_METHODS)}")
+
+    @property
+    def name(self) -> str:
+        """The scheme's short name without the method, e.g. ``"int4-g64"``."""
+        return f"int{self.bits}-g{self.group_size}"
+
+    @property
+    def full_name(self) -> str:
+        """The name with a non-default method, e.g. ``"int3-g64-hqq"``; ``parse_qtype`` reads it back."""
+        return self.name if self.method == "rtn" else f"{self.name}-{self.method}"
+
+    @property
+    def qmax(self) -> int:
+        """The largest code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    def __str__(self) -> str:
+        return self.full_name
+
+
+def parse_qtype(text: str, method: str | None = None) -> QType:
+    """Parse a scheme name such as ``"int4-g64"`` or ``"int3-g128-hqq"``.
+
+    Args:
+        text: ``int<bits>-g<group_size>[-<method>]``; case and surrounding spaces are ignored.
+        method: the method to use when ``text`` names none (default ``"rtn"``); a method in
+            ``text`` must agree with it.
+
+    Returns:
+        The parsed ``QType``.
+
+    Raises:
+        ValueError: when the text is malformed or names an unsupported bits, group size or method.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"quantization scheme must be a string like 'int4-g64', got {type(text).__name__}")
+    match = _QTYPE_RE.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"cannot parse scheme {text!r}; expected e.g. 'int4-g64' or 'int3-g64-hqq'")
+    bits, group_size, named_method = int(match.group(1)), int(match.group(2)), match.group(3)
+    if named_method is not None and method is not None and named_method != method:
+        raise ValueError(f"scheme {text!r} names method {named_method!r} but {method!r} was requested")
+    return QType(bits, group_size, named_method or method or "rtn")
+
+
+def bits_per_weight(qtype: QType) -> float:
+    """Return the storage cost per weight in bits, fp16 scale and zero of each group included.
+
+    Args:
+        qtype: the scheme.
+
+    Returns:
+        ``bits + 32 / group_size``, e.g. 4.5 for ``int4-g64``.
+    """
+    return qtype.bits + GROUP_OVERHEAD_BITS / qtype.group_size

@@ -1,0 +1,96 @@
+"""Quantization recipes: ordered rules from tensor-name patterns to a scheme.
+
+A recipe is a TOML file with ``[[rule]]`` tables (``match`` a glob over tensor names,
+``scheme`` like ``int4-g64-hqq`` or ``keep``); the first rule that matches a tensor decides.
+Routers, embeddings, norms and lm_head are never put below 8 bits unless a rule names them
+(its pattern contains the protected word, e.g. ``*.lm_head.*``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_local.errors import MoeLocalError
+
+RECIPE_DIR = Path(__file__).parent / "quant_recipes"
+PROTECTED_WORDS = ("embed", "norm", "lm_head", "router", ".gate.", "gate.weight", "shared_expert_gate")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a recipe: tensors matching ``pattern`` get ``scheme`` (None keeps them)."""
+
+    pattern: str
+    scheme: object | None  # QType, or None for "keep"
+    index: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, ordered list of rules."""
+
+    name: str
+    description: str
+    rules: tuple[Rule, ...]
+
+    def scheme_for(self, tensor: str):
+        """Return the QType for ``tensor`` (None: keep it as it is)."""
+        protected = [w for w in PROTECTED_WORDS if w in tensor]
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(tensor, rule.pattern):
+                named = any(w.strip(".") in rule.pattern for w in protected)
+                if rule.scheme is not None and protected and rule.scheme.bits < 8 and not named:
+                    return None
+                return rule.scheme
+        return None
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with moe-local."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """Load a shipped recipe by name or a recipe file by path.
+
+    Raises:
+        MoeLocalError: unknown name, unreadable file, TOML that does not parse (with its line),
+            or a rule with a bad scheme (with the rule's number).
+    """
+    from moe_local.quant import parse_qtype
+
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = RECIPE_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise MoeLocalError(f"unknown recipe {name_or_path!r}; shipped: {', '.join(builtin_recipes())}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MoeLocalError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MoeLocalError(f"recipe {path.name} does not parse: {exc}") from exc
+    raw_rules = data.get("rule")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise MoeLocalError(f"recipe {path.name} has no [[rule]] tables")
+    rules = []
+    for i, r in enumerate(raw_rules, 1):
+        if (
+            not isinstance(r, dict)
+            or not isinstance(r.get("match"), str)
+            or not isinstance(r.get("scheme"), str)
+        ):
+            raise MoeLocalError(f"recipe {path.name}: rule {i} needs string fields match and scheme")
+        scheme = None
+        if r["scheme"] != "keep":
+            try:
+                scheme = parse_qtype(r["scheme"])
+            except ValueError as exc:
+                raise MoeLocalError(f"recipe {path.name}: rule {i} ({r['match']}): {exc}") from exc
+        rules.append(Rule(r["match"], scheme, i))
+    return Recipe(path.stem, str(data.get("description", "")), tuple(rules))
