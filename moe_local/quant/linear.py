@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -80,6 +82,17 @@ class QuantLinear(nn.Module):
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantize(weight, qt, hqq_config=hqq_config), bias)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        # Module.to(dtype) / .half() / .bfloat16() cast every float buffer; scales and zeros must stay
+        # fp16, so they only follow device moves (the bias is cast like nn.Linear's).
+        kept = {name: getattr(self, name) for name in ("scales", "zeros")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float16:
+                setattr(self, name, old.to(new.device))
+        return self
 
     def quantized(self) -> QuantizedTensor:
         """Return the ``QuantizedTensor`` over the current buffers (rebuilt when they change)."""
