@@ -2,8 +2,9 @@
 
 The kernel computes ``x @ W_hat.T`` with ``W_hat = (q - 8) * s + b`` per group, straight from 4-bit
 codes in a machine-specific packed layout (it depends on the CPU's vector width), with fp32
-accumulation. Our convention ``W_hat = (q - zero) * scale`` maps onto it with ``s = scale`` and
-``b = (8 - zero) * scale``. Any code below 16 works, so 2- and 3-bit codes can use it too.
+accumulation. Our convention ``W_hat = (q - zero) * scale`` maps onto it with ``s = scale``,
+codes ``q + c`` and ``b = (8 - c - zero) * scale``, where ``c = 8 - 2**(bits - 1)`` centers 2- and
+3-bit codes on 8 (0 for 4-bit): ``b`` then stays small, so rounding it to bf16 costs little.
 
 Only bf16 activations take the kernel: its fp16/fp32 variants are scalar loops on x86 and slower
 than dequantize-then-matmul.
@@ -58,7 +59,7 @@ def pack_int4_weight(packed: torch.Tensor, bits: int, shape: tuple[int, int]) ->
 
     Args:
         packed: our packed codes ``[O, I * bits / 8]`` uint8.
-        bits: code width (2, 3 or 4).
+        bits: code width (2, 3 or 4); codes are shifted by ``8 - 2**(bits - 1)``.
         shape: ``(O, I)``.
 
     Returns:
@@ -67,26 +68,28 @@ def pack_int4_weight(packed: torch.Tensor, bits: int, shape: tuple[int, int]) ->
     o, i = shape
     step = max(_ROW_BLOCK, _CONVERT_ELEMS // i // _ROW_BLOCK * _ROW_BLOCK)
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    offset = 8 - (1 << (bits - 1))
     parts = []
     for start in range(0, o, step):
         codes = unpack_codes(packed[start : start + step], bits, i).to(torch.int32)
-        parts.append(convert(codes, 1))
+        parts.append(convert(codes.add_(offset) if offset else codes, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def int4_scale_bias(scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def int4_scale_bias(scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Build the kernel's per-group ``(s, b)`` pairs from our fp16 scales and zeros.
 
     Args:
         scales: ``[O, G]`` fp16.
         zeros: ``[O, G]`` fp16.
+        bits: code width (2, 3 or 4), matching ``pack_int4_weight``'s code offset.
         dtype: the activation dtype the kernel runs in.
 
     Returns:
-        ``[G, O, 2]`` contiguous, ``[..., 0] = scale`` and ``[..., 1] = (8 - zero) * scale``.
+        ``[G, O, 2]`` contiguous, ``[..., 0] = scale`` and ``[..., 1] = (2**(bits - 1) - zero) * scale``.
     """
     s = scales.to(torch.float32)
-    b = (8.0 - zeros.to(torch.float32)) * s
+    b = (float(1 << (bits - 1)) - zeros.to(torch.float32)) * s
     return torch.stack((s, b), dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 

@@ -158,7 +158,7 @@ class QuantizedTensor:
         if "weight" not in self._kernel:
             self._kernel["weight"] = kernels.pack_int4_weight(self.packed, self.qtype.bits, self.shape)
         if dtype not in self._kernel:
-            self._kernel[dtype] = kernels.int4_scale_bias(self.scales, self.zeros, dtype)
+            self._kernel[dtype] = kernels.int4_scale_bias(self.scales, self.zeros, self.qtype.bits, dtype)
         return self._kernel["weight"], self._kernel[dtype]
 
     def clear_kernel_cache(self) -> None:
