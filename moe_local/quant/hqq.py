@@ -180,8 +180,9 @@ def hqq_params(
     if cfg.polish_iters:
         scale, zero = _least_squares_polish(wg, scale, zero, qmax, cfg)
 
-    scale = to_fp16_values(torch.maximum(scale, absmax / ZERO_RANGE).clamp_(MIN_SCALE, FP16_MAX))
-    zero = to_fp16_values(zero.clamp(-FP16_MAX, FP16_MAX))
+    scale32 = torch.maximum(scale, absmax / ZERO_RANGE).clamp_(MIN_SCALE, FP16_MAX)
+    scale = to_fp16_values(scale32)
+    zero = to_fp16_values((zero * scale32 / scale).clamp_(-FP16_MAX, FP16_MAX))  # same offset, fp16 scale
     err = group_sq_error(wg, assign_codes(wg, scale, zero, qmax, out=buf), scale, zero)
     better = err < rtn_err  # NaN compares False: RTN wins
     return torch.where(better, scale, rtn_scale), torch.where(better, zero, rtn_zero)

@@ -95,7 +95,12 @@ class QuantLinear(nn.Module):
         return self
 
     def quantized(self) -> QuantizedTensor:
-        """Return the ``QuantizedTensor`` over the current buffers (rebuilt when they change)."""
+        """View the current buffers as a ``QuantizedTensor``.
+
+        Returns:
+            A cached ``QuantizedTensor`` sharing the buffers, rebuilt (with a fresh kernel cache)
+            whenever a buffer is replaced or modified in place, e.g. by ``load_state_dict``.
+        """
         bufs = (self.packed, self.scales, self.zeros)
         key = tuple((t.data_ptr(), t._version, t.device.index or 0) for t in bufs)
         if self._cached is None or self._cached[0] != key:
@@ -105,7 +110,14 @@ class QuantLinear(nn.Module):
         return self._cached[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Return the dequantized weight ``[O, I]`` in ``dtype``."""
+        """Dequantize the weight.
+
+        Args:
+            dtype: output float dtype.
+
+        Returns:
+            ``W_hat`` ``[O, I]`` in ``dtype``.
+        """
         return self.quantized().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

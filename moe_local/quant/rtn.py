@@ -85,7 +85,14 @@ def row_chunks(rows: int, cols: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> 
 
 
 def to_fp16_values(t: torch.Tensor) -> torch.Tensor:
-    """Round a float32 tensor to the nearest fp16 values, keeping float32 dtype."""
+    """Round a float32 tensor to the nearest fp16 values, keeping float32 dtype.
+
+    Args:
+        t: float32 tensor.
+
+    Returns:
+        float32 tensor holding fp16-representable values.
+    """
     return t.to(torch.float16).to(torch.float32)
 
 

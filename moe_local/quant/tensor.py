@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from moe_local.quant.schemes import QType
 # Legend: O=out features, I=in features, P=packed bytes per row (I * bits / 8), G=groups (I / group size).
 
 DEQUANT_CHUNK_ELEMS = 1 << 20  # weights dequantized at once by linear() (4 MiB of fp32)
-KERNEL_MAX_TOKENS = 128  # above this many rows of x, dequantize + dense matmul beats the int4 kernel
+KERNEL_MAX_TOKENS = 96  # above this many rows of x, dequantize + dense matmul beats the int4 kernel
 TENSOR_NAMES: tuple[str, ...] = ("packed", "scales", "zeros")
 
 
@@ -45,7 +46,7 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         if not isinstance(self.qtype, QType):
             raise ValueError(f"qtype must be a QType, got {type(self.qtype).__name__}")
-        if len(self.shape) != 2 or any(not isinstance(d, int) or d <= 0 for d in self.shape):
+        if len(self.shape) != 2 or any(not isinstance(d, numbers.Integral) or d <= 0 for d in self.shape):
             raise ValueError(f"shape must be two positive ints (out, in), got {self.shape!r}")
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         o, i = self.shape
@@ -78,7 +79,11 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Return the stored tensors by name (``packed``, ``scales``, ``zeros``) for serialization."""
+        """Name the stored tensors for serialization.
+
+        Returns:
+            ``{"packed": [O, P] uint8, "scales": [O, G] fp16, "zeros": [O, G] fp16}`` (not copies).
+        """
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
 
     @classmethod
@@ -127,8 +132,13 @@ class QuantizedTensor:
 
         Returns:
             ``[end - start, I]`` in ``dtype``.
+
+        Raises:
+            ValueError: when the range is not inside ``[0, O]``.
         """
-        i = self.shape[1]
+        o, i = self.shape
+        if not 0 <= start <= end <= o:
+            raise ValueError(f"row range [{start}, {end}) is outside [0, {o})")
         g = self.qtype.group_size
         rows = end - start
         codes = unpack_codes(self.packed[start:end], self.qtype.bits, i)
@@ -160,6 +170,11 @@ class QuantizedTensor:
         if dtype not in self._kernel:
             self._kernel[dtype] = kernels.int4_scale_bias(self.scales, self.zeros, self.qtype.bits, dtype)
         return self._kernel["weight"], self._kernel[dtype]
+
+    @property
+    def kernel_cache_nbytes(self) -> int:
+        """Bytes held by the int4-kernel cache that ``linear`` builds (0 before any kernel call)."""
+        return sum(t.numel() * t.element_size() for t in self._kernel.values())
 
     def clear_kernel_cache(self) -> None:
         """Drop the int4-kernel copy of the weight built by ``linear`` (about ``O * I / 2`` bytes)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moe_local.quant.tensor as qtensor_mod
-from moe_local.quant import QType, QuantizedTensor, bits_per_weight, kernels, quantize
+from moe_local.quant import QType, QuantizedTensor, bits_per_weight, kernels, pack_codes, quantize
 
 N_OUT, N_IN = 256, 512
 ALL_BITS = (8, 4, 3, 2)
@@ -93,8 +93,21 @@ def test_kernel_matches_reference_path_large_row_count() -> None:
     ref = qt.linear(x.float())
     assert _rel(qt.linear(x, use_kernel=True), ref) < BF16_REL
     assert _rel(qt.linear(x), ref) < BF16_REL
+    assert qt.kernel_cache_nbytes == 320 * 512 // 2 + (512 // 128) * 320 * 2 * 2  # codes + bf16 (s, b)
     qt.clear_kernel_cache()
+    assert qt.kernel_cache_nbytes == 0
     assert _rel(qt.linear(x[:3], use_kernel=True), ref[:3]) < BF16_REL
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("shape", [(64, 64), (80, 128), (144, 96), (320, 512)])
+def test_fast_kernel_layout_matches_torch_conversion(bits: int, shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, shape, generator=gen, dtype=torch.uint8)
+    shifted = codes.to(torch.int32) + 8 - (1 << (bits - 1))
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(shifted, 1)
+    assert torch.equal(kernels.pack_int4_weight(pack_codes(codes, bits), bits, shape), expected)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -171,4 +184,6 @@ def test_to_device_and_dtype_outputs() -> None:
     assert meta.device.type == "meta" and meta.shape == qt.shape
     assert qt.dequantize(torch.bfloat16).dtype == torch.bfloat16
     assert torch.equal(qt.dequantize_rows(10, 20), qt.dequantize()[10:20])
+    with pytest.raises(ValueError, match="outside"):
+        qt.dequantize_rows(10, N_OUT + 1)
     assert "int2-g64" in repr(qt)
