@@ -160,12 +160,14 @@ class CachedStore(ExpertStore):
         self._reader = reader
         self.budget_bytes = budget_bytes
         self._cache: OrderedDict[tuple[int, int], ExpertWeights] = OrderedDict()
+        self._sizes: dict[tuple[int, int], int] = {}
         self._bytes = 0
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         """Return the expert from RAM (a hit) or read it, evicting least recently used ones."""
         key = (layer, expert)
         stats = self.layer_stats(layer)
+        self._account_growth()
         w = self._cache.get(key)
         if w is not None:
             self._cache.move_to_end(key)
@@ -174,15 +176,35 @@ class CachedStore(ExpertStore):
         t0 = time.perf_counter()
         w = self._reader(layer, expert)
         stats.io_wait_s += time.perf_counter() - t0
+        size = w.nbytes
         stats.misses += 1
-        stats.bytes_from_disk += w.nbytes
-        while self._cache and self._bytes + w.nbytes > self.budget_bytes:
-            (old_layer, _), old = self._cache.popitem(last=False)
-            self._bytes -= old.nbytes
-            self.layer_stats(old_layer).evictions += 1
+        stats.bytes_from_disk += size
+        self._evict_until(self.budget_bytes - size)
         self._cache[key] = w
-        self._bytes += w.nbytes
+        self._sizes[key] = size
+        self._bytes += size
         return w
+
+    def _account_growth(self) -> None:
+        """Re-measure the last used expert: computing it may have built a kernel copy of its weights."""
+        if not self._cache:
+            return
+        key, w = next(reversed(self._cache.items()))
+        size = w.nbytes
+        if size != self._sizes[key]:
+            self._bytes += size - self._sizes[key]
+            self._sizes[key] = size
+            self._evict_until(self.budget_bytes, keep=key)
+
+    def _evict_until(self, limit: int, keep: tuple[int, int] | None = None) -> None:
+        """Evict least recently used experts until at most ``limit`` bytes remain (never ``keep``)."""
+        while self._cache and self._bytes > limit:
+            old_key = next(iter(self._cache))
+            if old_key == keep:
+                break
+            self._cache.pop(old_key)
+            self._bytes -= self._sizes.pop(old_key)
+            self.layer_stats(old_key[0]).evictions += 1
 
     def resident(self, layer: int) -> set[int]:
         """Experts of ``layer`` now in RAM."""

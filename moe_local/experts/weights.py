@@ -47,7 +47,8 @@ def weight_nbytes(weight: WeightLike | None) -> int:
         return 0
     if isinstance(weight, torch.Tensor):
         return weight.numel() * weight.element_size()
-    return int(weight.nbytes)
+    # a quantized weight may also hold a kernel-layout copy built on first use: count it
+    return int(weight.nbytes) + int(getattr(weight, "kernel_cache_nbytes", 0))
 
 
 @dataclass

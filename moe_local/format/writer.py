@@ -94,7 +94,7 @@ def _quantize(w: torch.Tensor, qtype, name: str):
     from moe_local.quant import quantize
 
     try:
-        return quantize(w.float(), qtype)
+        return quantize(w, qtype)
     except ValueError as exc:
         raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
 
