@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) live inside the command bodies so ``--help``
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Annotated
 
@@ -28,6 +29,10 @@ ModelArg = Annotated[
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")]
 ExpertMemOpt = Annotated[
     str | None, typer.Option("--expert-memory", help="RAM for experts, e.g. 2GiB (default: all in RAM)")
+]
+PolicyOpt = Annotated[str, typer.Option(help="expert cache policy: lru or lfu")]
+PrefetchOpt = Annotated[
+    bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's experts ahead")
 ]
 DownloadOpt = Annotated[
     bool, typer.Option("--download", help="fetch a hub id that is not cached (needs network)")
@@ -67,8 +72,13 @@ def generate(
     stats: Annotated[
         bool, typer.Option("--stats", help="print speed and expert-cache stats after the text")
     ] = False,
+    trace: Annotated[
+        str | None, typer.Option(help="write the routing trace (JSON lines) to this file")
+    ] = None,
     dtype: DtypeOpt = "auto",
     expert_memory: ExpertMemOpt = None,
+    policy: PolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
     download: DownloadOpt = False,
 ) -> None:
     """Generate text from a prompt, streamed to standard output."""
@@ -89,30 +99,59 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    options = LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory), download=download)
+    options = LoadOptions(
+        dtype=dtype,
+        expert_memory=parse_size(expert_memory),
+        download=download,
+        policy=policy,
+        prefetch=prefetch,
+    )
     lm = load(model, options)
     last = None
-    for last in stream_generate(lm, prompt, params, chat=chat):
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
+    with contextlib.ExitStack() as stack:
+        recorder = None
+        if trace:
+            from moe_local.experts.trace import TraceRecorder
+
+            recorder = TraceRecorder(lm.model, stack.enter_context(open(trace, "w")))
+        for step, last in enumerate(stream_generate(lm, prompt, params, chat=chat)):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+            if recorder:
+                recorder.flush(step)
     sys.stdout.write("\n")
     if stats and last is not None:
-        typer.echo(format_stats(last), err=True)
+        typer.echo(format_stats(last, per_layer=True), err=True)
 
 
-def format_stats(resp) -> str:
-    """One-paragraph summary of a finished generation's speed and expert traffic."""
+def format_stats(resp, per_layer: bool = False) -> str:
+    """Summary of a finished generation's speed and expert traffic (optionally per layer)."""
     from moe_local.inspect_model import human_bytes
 
     t = resp.experts.total
+    lines = []
+    if per_layer and resp.experts.layers:
+        lines.append("layer  hits  misses  evictions  read      prefetched/used  guess accuracy")
+        for layer, s in sorted(resp.experts.layers.items()):
+            acc = f"{s.guessed_right / s.guessed:.0%}" if s.guessed else "-"
+            lines.append(
+                f"{layer:5d} {s.hits:5d} {s.misses:7d} {s.evictions:10d}  "
+                f"{human_bytes(s.bytes_from_disk):>8}  "
+                f"{s.prefetched:6d}/{s.prefetch_used:<6d}   {acc}"
+            )
+    guess = f", prefetch guesses right {resp.experts.prefetch_accuracy:.0%}" if t.guessed else ""
     return (
-        f"prompt: {resp.prompt_tokens} tokens at {resp.prompt_tps:.1f} tok/s, "
-        f"time to first token {resp.ttft_s * 1000:.0f} ms\n"
-        f"generation: {resp.generation_tokens} tokens at {resp.generation_tps:.1f} tok/s "
-        f"(finish: {resp.finish_reason})\n"
-        f"experts: {t.hits} hits, {t.misses} misses, hit rate {resp.experts.hit_rate:.1%}, "
-        f"{t.evictions} evictions, read {human_bytes(t.bytes_from_disk)} from disk, "
-        f"I/O wait {t.io_wait_s * 1000:.0f} ms"
+        "\n".join(lines)
+        + ("\n" if lines else "")
+        + (
+            f"prompt: {resp.prompt_tokens} tokens at {resp.prompt_tps:.1f} tok/s, "
+            f"time to first token {resp.ttft_s * 1000:.0f} ms\n"
+            f"generation: {resp.generation_tokens} tokens at {resp.generation_tps:.1f} tok/s "
+            f"(finish: {resp.finish_reason})\n"
+            f"experts: {t.hits} hits, {t.misses} misses, hit rate {resp.experts.hit_rate:.1%}, "
+            f"{t.evictions} evictions, read {human_bytes(t.bytes_from_disk)} from disk, "
+            f"I/O wait {t.io_wait_s * 1000:.0f} ms{guess}"
+        )
     )
 
 
@@ -153,6 +192,11 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
+    method: Annotated[
+        str | None, typer.Option(help="rtn, hqq or gptq: overrides how every quantized rule is made")
+    ] = None,
+    calibration: Annotated[str | None, typer.Option(help="plain-text file for --method gptq")] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="most calibration tokens")] = 4096,
 ) -> None:
     """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
     from rich.console import Console
@@ -165,6 +209,10 @@ def quantize(
 
     _setup_torch()
     rec = load_recipe(recipe)
+    if method is not None:
+        if method not in ("rtn", "hqq", "gptq"):
+            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq or gptq")
+        rec = rec.with_method(method)
     console = Console(stderr=True)
     columns = (
         TextColumn("{task.description}"),
@@ -185,7 +233,15 @@ def quantize(
             bar.update(tasks[stage], completed=done, rate=f"{rate:.1f} MB/s")
 
         report = quantize_checkpoint(
-            src, out, rec, overwrite=overwrite, resume=resume, dry_run=dry_run, progress=progress
+            src,
+            out,
+            rec,
+            overwrite=overwrite,
+            resume=resume,
+            dry_run=dry_run,
+            progress=progress,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
         )
     table = Table(title=("plan" if dry_run else "quantized") + f" with recipe {rec.name}")
     for col in ("scheme", "tensors", "before", "after", "bits/weight", "rel. error"):
@@ -202,11 +258,35 @@ def quantize(
             err,
         )
     Console().print(table)
+    if report.tokens_per_expert:
+        typer.echo(
+            f"calibration: {report.calibration_tokens} tokens; tokens routed to each expert, by layer:"
+        )
+        for layer, seen in report.tokens_per_expert.items():
+            typer.echo(f"  layer {layer}: " + " ".join(str(n) for n in seen))
     verb = "would write" if dry_run else "wrote"
     typer.echo(
         f"{verb} {human_bytes(report.bytes_out)} from {human_bytes(report.bytes_in)} "
         f"({report.experts} experts) in {report.seconds:.1f} s" + ("" if dry_run else f" to {report.out}")
     )
+
+
+@app.command(
+    epilog="Example: moe-local generate ./m 'Hello' --trace run.jsonl && moe-local trace run.jsonl --slots 64"
+)
+def trace(
+    file: Annotated[str, typer.Argument(help="routing trace written by generate --trace")],
+    slots: Annotated[int, typer.Option(help="cache size in experts (all layers together)")] = 16,
+) -> None:
+    """Replay a routing trace: hit rates of LRU, LFU and Belady's optimum for the same cache size."""
+    from moe_local.experts.trace import read_trace, replay
+
+    keys = read_trace(file)
+    rates = replay(keys, slots)
+    typer.echo(f"{len(keys)} expert uses, {len(set(keys))} distinct experts, {slots} slots")
+    for policy, rate in rates.items():
+        rel = f" ({rate / rates['belady']:.0%} of optimal)" if policy != "belady" and rates["belady"] else ""
+        typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
 
 
 def main() -> None:

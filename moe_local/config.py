@@ -44,6 +44,8 @@ class LoadOptions:
         expert_memory: bytes of experts kept in RAM; None keeps every expert resident.
         download: allow fetching a hub id that is not in the local cache.
         context: context length to allow (None: the model's own).
+        policy: expert cache eviction policy, "lru" or "lfu".
+        prefetch: guess the next layer's experts with its router and read them ahead.
     """
 
     dtype: str = "auto"
@@ -51,6 +53,8 @@ class LoadOptions:
     expert_memory: int | None = None
     download: bool = False
     context: int | None = None
+    policy: str = "lru"
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

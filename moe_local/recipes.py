@@ -36,6 +36,20 @@ class Recipe:
     description: str
     rules: tuple[Rule, ...]
 
+    def with_method(self, method: str) -> Recipe:
+        """The same rules with every quantized scheme made with ``method`` (rtn, hqq or gptq)."""
+        from moe_local.quant import QType
+
+        rules = tuple(
+            Rule(
+                r.pattern,
+                None if r.scheme is None else QType(r.scheme.bits, r.scheme.group_size, method),
+                r.index,
+            )
+            for r in self.rules
+        )
+        return Recipe(f"{self.name}+{method}", self.description, rules)
+
     def scheme_for(self, tensor: str):
         """Return the QType for ``tensor`` (None: keep it as it is)."""
         protected = [w for w in PROTECTED_WORDS if w in tensor]

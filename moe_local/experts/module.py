@@ -32,6 +32,35 @@ def is_experts_module(module: nn.Module) -> bool:
     )
 
 
+class NextRouter:
+    """The next MoE layer's router, applied to this layer's input to guess which experts it will need.
+
+    Args:
+        layer: the next MoE layer's index.
+        weight: its router weight [E, H].
+        bias: its router bias [E] (or None).
+        top_k: experts per token.
+    """
+
+    def __init__(self, layer: int, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int) -> None:
+        self.layer = layer
+        self.weight = weight
+        self.bias = bias
+        self.top_k = top_k
+
+    def guess(self, x: torch.Tensor) -> set[int]:
+        """Experts the next layer will likely route ``x`` [T, H] to: each token's top-k, most voted first."""
+        with torch.no_grad():
+            logits = x.to(self.weight.dtype) @ self.weight.t()  # [T, E]
+            if self.bias is not None:
+                logits = logits + self.bias
+            top = torch.topk(logits, self.top_k, dim=-1).indices  # [T, K]
+        if top.shape[0] <= 4:  # decode: exactly the predicted experts
+            return set(top.reshape(-1).tolist())
+        votes = torch.bincount(top.reshape(-1), minlength=self.weight.shape[0])
+        return set(torch.topk(votes, min(2 * self.top_k, votes.numel())).indices.tolist())
+
+
 class _GateHolder:
     """Keeps the original experts module (weights removed) for its gate function and constants."""
 
@@ -62,6 +91,7 @@ class OffloadedExperts(nn.Module):
             self.post_expert_norm = original.post_expert_norm
         self._holder = _GateHolder(original)
         self.trace: list[list[int]] | None = None  # set to a list to record routed experts per call
+        self.next_router: NextRouter | None = None  # set by the loader to enable prefetch
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, store={type(self.store).__name__}"
@@ -93,6 +123,11 @@ class OffloadedExperts(nn.Module):
         needed = [e for e in torch.unique(idx).tolist() if 0 <= e < self.num_experts]
         if self.trace is not None:
             self.trace.append(needed)
+        self.store.check_guess(self.layer, set(needed))
+        if self.next_router is not None:
+            guess = self.next_router.guess(x)
+            self.store.note_guess(self.next_router.layer, guess)
+            self.store.prefetch(self.next_router.layer, guess)
         for e in self.store.order(self.layer, needed):
             tok, kpos = torch.where(idx == e)  # [n], [n]
             w = self.store.get(self.layer, e)

@@ -1,18 +1,15 @@
 """ExpertStore: where experts live, and how the compute module asks for one.
 
-``get(layer, expert)`` returns weights ready to compute and counts what it cost. Two stores
-live here: everything in RAM (``InMemoryStore``), and a RAM budget in front of a slower
-reader (``CachedStore``), which keeps the most recently used experts and reads the rest
-from disk one expert at a time.
+``get(layer, expert)`` returns weights ready to compute and counts what it cost. This module
+holds the interface, the counters and ``InMemoryStore`` (every expert resident); the budgeted
+cache in front of a disk reader is ``moe_local.experts.cache.CachedStore``.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from moe_local.experts.weights import ExpertWeights
@@ -28,6 +25,10 @@ class LayerStats:
     bytes_from_ram: int = 0
     bytes_from_disk: int = 0
     io_wait_s: float = 0.0
+    prefetched: int = 0  # experts read ahead of need
+    prefetch_used: int = 0  # of those, used before being evicted
+    guessed: int = 0  # experts the next-layer router guess named
+    guessed_right: int = 0  # of those, actually routed
 
     def add(self, other: LayerStats) -> None:
         """Add ``other``'s counters to this one."""
@@ -37,6 +38,10 @@ class LayerStats:
         self.bytes_from_ram += other.bytes_from_ram
         self.bytes_from_disk += other.bytes_from_disk
         self.io_wait_s += other.io_wait_s
+        self.prefetched += other.prefetched
+        self.prefetch_used += other.prefetch_used
+        self.guessed += other.guessed
+        self.guessed_right += other.guessed_right
 
 
 @dataclass
@@ -54,6 +59,12 @@ class StoreStats:
         return out
 
     @property
+    def prefetch_accuracy(self) -> float:
+        """Fraction of guessed experts that were routed (0 when nothing was guessed)."""
+        t = self.total
+        return t.guessed_right / t.guessed if t.guessed else 0.0
+
+    @property
     def hit_rate(self) -> float:
         """Fraction of expert requests served without a read (0 when there were none)."""
         t = self.total
@@ -64,14 +75,7 @@ class StoreStats:
         out = StoreStats()
         for layer, s in self.layers.items():
             e = earlier.layers.get(layer, LayerStats())
-            out.layers[layer] = LayerStats(
-                s.hits - e.hits,
-                s.misses - e.misses,
-                s.evictions - e.evictions,
-                s.bytes_from_ram - e.bytes_from_ram,
-                s.bytes_from_disk - e.bytes_from_disk,
-                s.io_wait_s - e.io_wait_s,
-            )
+            out.layers[layer] = LayerStats(**{f: getattr(s, f) - getattr(e, f) for f in vars(s)})
         return out
 
 
@@ -80,6 +84,7 @@ class ExpertStore(ABC):
 
     def __init__(self) -> None:
         self._stats: dict[int, LayerStats] = {}
+        self._guesses: dict[int, set[int]] = {}
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -95,6 +100,21 @@ class ExpertStore(ABC):
         res = self.resident(layer)
         needed = list(experts)
         return [e for e in needed if e in res] + [e for e in needed if e not in res]
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:  # noqa: B027 - optional hook
+        """Start reading ``experts`` of ``layer`` in the background (a no-op for stores holding all)."""
+
+    def note_guess(self, layer: int, guessed: set[int]) -> None:
+        """Remember which experts of ``layer`` were guessed (and prefetched) ahead of it."""
+        self._guesses[layer] = guessed
+
+    def check_guess(self, layer: int, routed: set[int]) -> None:
+        """Count how many of the experts guessed for ``layer`` were actually routed."""
+        guessed = self._guesses.pop(layer, None)
+        if guessed:
+            s = self.layer_stats(layer)
+            s.guessed += len(guessed)
+            s.guessed_right += len(guessed & routed)
 
     def layer_stats(self, layer: int) -> LayerStats:
         """The live counters of ``layer`` (created on first use)."""
@@ -142,75 +162,3 @@ class InMemoryStore(ExpertStore):
     def resident_bytes(self) -> int:
         """Bytes of all experts."""
         return sum(w.nbytes for w in self._experts.values())
-
-
-ExpertReader = Callable[[int, int], ExpertWeights]
-
-
-class CachedStore(ExpertStore):
-    """A RAM budget of recently used experts in front of a reader (a checkpoint on disk).
-
-    Args:
-        reader: reads expert (layer, e) from the slow tier, returning weights it owns.
-        budget_bytes: most bytes of experts kept in RAM at once; at least one expert always fits.
-    """
-
-    def __init__(self, reader: ExpertReader, budget_bytes: int) -> None:
-        super().__init__()
-        self._reader = reader
-        self.budget_bytes = budget_bytes
-        self._cache: OrderedDict[tuple[int, int], ExpertWeights] = OrderedDict()
-        self._sizes: dict[tuple[int, int], int] = {}
-        self._bytes = 0
-
-    def get(self, layer: int, expert: int) -> ExpertWeights:
-        """Return the expert from RAM (a hit) or read it, evicting least recently used ones."""
-        key = (layer, expert)
-        stats = self.layer_stats(layer)
-        self._account_growth()
-        w = self._cache.get(key)
-        if w is not None:
-            self._cache.move_to_end(key)
-            stats.hits += 1
-            return w
-        t0 = time.perf_counter()
-        w = self._reader(layer, expert)
-        stats.io_wait_s += time.perf_counter() - t0
-        size = w.nbytes
-        stats.misses += 1
-        stats.bytes_from_disk += size
-        self._evict_until(self.budget_bytes - size)
-        self._cache[key] = w
-        self._sizes[key] = size
-        self._bytes += size
-        return w
-
-    def _account_growth(self) -> None:
-        """Re-measure the last used expert: computing it may have built a kernel copy of its weights."""
-        if not self._cache:
-            return
-        key, w = next(reversed(self._cache.items()))
-        size = w.nbytes
-        if size != self._sizes[key]:
-            self._bytes += size - self._sizes[key]
-            self._sizes[key] = size
-            self._evict_until(self.budget_bytes, keep=key)
-
-    def _evict_until(self, limit: int, keep: tuple[int, int] | None = None) -> None:
-        """Evict least recently used experts until at most ``limit`` bytes remain (never ``keep``)."""
-        while self._cache and self._bytes > limit:
-            old_key = next(iter(self._cache))
-            if old_key == keep:
-                break
-            self._cache.pop(old_key)
-            self._bytes -= self._sizes.pop(old_key)
-            self.layer_stats(old_key[0]).evictions += 1
-
-    def resident(self, layer: int) -> set[int]:
-        """Experts of ``layer`` now in RAM."""
-        return {e for (lay, e) in self._cache if lay == layer}
-
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes of experts now in RAM."""
-        return self._bytes

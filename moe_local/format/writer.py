@@ -59,6 +59,8 @@ class QuantizeReport:
     experts: int = 0
     seconds: float = 0.0
     dry_run: bool = False
+    calibration_tokens: int = 0
+    tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> routed tokens (GPTQ)
 
     def add(self, scheme: str, params: int, bytes_in: int, bytes_out: int, err: float | None = None) -> None:
         row = self.rows.setdefault(scheme, SchemeRow(scheme))
@@ -90,11 +92,22 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
     return o * i * qtype.bits // 8 + 2 * 2 * o * (i // qtype.group_size)
 
 
-def _quantize(w: torch.Tensor, qtype, name: str):
-    from moe_local.quant import quantize
+def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None):
+    """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees)."""
+    from moe_local.quant import QuantizedTensor, quantize
 
     try:
-        return quantize(w, qtype)
+        if qtype.method != "gptq":
+            return quantize(w, qtype)
+        from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
+
+        if isinstance(inputs, HessianAccumulator):
+            acc = inputs
+        else:
+            acc = HessianAccumulator(w.shape[1])
+            acc.add(inputs)
+        qt = gptq_quantize(w.float(), acc.hessian(), qtype)
+        return QuantizedTensor(qt.packed, qt.scales, qt.zeros, qt.shape, qtype)
     except ValueError as exc:
         raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
 
@@ -112,6 +125,9 @@ def quantize_checkpoint(
     resume: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 4096,
+    min_expert_tokens: int = 64,
 ) -> QuantizeReport:
     """Quantize SRC into a moe-local folder OUT following ``recipe``.
 
@@ -123,6 +139,9 @@ def quantize_checkpoint(
         resume: continue an interrupted run in OUT.partial at the next unfinished layer.
         dry_run: plan only: compute sizes per scheme, write nothing.
         progress: called as ``progress(stage, done, total, input_bytes)``.
+        calibration: plain-text file for GPTQ rules.
+        calibration_tokens: most calibration tokens.
+        min_expert_tokens: GPTQ tops up experts routed fewer tokens than this with their best scorers.
 
     Returns:
         The report: per scheme, tensors, parameters, bytes before/after and mean relative error.
@@ -150,14 +169,28 @@ def quantize_checkpoint(
         report.seconds = time.perf_counter() - t0
         return report
     report = QuantizeReport(out)
+    cal = None
+    gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}
+    if any(_is_gptq(r.scheme) for r in recipe.rules):
+        if calibration is None:
+            raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
+        from moe_local.format.calibration import collect_calibration
+
+        if progress:
+            progress("calibration", 0, 1, 0)
+        cal = collect_calibration(src_path, Path(calibration), gptq_dense, max_tokens=calibration_tokens)
+        report.calibration_tokens = cal.tokens
+        report.tokens_per_expert = cal.seen
 
     partial = out.with_name(out.name + ".partial")
     _prepare(out, partial, overwrite, resume)
     try:
-        _write_dense(partial, report, recipe, files, dense, linear_weights, progress)
+        _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal)
         layers = {}
         for site in sites:
-            layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress)
+            layer_cal = cal.layers.get(site.layer) if cal else None
+            cal_args = (layer_cal, min_expert_tokens)
+            layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress, cal_args)
         for name in _COPY:
             if (src_path / name).exists():
                 shutil.copy2(src_path / name, partial / name)
@@ -225,7 +258,11 @@ def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
             report.experts += 1
 
 
-def _write_dense(partial, report, recipe, files, dense, linear_weights, progress) -> None:
+def _is_gptq(q) -> bool:
+    return q is not None and getattr(q, "method", None) == "gptq"
+
+
+def _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal=None) -> None:
     from safetensors.torch import save_file
 
     if (partial / "progress" / "dense.done").exists():
@@ -239,7 +276,7 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
             tensors[name] = w
             report.add("keep", w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
         else:
-            qt = _quantize(w, q, name)
+            qt = _quantize(w, q, name, cal.dense.get(name) if cal else None)
             for part, t in qt.tensors().items():
                 tensors[f"{name}.{part}"] = t
             report.add(q.full_name, w.numel(), w.numel() * w.element_size(), qt.nbytes, _rel_err(w, qt))
@@ -255,8 +292,12 @@ def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
     return {n: getattr(w, n) for n in names if getattr(w, n) is not None}
 
 
-def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress) -> dict:
+def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress, cal_args) -> dict:
     import json
+
+    from moe_local.experts.weights import apply_linear
+
+    layer_cal, min_tokens = cal_args
 
     record = partial / "progress" / f"layer-{site.layer:04d}.json"
     if record.exists():
@@ -268,6 +309,8 @@ def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site
         for e in range(site.num_experts):
             w = experts.read(site.layer, e)
             blob_tensors: dict[str, torch.Tensor] = {}
+            x_in = layer_cal.tokens_for(e, min_tokens)[0] if layer_cal is not None else None  # [n, H]
+            quantized_parts: dict[str, object] = {}
             for part, t in _parts(w).items():
                 q = recipe.scheme_for(f"{site.name}.{part}") if part in _PARTS else None
                 nbytes = t.numel() * t.element_size()
@@ -276,7 +319,15 @@ def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site
                     schemes[part] = "keep"
                     report.add("keep", t.numel(), nbytes, nbytes)
                     continue
-                qt = _quantize(t, q, f"{site.name}.{e}.{part}")
+                inputs = x_in
+                if part == "down" and layer_cal is not None:  # down sees the gated activations
+                    first = "gate_up" if layer_cal.has_gate else "up"
+                    bias = getattr(w, f"{first}_bias")
+                    weight = quantized_parts.get(first) or getattr(w, first).float()
+                    gated = apply_linear(x_in, weight, None if bias is None else bias.float())
+                    inputs = layer_cal.gate_fn(gated.float())
+                qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs)
+                quantized_parts[part] = qt
                 schemes[part] = q.full_name
                 for k, v in qt.tensors().items():
                     blob_tensors[f"{part}.{k}"] = v

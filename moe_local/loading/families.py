@@ -91,6 +91,24 @@ def find_expert_sites(model: nn.Module) -> list[ExpertsSite]:
     return sites
 
 
+def router_of(
+    block: nn.Module, num_experts: int, hidden: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The router weight [E, H] (and bias [E]) of an MoE block, found by shape, as float32 copies.
+
+    Every supported family routes with a linear map of the hidden state, so the logit of expert e
+    is ``x @ weight[e] + bias[e]``; the family's own scoring (softmax, sigmoid, groups) is monotone in it.
+    """
+    params = dict(block.named_parameters())
+    for name, p in params.items():
+        if "experts" in name or "shared" in name:
+            continue
+        if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden):
+            bias = params.get(name.rsplit(".", 1)[0] + ".bias")
+            return p.detach().float().clone(), None if bias is None else bias.detach().float().clone()
+    return None, None
+
+
 def checkpoint_renamer(model: nn.Module):
     """Return a function mapping a checkpoint key to the model's in-memory name (renames only)."""
     from transformers.conversion_mapping import get_model_conversion_mapping

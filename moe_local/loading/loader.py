@@ -7,6 +7,7 @@ OffloadedExperts over a store, so peak memory is the dense part plus what the st
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +17,18 @@ import torch
 
 from moe_local.config import LoadOptions
 from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError
-from moe_local.experts.module import OffloadedExperts
-from moe_local.experts.store import CachedStore, ExpertStore, InMemoryStore
+from moe_local.experts.cache import CachedStore
+from moe_local.experts.module import NextRouter, OffloadedExperts
+from moe_local.experts.store import ExpertStore, InMemoryStore
 from moe_local.format.manifest import MANIFEST, read_manifest
 from moe_local.format.reader import BlobExperts, load_dense
-from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
+from moe_local.loading.families import (
+    CheckpointExperts,
+    ExpertsSite,
+    checkpoint_renamer,
+    find_expert_sites,
+    router_of,
+)
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.loading.safetensors_io import CheckpointFiles
@@ -151,6 +159,8 @@ def load(
         parent_name, _, attr = site.name.rpartition(".")
         parent = lm.get_submodule(parent_name)
         setattr(parent, attr, OffloadedExperts(getattr(parent, attr), site.layer, store))
+    if isinstance(store, CachedStore) and options.prefetch:
+        _wire_prefetch(lm, sites, config)
     lm.tie_weights()
     leftover = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -193,10 +203,11 @@ def _make_store(
             raise MoeLocalError(
                 f"expert memory budget of {options.expert_memory} bytes is smaller than one expert ({need})"
             )
-        if device.type == "cpu":
-            return CachedStore(experts.read, options.expert_memory)
-        # on an accelerator the budget is device memory: experts are read, then copied over
-        return CachedStore(lambda layer, e: experts.read(layer, e).to(device), options.expert_memory)
+        workers = 1 if options.prefetch else 0
+        read = experts.read
+        if device.type != "cpu":  # on an accelerator the budget is device memory: read, then copy over
+            read = lambda layer, e: experts.read(layer, e).to(device)  # noqa: E731
+        return CachedStore(read, options.expert_memory, policy=options.policy, prefetch_workers=workers)
     all_experts = {}
     total = sum(s.num_experts for s in sites)
     for site in sites:
@@ -205,6 +216,19 @@ def _make_store(
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)
+
+
+def _wire_prefetch(lm, sites: list[ExpertsSite], config) -> None:
+    """Give each experts module the next MoE layer's router, so it can prefetch that layer's experts."""
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    ordered = sorted(sites, key=lambda s: s.layer)
+    for here, nxt in itertools.pairwise(ordered):
+        block = lm.get_submodule(nxt.name.rpartition(".")[0])
+        hidden = int(getattr(config, "hidden_size", 0))
+        weight, bias = router_of(block, nxt.num_experts, hidden)
+        if weight is not None and top_k:
+            module = lm.get_submodule(here.name)
+            module.next_router = NextRouter(nxt.layer, weight, bias, min(top_k, nxt.num_experts))
 
 
 def _model_context(config) -> int:

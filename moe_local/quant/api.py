@@ -29,5 +29,7 @@ def quantize(w: torch.Tensor, qtype: QType | str, *, hqq_config: HqqConfig | Non
     qt = parse_qtype(qtype) if isinstance(qtype, str) else qtype
     if not isinstance(qt, QType):
         raise ValueError(f"qtype must be a QType or a scheme name, got {type(qtype).__name__}")
+    if qt.method == "gptq":
+        raise ValueError("gptq needs calibration data: use moe_local.quant.gptq with a Hessian of the inputs")
     parts = hqq_quantize(w, qt, hqq_config) if qt.method == "hqq" else rtn_quantize(w, qt)
     return QuantizedTensor(parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qt)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 VALID_BITS: tuple[int, ...] = (8, 4, 3, 2)
 VALID_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128)
-VALID_METHODS: tuple[str, ...] = ("rtn", "hqq")
+VALID_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq")  # gptq needs calibration: see quant.gptq
 
 # Bits stored per group on top of the codes: one fp16 scale and one fp16 zero point.
 GROUP_OVERHEAD_BITS = 32

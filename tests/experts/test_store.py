@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.experts.store import CachedStore, InMemoryStore
+from moe_local.experts.cache import CachedStore
+from moe_local.experts.store import InMemoryStore
 from moe_local.experts.weights import ExpertWeights
 
 

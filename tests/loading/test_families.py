@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_local.config import LoadOptions, SamplingParams
+from moe_local.experts.cache import CachedStore
 from moe_local.experts.module import OffloadedExperts
-from moe_local.experts.store import CachedStore, InMemoryStore
+from moe_local.experts.store import InMemoryStore
 from moe_local.generate import generate
 from moe_local.loading.loader import load
 from tests.conftest import ALL_FAMILIES

@@ -62,7 +62,7 @@ def test_name_roundtrip() -> None:
         (16, 64, "rtn", r"unsupported bits"),
         (4, 48, "rtn", r"unsupported group size 48; valid: 16, 32, 64, 128"),
         (4, 256, "rtn", r"unsupported group size"),
-        (4, 64, "gptq", r"unsupported method 'gptq'; valid: rtn, hqq"),
+        (4, 64, "awq", r"unsupported method 'awq'; valid: rtn, hqq, gptq"),
     ],
 )
 def test_qtype_rejects_bad_values(bits: int, group: int, method: str, match: str) -> None:

@@ -1,0 +1,136 @@
+"""Calibration for GPTQ: run the source model on real text and record what each weight sees.
+
+Dense linears get a Hessian of their inputs accumulated on the fly. Each MoE layer records its
+inputs and routing; at quantize time every expert takes the tokens routed to it, and an expert
+that received fewer than ``min_tokens`` also takes the tokens its router row scores highest,
+so no expert is quantized blind. How many tokens each expert saw is reported.
+Legend: N=calibration tokens, H=hidden size, K=experts per token, E=experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_local.config import LoadOptions
+from moe_local.errors import MoeLocalError
+from moe_local.experts.module import OffloadedExperts
+from moe_local.loading.families import router_of
+
+
+@dataclass
+class LayerCalibration:
+    """One MoE layer's calibration inputs and routing."""
+
+    x: torch.Tensor  # [N, H]
+    idx: torch.Tensor  # [N, K]
+    router_w: torch.Tensor | None  # [E, H]
+    router_b: torch.Tensor | None  # [E]
+    gate_fn: object  # the family's own gate function (maps [n, 2I] -> [n, I])
+    has_gate: bool
+
+    def tokens_for(self, expert: int, min_tokens: int) -> tuple[torch.Tensor, int]:
+        """Inputs for ``expert``: its routed tokens, topped up with its best-scoring ones.
+
+        Returns:
+            (inputs [n, H], number of tokens actually routed to it).
+        """
+        routed = (self.idx == expert).any(dim=-1)  # [N]
+        count = int(routed.sum())
+        if count >= min_tokens or self.router_w is None:
+            return self.x[routed], count
+        scores = self.x @ self.router_w[expert]  # [N]
+        if self.router_b is not None:
+            scores = scores + self.router_b[expert]
+        scores = scores.masked_fill(routed, float("-inf"))
+        extra = torch.topk(scores, min(min_tokens - count, int((~routed).sum()))).indices
+        return torch.cat([self.x[routed], self.x[extra]]), count
+
+
+@dataclass
+class Calibration:
+    """Everything GPTQ needs: dense Hessians and per-layer MoE inputs."""
+
+    tokens: int
+    dense: dict[str, object] = field(default_factory=dict)  # weight name -> HessianAccumulator
+    layers: dict[int, LayerCalibration] = field(default_factory=dict)
+    seen: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens routed per expert
+
+
+def collect_calibration(
+    src: Path,
+    text_file: Path,
+    dense_names: set[str],
+    *,
+    max_tokens: int = 4096,
+    seq_len: int = 512,
+    expert_memory: int | None = None,
+) -> Calibration:
+    """Run the source model over ``text_file`` and record calibration data.
+
+    Args:
+        src: the source checkpoint folder.
+        text_file: plain text to calibrate on.
+        dense_names: weight names of the dense linears that need a Hessian.
+        max_tokens: most calibration tokens.
+        seq_len: tokens per forward pass.
+        expert_memory: RAM budget for the source experts while calibrating (None: all resident).
+
+    Returns:
+        The calibration data.
+    """
+    from moe_local.loading.loader import load
+    from moe_local.quant.gptq import HessianAccumulator
+
+    try:
+        text = Path(text_file).read_text(errors="replace")
+    except OSError as exc:
+        raise MoeLocalError(f"cannot read calibration text {text_file}: {exc.strerror}") from exc
+    lm = load(src, LoadOptions(dtype="float32", expert_memory=expert_memory))
+    ids = list(lm.tokenizer.encode(text))[:max_tokens]
+    if len(ids) < 16:
+        raise MoeLocalError(
+            f"calibration text {text_file} has only {len(ids)} tokens; give it at least a page"
+        )
+    cal = Calibration(tokens=len(ids))
+    hooks = []
+    for name, mod in lm.model.named_modules():
+        if isinstance(mod, nn.Linear) and f"{name}.weight" in dense_names:
+            acc = cal.dense[f"{name}.weight"] = HessianAccumulator(mod.in_features)
+            hooks.append(
+                mod.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0].reshape(-1, a[0].shape[-1])))
+            )
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    experts_mods = {m.layer: m for m in lm.model.modules() if isinstance(m, OffloadedExperts)}
+    for layer, mod in experts_mods.items():
+        rows = captured[layer] = []
+
+        def grab(m, args, rows=rows):
+            x, idx = args[0], args[1]
+            rows.append(
+                (
+                    x.reshape(-1, x.shape[-1]).detach().float().clone(),
+                    idx.reshape(x.numel() // x.shape[-1], -1),
+                )
+            )
+
+        hooks.append(mod.register_forward_pre_hook(grab))
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(ids), seq_len):
+                lm.model(input_ids=torch.tensor([ids[start : start + seq_len]]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    for site in lm.sites:
+        mod = experts_mods[site.layer]
+        x = torch.cat([r[0] for r in captured[site.layer]])
+        idx = torch.cat([r[1] for r in captured[site.layer]])
+        block = lm.model.get_submodule(site.name.rpartition(".")[0])
+        w, b = router_of(block, site.num_experts, x.shape[-1])
+        cal.layers[site.layer] = LayerCalibration(x, idx, w, b, mod._gate, mod.has_gate)
+        cal.seen[site.layer] = [int((idx == e).any(-1).sum()) for e in range(site.num_experts)]
+    return cal

@@ -1,0 +1,55 @@
+"""Offloaded generation equals all-in-memory generation, whatever the budget, policy or prefetch."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_local.config import LoadOptions, SamplingParams
+from moe_local.experts.cache import CachedStore
+from moe_local.generate import generate
+from moe_local.loading.loader import load
+
+PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
+PROMPT = "the cache holds the experts that the router picks"
+
+
+@pytest.fixture(scope="module")
+def deep_mixtral(tiny_checkpoint):
+    # 4 MoE layers of 8 experts, top-2: enough experts for a budget to force misses
+    return tiny_checkpoint("mixtral", num_hidden_layers=4, num_local_experts=8)
+
+
+@pytest.fixture(scope="module")
+def reference(deep_mixtral):
+    lm = load(deep_mixtral)
+    return generate(lm, PROMPT, PARAMS, chat=False).tokens, lm.store.get(0, 0).nbytes
+
+
+@pytest.mark.parametrize("slots", [1, 4, 8, 16])
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_token_identical(deep_mixtral, reference, slots, prefetch, policy):
+    tokens, expert_bytes = reference
+    opts = LoadOptions(expert_memory=slots * expert_bytes, prefetch=prefetch, policy=policy)
+    lm = load(deep_mixtral, opts)
+    assert isinstance(lm.store, CachedStore)
+    res = generate(lm, PROMPT, PARAMS, chat=False)
+    assert res.tokens == tokens
+    stats = res.stats.experts
+    assert lm.store.resident_bytes <= slots * expert_bytes
+    assert stats.total.misses > 0
+    if prefetch:
+        assert stats.total.guessed > 0 and 0 <= stats.prefetch_accuracy <= 1
+        assert stats.total.prefetched > 0
+    else:
+        assert stats.total.prefetched == 0 and stats.total.guessed == 0
+
+
+def test_bigger_cache_misses_less(deep_mixtral, reference):
+    _, expert_bytes = reference
+    misses = []
+    for slots in (2, 8, 32):
+        lm = load(deep_mixtral, LoadOptions(expert_memory=slots * expert_bytes, prefetch=False))
+        misses.append(generate(lm, PROMPT, PARAMS, chat=False).stats.experts.total.misses)
+    assert misses[0] > misses[1] > misses[2]
+    assert misses[2] == 32  # everything fits: each expert is read once
