@@ -30,6 +30,10 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 
 ExpertMemOpt = Annotated[
     str | None, typer.Option("--expert-memory", help="RAM for experts, e.g. 2GiB (default: all in RAM)")
 ]
+CpuMemOpt = Annotated[
+    str | None, typer.Option("--cpu-memory", help="host RAM the planner may use (default: 85% of available)")
+]
+ContextOpt = Annotated[int, typer.Option(help="tokens of context to plan the KV cache for")]
 PolicyOpt = Annotated[str, typer.Option(help="expert cache policy: lru or lfu")]
 PrefetchOpt = Annotated[
     bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's experts ahead")
@@ -77,6 +81,8 @@ def generate(
     ] = None,
     dtype: DtypeOpt = "auto",
     expert_memory: ExpertMemOpt = None,
+    cpu_memory: CpuMemOpt = None,
+    context: ContextOpt = 4096,
     policy: PolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
     download: DownloadOpt = False,
@@ -85,6 +91,7 @@ def generate(
     from moe_local.config import LoadOptions, SamplingParams, parse_size
     from moe_local.generate import stream_generate
     from moe_local.loading.loader import load
+    from moe_local.planner import planned_options
 
     _setup_torch()
     if prompt == "-":
@@ -106,6 +113,7 @@ def generate(
         policy=policy,
         prefetch=prefetch,
     )
+    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
     lm = load(model, options)
     last = None
     with contextlib.ExitStack() as stack:
@@ -287,6 +295,48 @@ def trace(
     for policy, rate in rates.items():
         rel = f" ({rate / rates['belady']:.0%} of optimal)" if policy != "belady" and rates["belady"] else ""
         typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
+
+
+@app.command(epilog="Example: moe-local plan ./mixtral-q4 --gpu rtx4090 --context 8192")
+def plan(
+    model: ModelArg,
+    gpu: Annotated[str, typer.Option(help="cpu, rtx4090, v100-16g or v100-32g")] = "cpu",
+    gpu_memory: Annotated[str | None, typer.Option(help="device memory to use, e.g. 22GiB")] = None,
+    cpu_memory: Annotated[
+        str | None, typer.Option(help="host RAM to use (default: 85% of available)")
+    ] = None,
+    context: Annotated[int, typer.Option(help="tokens the KV cache must hold")] = 4096,
+) -> None:
+    """Show where the dense part, KV cache and experts would go, and the decode speed to expect."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.config import parse_size
+    from moe_local.inspect_model import human_bytes
+    from moe_local.planner import plan_for
+
+    p, info = plan_for(
+        model, gpu=gpu, gpu_memory=parse_size(gpu_memory), cpu_memory=parse_size(cpu_memory), context=context
+    )
+    fast = "GPU" if gpu != "cpu" else "RAM (fast tier)"
+    table = Table(title=f"{info.path.name} on {gpu}", show_header=True)
+    for col in ("what", "where", "size"):
+        table.add_column(col)
+    table.add_row("dense part", fast, human_bytes(p.dense_bytes))
+    table.add_row(f"KV cache ({p.context} tokens)", fast, human_bytes(p.kv_bytes))
+    table.add_row(f"experts: {p.fast_slots} slots", fast, human_bytes(p.fast_slots * p.expert_bytes))
+    if gpu != "cpu":
+        table.add_row(f"experts: {p.ram_experts}", "host RAM", human_bytes(p.ram_experts * p.expert_bytes))
+    table.add_row(
+        f"experts: {p.disk_experts}", "disk (read on demand)", human_bytes(p.disk_experts * p.expert_bytes)
+    )
+    Console().print(table)
+    lo, hi = p.tokens_per_s
+    typer.echo(
+        f"{p.total_experts} experts of {human_bytes(p.expert_bytes)}; "
+        f"predicted decode {lo:.1f}-{hi:.1f} tokens/s "
+        "(hit rate from the slot share up to twice it; measured bandwidths)"
+    )
 
 
 def main() -> None:

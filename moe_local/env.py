@@ -19,9 +19,19 @@ class EnvVar:
         return os.environ.get(self.name) or self.default
 
 
+HOME = EnvVar(
+    "MOE_LOCAL_HOME", "~/.cache/moe-local", "where measured bandwidths (and the demo model) are kept"
+)
 THREADS = EnvVar("MOE_LOCAL_THREADS", "", "torch CPU threads (default: all cores)")
 
-REGISTRY: tuple[EnvVar, ...] = (THREADS,)
+REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS)
+
+
+def home_dir():
+    """The moe-local cache directory (``MOE_LOCAL_HOME``), expanded."""
+    from pathlib import Path
+
+    return Path(HOME.get()).expanduser()
 
 
 def describe() -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import UnsupportedModelError
+from moe_local.format.manifest import DENSE_FILE, MANIFEST, read_manifest
 from moe_local.loading.families import (
     TESTED_FAMILIES,
     CheckpointExperts,
@@ -17,7 +18,7 @@ from moe_local.loading.families import (
 from moe_local.loading.loader import load_config
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.loading.safetensors_io import CheckpointFiles
+from moe_local.loading.safetensors_io import CheckpointFiles, SafetensorsFile
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,11 @@ class ModelInfo:
     active_params: int
     dense_bytes: int
     expert_bytes: int
-    dtypes: tuple[str, ...]
+    dtypes: tuple[str, ...]  # tensor dtypes, or quantization schemes of a moe-local folder
     status: str  # "tested", "untested family (standard experts interface)" or "dense (no experts)"
+    one_expert_bytes: int = 0  # the largest expert, as stored
+    quantized: bool = False
+    config: object = None  # the transformers config
 
 
 def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
@@ -54,7 +58,9 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
     """
     path = resolve_model_path(model, download=download)
     config = load_config(path)
-    files = CheckpointFiles(path)
+    quantized = (path / MANIFEST).exists()
+    manifest = read_manifest(path) if quantized else None
+    files = None if quantized else CheckpointFiles(path)
     try:
         meta = build_on_meta(config, torch.float32)
     except Exception as exc:
@@ -63,19 +69,39 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
             f"({str(exc).splitlines()[0]})"
         ) from exc
     sites = find_expert_sites(meta)
-    rename = checkpoint_renamer(meta)
-    renamed = {rename(k): k for k in files.names()}
-    experts = CheckpointExperts(files, sites, renamed, None) if sites else None
-    claimed = experts.claimed if experts else set()
-    numel = {k: _numel(files.info(k).shape) for k in files.names()}
-    expert_params = sum(numel[k] for k in claimed)
-    total_params = sum(numel.values())
-    per_expert = {s.layer: expert_params_of(experts, s.layer, numel) for s in sites} if experts else {}
+    # parameters come from the model definition, identical for a checkpoint and its quantized folder
+    expert_names = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
+    params = dict(meta.named_parameters())
+    expert_params = sum(params[n].numel() for n in expert_names if n in params)
+    total_params = sum(p.numel() for p in params.values())
+    per_expert = {
+        s.layer: sum(
+            params[f"{s.name}.{n}"].numel() for n, _ in meta.get_submodule(s.name).named_parameters()
+        )
+        // s.num_experts
+        for s in sites
+    }
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     active = total_params - expert_params + sum(top_k * n for n in per_expert.values())
-    expert_bytes = sum(files.info(k).nbytes for k in claimed)
-    dense_bytes = sum(files.info(k).nbytes for k in files.names()) - expert_bytes
-    dtypes = tuple(sorted({str(files.info(k).dtype).removeprefix("torch.") for k in files.names()}))
+    if manifest is not None:
+        dense_file = SafetensorsFile(path / DENSE_FILE)
+        dense_bytes = sum(t.nbytes for t in dense_file.tensors.values())
+        per_layer = {int(k): v for k, v in manifest["layers"].items()}
+        expert_bytes = sum(length for v in per_layer.values() for _, length, _ in v["experts"])
+        one_expert = max((v["experts"][0][1] for v in per_layer.values()), default=0)
+        schemes = {s for s in manifest["dense"].values()} | {
+            s for v in per_layer.values() for s in v["schemes"].values()
+        }
+        dtypes = tuple(sorted(schemes))
+    else:
+        rename = checkpoint_renamer(meta)
+        renamed = {rename(k): k for k in files.names()}
+        experts = CheckpointExperts(files, sites, renamed, None) if sites else None
+        claimed = experts.claimed if experts else set()
+        expert_bytes = sum(files.info(k).nbytes for k in claimed)
+        dense_bytes = sum(files.info(k).nbytes for k in files.names()) - expert_bytes
+        one_expert = max((experts.expert_nbytes(s.layer) for s in sites), default=0) if experts else 0
+        dtypes = tuple(sorted({str(files.info(k).dtype).removeprefix("torch.") for k in files.names()}))
     if not sites:
         status = "dense (no experts): runs with every weight resident"
     elif config.model_type in TESTED_FAMILIES:
@@ -96,22 +122,10 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         expert_bytes=expert_bytes,
         dtypes=dtypes,
         status=status,
+        one_expert_bytes=one_expert,
+        quantized=quantized,
+        config=config,
     )
-
-
-def expert_params_of(experts: CheckpointExperts, layer: int, numel: dict[str, int]) -> int:
-    """Parameters of one expert of ``layer``."""
-    keys = experts.keys[layer]
-    if keys.fused:
-        return sum(numel[k] // experts.files.info(k).shape[0] for k in keys.fused.values())
-    return sum(numel[k] for k in next(iter(keys.per_expert.values())).values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def human_bytes(n: float) -> str:

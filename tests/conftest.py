@@ -13,6 +13,12 @@ from moe_local.tiny import FAMILIES, make_tiny_checkpoint
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_home(tmp_path_factory):
+    """Keep measured bandwidths and caches out of the user's home."""
+    os.environ["MOE_LOCAL_HOME"] = str(tmp_path_factory.mktemp("moe-local-home"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: ``tiny_checkpoint(family, **overrides) -> folder``, cached for the session."""

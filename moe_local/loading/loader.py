@@ -166,7 +166,7 @@ def load(
     if leftover:
         raise CheckpointError(f"checkpoint lacks {len(leftover)} weights, e.g. {leftover[0]}")
     lm.to(options.device)
-    context = options.context or _model_context(config)
+    context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
     return LoadedModel(lm, tok, store, path, options, sites, context, dense_bytes, eos)
 
