@@ -44,6 +44,9 @@ class LoadOptions:
         expert_memory: bytes of experts kept in RAM; None keeps every expert resident.
         download: allow fetching a hub id that is not in the local cache.
         context: context length to allow (None: the model's own).
+        host_memory: on an accelerator, bytes of experts kept in host RAM behind the device slots
+            (None: all of them); with device "cpu" it adds a second RAM tier (used in tests).
+        cpu_compute: "auto", "on" or "off": compute device misses found in host RAM on the CPU.
         policy: expert cache eviction policy, "lru" or "lfu".
         prefetch: guess the next layer's experts with its router and read them ahead.
     """
@@ -53,6 +56,8 @@ class LoadOptions:
     expert_memory: int | None = None
     download: bool = False
     context: int | None = None
+    host_memory: int | None = None
+    cpu_compute: str = "auto"
     policy: str = "lru"
     prefetch: bool = True
 

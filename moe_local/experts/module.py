@@ -102,6 +102,17 @@ class OffloadedExperts(nn.Module):
             return orig._apply_gate(proj)
         return orig.act_fn(proj)
 
+    def expert_forward(self, x: torch.Tensor, w) -> torch.Tensor:
+        """One expert on its tokens: [n, H] -> [n, H]."""
+        if self.has_gate:
+            h = self._gate(apply_linear(x, w.gate_up, w.gate_up_bias))  # [n, I]
+        else:
+            h = self._gate(apply_linear(x, w.up, w.up_bias))  # [n, I]
+        y = apply_linear(h, w.down, w.down_bias)  # [n, H]
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y.to(self.post_expert_norm.weight.device)).to(y.device)
+        return y
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -128,17 +139,14 @@ class OffloadedExperts(nn.Module):
             guess = self.next_router.guess(x)
             self.store.note_guess(self.next_router.layer, guess)
             self.store.prefetch(self.next_router.layer, guess)
+        on_host = getattr(self.store, "compute_on_host", None)
         for e in self.store.order(self.layer, needed):
             tok, kpos = torch.where(idx == e)  # [n], [n]
-            w = self.store.get(self.layer, e)
-            xe = x[tok]  # [n, H]
-            if self.has_gate:
-                h = self._gate(apply_linear(xe, w.gate_up, w.gate_up_bias))  # [n, I]
+            host_w = on_host(self.layer, e, len(tok)) if on_host is not None else None
+            if host_w is not None:  # cheaper to compute where the weights lie than to move them
+                y = self.expert_forward(x[tok].to("cpu"), host_w).to(x.device)
             else:
-                h = self._gate(apply_linear(xe, w.up, w.up_bias))  # [n, I]
-            y = apply_linear(h, w.down, w.down_bias)  # [n, H]
-            if self.has_post_expert_norm:
-                y = self.post_expert_norm(y)
+                y = self.expert_forward(x[tok], self.store.get(self.layer, e))  # [n, H]
             y = y * wts[tok, kpos, None].to(y.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)

@@ -29,6 +29,7 @@ class LayerStats:
     prefetch_used: int = 0  # of those, used before being evicted
     guessed: int = 0  # experts the next-layer router guess named
     guessed_right: int = 0  # of those, actually routed
+    cpu_computed: int = 0  # device misses computed on the CPU from host RAM instead of moved
 
     def add(self, other: LayerStats) -> None:
         """Add ``other``'s counters to this one."""
@@ -42,6 +43,7 @@ class LayerStats:
         self.prefetch_used += other.prefetch_used
         self.guessed += other.guessed
         self.guessed_right += other.guessed_right
+        self.cpu_computed += other.cpu_computed
 
 
 @dataclass

@@ -20,6 +20,7 @@ from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelErr
 from moe_local.experts.cache import CachedStore
 from moe_local.experts.module import NextRouter, OffloadedExperts
 from moe_local.experts.store import ExpertStore, InMemoryStore
+from moe_local.experts.tiered import TieredStore
 from moe_local.format.manifest import MANIFEST, read_manifest
 from moe_local.format.reader import BlobExperts, load_dense
 from moe_local.loading.families import (
@@ -159,7 +160,7 @@ def load(
         parent_name, _, attr = site.name.rpartition(".")
         parent = lm.get_submodule(parent_name)
         setattr(parent, attr, OffloadedExperts(getattr(parent, attr), site.layer, store))
-    if isinstance(store, CachedStore) and options.prefetch:
+    if isinstance(store, CachedStore | TieredStore) and options.prefetch:
         _wire_prefetch(lm, sites, config)
     lm.tie_weights()
     leftover = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
@@ -168,7 +169,10 @@ def load(
     lm.to(options.device)
     context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
-    return LoadedModel(lm, tok, store, path, options, sites, context, dense_bytes, eos)
+    loaded = LoadedModel(lm, tok, store, path, options, sites, context, dense_bytes, eos)
+    if isinstance(store, TieredStore) and options.cpu_compute == "auto" and sites:
+        _calibrate_cost(loaded, store, sites)
+    return loaded
 
 
 def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, progress) -> int:
@@ -204,10 +208,24 @@ def _make_store(
                 f"expert memory budget of {options.expert_memory} bytes is smaller than one expert ({need})"
             )
         workers = 1 if options.prefetch else 0
-        read = experts.read
-        if device.type != "cpu":  # on an accelerator the budget is device memory: read, then copy over
-            read = lambda layer, e: experts.read(layer, e).to(device)  # noqa: E731
-        return CachedStore(read, options.expert_memory, policy=options.policy, prefetch_workers=workers)
+        if device.type != "cpu" or options.host_memory is not None:
+            if options.cpu_compute not in ("auto", "on", "off"):
+                raise MoeLocalError(f"cpu_compute must be auto, on or off, not {options.cpu_compute!r}")
+            host = (
+                options.host_memory if options.host_memory is not None else _all_experts_bytes(experts, sites)
+            )
+            return TieredStore(
+                experts.read,
+                device,
+                options.expert_memory,
+                host,
+                options.policy,
+                workers,
+                options.cpu_compute,
+            )
+        return CachedStore(
+            experts.read, options.expert_memory, policy=options.policy, prefetch_workers=workers
+        )
     all_experts = {}
     total = sum(s.num_experts for s in sites)
     for site in sites:
@@ -216,6 +234,37 @@ def _make_store(
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)
+
+
+def _all_experts_bytes(experts, sites) -> int:
+    return sum(experts.expert_nbytes(s.layer) * s.num_experts for s in sites)
+
+
+def _calibrate_cost(lm, store: TieredStore, sites) -> None:
+    """Measure (once per model and device, cached in MOE_LOCAL_HOME) when CPU compute beats a copy."""
+    import hashlib
+
+    from moe_local import env
+    from moe_local.experts.tiered import CostModel, calibrate_cost
+
+    key = hashlib.sha256(f"{lm.path.resolve()}|{store.device}".encode()).hexdigest()[:16]
+    cache = env.home_dir() / "cost" / f"{key}.json"
+    try:
+        store.cost = CostModel(**json.loads(cache.read_text()))
+        return
+    except (OSError, ValueError, TypeError):
+        pass
+    site = sites[0]
+    module = lm.model.get_submodule(site.name)
+    sample = store.host.get(site.layer, 0)
+    with torch.inference_mode():
+        store.cost = calibrate_cost(sample, store.device, module.expert_forward)
+    store.host.reset_stats()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(vars(store.cost)))
+    except OSError:
+        pass
 
 
 def _wire_prefetch(lm, sites: list[ExpertsSite], config) -> None:

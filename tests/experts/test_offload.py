@@ -53,3 +53,19 @@ def test_bigger_cache_misses_less(deep_mixtral, reference):
         misses.append(generate(lm, PROMPT, PARAMS, chat=False).stats.experts.total.misses)
     assert misses[0] > misses[1] > misses[2]
     assert misses[2] == 32  # everything fits: each expert is read once
+
+
+@pytest.mark.parametrize("cpu_compute", ["on", "off", "auto"])
+@pytest.mark.parametrize("fast_slots", [1, 3])
+def test_tiered_store_token_identical(deep_mixtral, reference, cpu_compute, fast_slots):
+    tokens, expert_bytes = reference
+    opts = LoadOptions(expert_memory=fast_slots * expert_bytes, host_memory=6 * expert_bytes, cpu_compute=cpu_compute)
+    lm = load(deep_mixtral, opts)
+    res = generate(lm, PROMPT, PARAMS, chat=False)
+    assert res.tokens == tokens
+    t = res.stats.experts.total
+    assert t.bytes_from_disk > 0  # the host tier holds only 6 of 32 experts
+    if cpu_compute == "on":
+        assert t.cpu_computed > 0
+    if cpu_compute == "off":
+        assert t.cpu_computed == 0 and t.bytes_from_ram > 0
