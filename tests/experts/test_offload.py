@@ -59,7 +59,9 @@ def test_bigger_cache_misses_less(deep_mixtral, reference):
 @pytest.mark.parametrize("fast_slots", [1, 3])
 def test_tiered_store_token_identical(deep_mixtral, reference, cpu_compute, fast_slots):
     tokens, expert_bytes = reference
-    opts = LoadOptions(expert_memory=fast_slots * expert_bytes, host_memory=6 * expert_bytes, cpu_compute=cpu_compute)
+    opts = LoadOptions(
+        expert_memory=fast_slots * expert_bytes, host_memory=6 * expert_bytes, cpu_compute=cpu_compute
+    )
     lm = load(deep_mixtral, opts)
     res = generate(lm, PROMPT, PARAMS, chat=False)
     assert res.tokens == tokens
