@@ -201,10 +201,18 @@ def quantize(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
     method: Annotated[
-        str | None, typer.Option(help="rtn, hqq or gptq: overrides how every quantized rule is made")
+        str | None,
+        typer.Option(
+            help="rtn, hqq, gptq, or bitsandbytes nf4/fp4/int8: overrides how every quantized rule is made"
+        ),
     ] = None,
     calibration: Annotated[str | None, typer.Option(help="plain-text file for --method gptq")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="most calibration tokens")] = 4096,
+    format: Annotated[
+        str, typer.Option("--format", help="moe-local (default) or gptq (a GPTQModel/vLLM checkpoint)")
+    ] = "moe-local",
+    bits: Annotated[int, typer.Option(help="--format gptq: bits (2, 3, 4, 8)")] = 4,
+    group_size: Annotated[int, typer.Option(help="--format gptq: group size (16, 32, 64, 128)")] = 128,
 ) -> None:
     """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
     from rich.console import Console
@@ -216,10 +224,15 @@ def quantize(
     from moe_local.recipes import load_recipe
 
     _setup_torch()
+    if format not in ("moe-local", "gptq"):
+        raise MoeLocalError(f"unknown --format {format!r}; choose moe-local or gptq")
+    if format == "gptq":
+        _export_gptq(src, out, bits, group_size, overwrite, resume or dry_run or bool(method or calibration))
+        return
     rec = load_recipe(recipe)
     if method is not None:
-        if method not in ("rtn", "hqq", "gptq"):
-            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq or gptq")
+        if method not in ("rtn", "hqq", "gptq", "nf4", "fp4", "int8"):
+            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq, gptq, nf4, fp4 or int8")
         rec = rec.with_method(method)
     console = Console(stderr=True)
     columns = (
@@ -297,6 +310,29 @@ def trace(
         typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
 
 
+def _export_gptq(src: str, out: str, bits: int, group_size: int, overwrite: bool, extra: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from moe_local.format.gptq_export import export_gptq
+
+    if extra:
+        raise MoeLocalError(
+            "--format gptq takes --bits and --group-size; not --resume, --dry-run or --method"
+        )
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int, nbytes: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        path = export_gptq(src, out, bits, group_size, overwrite=overwrite, progress=progress)
+    typer.echo(f"wrote a GPTQ checkpoint (int{bits}, groups of {group_size}) to {path}")
+
+
 @app.command(epilog="Example: moe-local plan ./mixtral-q4 --gpu rtx4090 --context 8192")
 def plan(
     model: ModelArg,
@@ -339,6 +375,52 @@ def plan(
     )
 
 
+@app.command(epilog="Example: moe-local chat ./Qwen1.5-MoE-A2.7B-Chat --system 'You are terse.'")
+def chat(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="most new tokens per reply")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0: all)")] = 0,
+    min_p: Annotated[float, typer.Option(help="drop tokens below min_p x the top probability")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help=">1 discourages repeats")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    dtype: DtypeOpt = "auto",
+    expert_memory: ExpertMemOpt = None,
+    cpu_memory: CpuMemOpt = None,
+    context: ContextOpt = 4096,
+    policy: PolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    download: DownloadOpt = False,
+) -> None:
+    """Chat with a model in the terminal: streamed multi-turn replies, /help lists the commands."""
+    from moe_local.chat import chat as run_chat
+    from moe_local.config import LoadOptions, SamplingParams, parse_size
+    from moe_local.planner import planned_options
+
+    _setup_torch()
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    options = LoadOptions(
+        dtype=dtype,
+        expert_memory=parse_size(expert_memory),
+        download=download,
+        context=context,
+        policy=policy,
+        prefetch=prefetch,
+    )
+    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
+    raise typer.Exit(run_chat(model, system=system, params=params, load_options=options))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:
@@ -349,3 +431,8 @@ def main() -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         sys.exit(130)
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if env.DEBUG.get() == "1":
+            raise
+        _err(f"unexpected {type(exc).__name__}: {exc} (set MOE_LOCAL_DEBUG=1 for the traceback)")
+        sys.exit(1)

@@ -24,7 +24,9 @@ HOME = EnvVar(
 )
 THREADS = EnvVar("MOE_LOCAL_THREADS", "", "torch CPU threads (default: all cores)")
 
-REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS)
+DEBUG = EnvVar("MOE_LOCAL_DEBUG", "", "1: show the traceback of unexpected errors")
+
+REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG)
 
 
 def home_dir():

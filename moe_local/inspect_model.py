@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import UnsupportedModelError
+from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint
 from moe_local.format.manifest import DENSE_FILE, MANIFEST, read_manifest
 from moe_local.loading.families import (
     TESTED_FAMILIES,
@@ -96,12 +97,19 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
     else:
         rename = checkpoint_renamer(meta)
         renamed = {rename(k): k for k in files.names()}
-        experts = CheckpointExperts(files, sites, renamed, None) if sites else None
-        claimed = experts.claimed if experts else set()
+        experts = None
+        if sites and is_gptq_checkpoint(path):
+            experts = GptqExperts(path, files, sites, renamed, torch.float16)
+        elif sites:
+            experts = CheckpointExperts(files, sites, renamed, None)
+        claimed = {k for k in experts.claimed if k in files.key_to_file} if experts else set()
         expert_bytes = sum(files.info(k).nbytes for k in claimed)
         dense_bytes = sum(files.info(k).nbytes for k in files.names()) - expert_bytes
         one_expert = max((experts.expert_nbytes(s.layer) for s in sites), default=0) if experts else 0
         dtypes = tuple(sorted({str(files.info(k).dtype).removeprefix("torch.") for k in files.names()}))
+        if is_gptq_checkpoint(path):
+            q = experts.config if isinstance(experts, GptqExperts) else None
+            dtypes = (f"gptq int{q.bits}",) if q else ("gptq",)
     if not sites:
         status = "dense (no experts): runs with every weight resident"
     elif config.model_type in TESTED_FAMILIES:

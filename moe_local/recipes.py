@@ -37,17 +37,22 @@ class Recipe:
     rules: tuple[Rule, ...]
 
     def with_method(self, method: str) -> Recipe:
-        """The same rules with every quantized scheme made with ``method`` (rtn, hqq or gptq)."""
-        from moe_local.quant import QType
+        """The same rules with every quantized scheme made with ``method``.
 
-        rules = tuple(
-            Rule(
-                r.pattern,
-                None if r.scheme is None else QType(r.scheme.bits, r.scheme.group_size, method),
-                r.index,
-            )
-            for r in self.rules
-        )
+        ``rtn``, ``hqq`` and ``gptq`` keep each rule's bits and group size; the bitsandbytes
+        methods ``nf4``, ``fp4`` and ``int8`` replace the scheme (their bits are fixed).
+        """
+        from moe_local.quant import QType
+        from moe_local.quant.bnb import BnbType
+
+        def convert(scheme):
+            if scheme is None:
+                return None
+            if method in ("nf4", "fp4", "int8"):
+                return BnbType(method)
+            return QType(scheme.bits, scheme.group_size, method)
+
+        rules = tuple(Rule(r.pattern, convert(r.scheme), r.index) for r in self.rules)
         return Recipe(f"{self.name}+{method}", self.description, rules)
 
     def scheme_for(self, tensor: str):
@@ -74,7 +79,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         MoeLocalError: unknown name, unreadable file, TOML that does not parse (with its line),
             or a rule with a bad scheme (with the rule's number).
     """
-    from moe_local.quant import parse_qtype
+    from moe_local.quant.api import parse_scheme
 
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
@@ -103,7 +108,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         scheme = None
         if r["scheme"] != "keep":
             try:
-                scheme = parse_qtype(r["scheme"])
+                scheme = parse_scheme(r["scheme"])
             except ValueError as exc:
                 raise MoeLocalError(f"recipe {path.name}: rule {i} ({r['match']}): {exc}") from exc
         rules.append(Rule(r["match"], scheme, i))

@@ -30,7 +30,7 @@ class BlobExperts:
     def __init__(
         self, folder: Path, manifest: dict, sites: list[ExpertsSite], dtype: torch.dtype, drop_cache: bool
     ) -> None:
-        from moe_local.quant import parse_qtype
+        from moe_local.quant.api import parse_scheme
 
         self.folder = folder
         self.dtype = dtype
@@ -47,7 +47,7 @@ class BlobExperts:
                 )
             self.layers[site.layer] = entry
             self.slots[site.layer] = [Slot.from_json(s) for s in entry["slots"]]
-            self.qtypes[site.layer] = {p: parse_qtype(s) for p, s in entry["schemes"].items() if s != "keep"}
+            self.qtypes[site.layer] = {p: parse_scheme(s) for p, s in entry["schemes"].items() if s != "keep"}
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` as stored."""
@@ -55,7 +55,7 @@ class BlobExperts:
 
     def read(self, layer: int, expert: int) -> ExpertWeights:
         """Read, verify and unpack one expert."""
-        from moe_local.quant import QuantizedTensor
+        from moe_local.quant.api import rebuild
 
         entry = self.layers[layer]
         offset, length, crc = entry["experts"][expert]
@@ -85,8 +85,9 @@ class BlobExperts:
                 t = raw[part]
                 parts[part] = t.to(self.dtype) if t.is_floating_point() else t
             else:
-                tensors = {k: raw[f"{part}.{k}"] for k in ("packed", "scales", "zeros")}
-                parts[part] = QuantizedTensor.from_tensors(tensors, tuple(shape), qtype)
+                prefix = f"{part}."
+                tensors = {k.removeprefix(prefix): v for k, v in raw.items() if k.startswith(prefix)}
+                parts[part] = rebuild(tensors, tuple(shape), qtype)
         return ExpertWeights(**parts)
 
 
@@ -95,7 +96,7 @@ def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) 
 
     Linear weights stored quantized become ``QuantLinear`` modules in place of ``nn.Linear``.
     """
-    from moe_local.quant import QuantizedTensor, QuantLinear, parse_qtype
+    from moe_local.quant.api import make_linear_module, parse_scheme, rebuild
 
     f = SafetensorsFile(folder / DENSE_FILE)
     kept: dict[str, torch.Tensor] = {}
@@ -110,14 +111,13 @@ def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) 
     for name in quantized:
         mod_name = name.removesuffix(".weight")
         linear = lm.get_submodule(mod_name)
-        tensors = {k: f.read(f"{name}.{k}") for k in ("packed", "scales", "zeros")}
-        qt = QuantizedTensor.from_tensors(
-            tensors, (linear.out_features, linear.in_features), parse_qtype(schemes[name])
-        )
+        prefix = f"{name}."
+        tensors = {k.removeprefix(prefix): f.read(k) for k in f.tensors if k.startswith(prefix)}
+        qt = rebuild(tensors, (linear.out_features, linear.in_features), parse_scheme(schemes[name]))
         bias = kept.pop(f"{mod_name}.bias", None)
         parent_name, _, attr = mod_name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, attr, QuantLinear(qt, bias))
+        setattr(parent, attr, make_linear_module(qt, bias))
         total += qt.nbytes
     lm.load_state_dict(kept, strict=False, assign=True)
     return total

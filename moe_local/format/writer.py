@@ -85,6 +85,8 @@ class QuantizeReport:
 
 def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
     o, i = shape
+    if not hasattr(qtype, "group_size"):  # bitsandbytes: codes + one fp32 absmax per block
+        return o * i * qtype.bits // 8 + 4 * (o * i // qtype.blocksize)
     if i % qtype.group_size:
         raise MoeLocalError(
             f"cannot quantize {name} {tuple(shape)} as {qtype}: {i} is not divisible by the group size"
@@ -94,11 +96,12 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
 
 def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None):
     """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees)."""
-    from moe_local.quant import QuantizedTensor, quantize
+    from moe_local.quant import QuantizedTensor
+    from moe_local.quant.api import quantize_scheme
 
     try:
-        if qtype.method != "gptq":
-            return quantize(w, qtype)
+        if getattr(qtype, "method", None) != "gptq":
+            return quantize_scheme(w, qtype)
         from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
 
         if isinstance(inputs, HessianAccumulator):
@@ -113,7 +116,7 @@ def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = N
 
 
 def _rel_err(w: torch.Tensor, q) -> float:
-    return float((w.float() - q.dequantize()).norm() / w.float().norm().clamp_min(1e-12))
+    return float((w.float() - q.dequantize().float()).norm() / w.float().norm().clamp_min(1e-12))
 
 
 def quantize_checkpoint(

@@ -21,6 +21,7 @@ from moe_local.experts.cache import CachedStore
 from moe_local.experts.module import NextRouter, OffloadedExperts
 from moe_local.experts.store import ExpertStore, InMemoryStore
 from moe_local.experts.tiered import TieredStore
+from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint, load_gptq_dense
 from moe_local.format.manifest import MANIFEST, read_manifest
 from moe_local.format.reader import BlobExperts, load_dense
 from moe_local.loading.families import (
@@ -153,8 +154,12 @@ def load(
     else:
         rename = checkpoint_renamer(lm)
         renamed = {rename(k): k for k in files.names()}
-        experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=budgeted)
-        dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
+        if is_gptq_checkpoint(path):
+            experts = GptqExperts(path, files, sites, renamed, dtype, drop_cache=budgeted)
+            dense_bytes = load_gptq_dense(lm, files, renamed, dtype)
+        else:
+            experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=budgeted)
+            dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
     store = _make_store(experts, sites, options, progress)
     for site in sites:
         parent_name, _, attr = site.name.rpartition(".")

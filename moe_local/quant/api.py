@@ -33,3 +33,51 @@ def quantize(w: torch.Tensor, qtype: QType | str, *, hqq_config: HqqConfig | Non
         raise ValueError("gptq needs calibration data: use moe_local.quant.gptq with a Hessian of the inputs")
     parts = hqq_quantize(w, qt, hqq_config) if qt.method == "hqq" else rtn_quantize(w, qt)
     return QuantizedTensor(parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qt)
+
+
+def parse_scheme(text: str):
+    """Parse any stored scheme name: ``int4-g64[-hqq|-gptq]`` or a bitsandbytes ``nf4``/``fp4-b128``/``int8``.
+
+    Returns:
+        A ``QType`` or a ``BnbType``.
+
+    Raises:
+        ValueError: the name is neither.
+    """
+    from moe_local.quant.bnb import parse_bnb_type
+
+    try:
+        return parse_qtype(text)
+    except ValueError as first:
+        try:
+            return parse_bnb_type(text)
+        except ValueError:
+            raise first from None
+
+
+def quantize_scheme(w: torch.Tensor, scheme):
+    """Quantize ``w`` [O, I] with a ``QType`` (rtn/hqq) or a ``BnbType`` (bitsandbytes)."""
+    from moe_local.quant.bnb import BnbType, quantize_bnb
+
+    if isinstance(scheme, BnbType):
+        return quantize_bnb(w, scheme)
+    return quantize(w, scheme)
+
+
+def rebuild(tensors: dict[str, torch.Tensor], shape: tuple[int, int], scheme):
+    """Rebuild a quantized weight of ``scheme`` from its ``tensors()``."""
+    from moe_local.quant.bnb import BnbTensor, BnbType
+
+    if isinstance(scheme, BnbType):
+        return BnbTensor.from_tensors(tensors, shape, scheme)
+    return QuantizedTensor.from_tensors(tensors, shape, scheme)
+
+
+def make_linear_module(weight, bias: torch.Tensor | None):
+    """A drop-in ``nn.Linear`` module over a quantized weight of either kind."""
+    from moe_local.quant.bnb import BnbLinear, BnbTensor
+    from moe_local.quant.linear import QuantLinear
+
+    if isinstance(weight, BnbTensor):
+        return BnbLinear(weight, bias)
+    return QuantLinear(weight, bias)

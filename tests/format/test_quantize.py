@@ -179,3 +179,31 @@ def test_copy_keeps_source_untouched(tiny_mixtral, tmp_path):
     before = sorted(p.name for p in src.iterdir())
     quantize_checkpoint(src, tmp_path / "q", _recipe(tmp_path))
     assert sorted(p.name for p in src.iterdir()) == before
+
+
+@pytest.mark.parametrize(("method", "peer"), [("nf4", "int4-g64"), ("int8", "int8-g64")])
+def test_bitsandbytes_methods(tiny_checkpoint, tmp_path, capsys, method, peer):
+    pytest.importorskip("bitsandbytes")
+    # rows at least one bitsandbytes block (64) wide: its CPU path is inexact on narrower rows
+    src = tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128)
+    (tmp_path / "r.toml").write_text(RECIPE.format(experts=peer, attn=peer))
+    out = tmp_path / "q"
+    args = ["quantize", str(src), str(out), "--recipe", str(tmp_path / "r.toml"), "--method", method]
+    code, text, _ = run_cli(capsys, *args)
+    assert code == 0 and method in text
+    m = json.loads((out / "moe_local.json").read_text())
+    assert m["layers"]["0"]["schemes"]["gate_up"] == method
+    quantize_checkpoint(src, tmp_path / "peer", load_recipe(str(tmp_path / "r.toml")))
+    ref, q, p = load(src), load(out), load(tmp_path / "peer")
+    off = load(out, LoadOptions(expert_memory=q.store.get(0, 0).nbytes))
+    ids = torch.arange(3, 23)[None]
+    with torch.no_grad():
+        a, b, c, d = ref.model(ids).logits, q.model(ids).logits, off.model(ids).logits, p.model(ids).logits
+    # bitsandbytes at its width is about as close to the source as group-wise RTN at the same width
+    assert _cos(a, b) > _cos(a, d) - 0.05
+    assert torch.equal(b, c)
+
+
+def test_unknown_method(capsys, tiny_mixtral, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--method", "awq")
+    assert_one_line_error(code, err, "unknown method")

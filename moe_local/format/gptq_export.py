@@ -1,0 +1,335 @@
+"""``export_gptq``: stream a Hugging Face MoE checkpoint into a GPTQ checkpoint (vLLM, SGLang, GPTQModel).
+
+The tensors are GPTQModel's (checkpoint format ``gptq``, i.e. v1; ``sym`` false, ``desc_act`` false,
+int32 words): ``qweight``/``qzeros``/``scales``/``g_idx`` for every expert projection and every linear
+of the decoder layers (attention, shared experts, dense MLPs); routers, embeddings, norms and
+``lm_head`` are copied as they are. Each tensor keeps the name it has in the source checkpoint, which
+is what vLLM and SGLang load: ``model.layers.0.block_sparse_moe.experts.3.w1.qweight`` for Mixtral,
+``model.layers.0.mlp.experts.3.gate_proj.qweight`` for Qwen. (GPTQModel 7.6 on transformers 5 loads by
+transformers' module names: the same as the disk names for Qwen-style families; for Mixtral it wants
+``mlp.experts.3.gate_proj``.) config.json gains ``quantization_config``; ``quantize_config.json`` holds
+the same, as GPTQModel writes it.
+
+Weights are quantized round-to-nearest with INTEGER zero points in ``[1, 2**bits - 1]``: GPTQ stores
+integer zeros, and v1 stores ``zero - 1``, which for a zero of 0 would borrow from the neighbouring
+field and decode differently in different runtimes; from 1 up every reader agrees.
+Works a layer at a time (one safetensors shard per decoder layer), in ``OUT.partial/``, renamed to OUT
+when everything is written.
+Legend: O=out features, I=in features, G=groups (I / group size).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_local.errors import MoeLocalError
+from moe_local.format.gptq_reader import GPTQ_BITS, is_gptq_checkpoint, pack_rows, qzeros_to_v1
+from moe_local.format.manifest import MANIFEST
+from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
+from moe_local.loading.loader import load_config
+from moe_local.loading.meta import build_on_meta
+from moe_local.loading.resolve import resolve_model_path
+from moe_local.loading.safetensors_io import CheckpointFiles
+
+Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
+_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+         "added_tokens.json")  # fmt: skip
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ROUTERS = ("gate", "router", "shared_expert_gate")  # linears that route: kept in float, as GPTQModel does
+_PROJ_PARTS = ("gate", "up", "down")
+# GPTQModel loads a sym=False checkpoint in format "gptq" only when its quantizer list names
+# gptqmodel >= 0.9.0 (older AutoGPTQ v1 files lost zero points of 0 to an underflow). The layout
+# written here is the one GPTQModel 7.6 writes, and zeros of at least 1 cannot underflow.
+_GPTQMODEL_LAYOUT = "gptqmodel:7.6.0"
+_MIN_SCALE = 2.0**-24  # smallest positive fp16
+
+
+def rtn_int_zero(
+    w: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest group-wise quantization with integer zero points in ``[1, 2**bits - 1]``.
+
+    Each group's range is widened to include 0 (as GPTQ does); the zero is ``round(-min / step)``
+    with ``step = (max - min) / qmax``, moved up to 1 when it rounds to 0, and the scale is then the
+    smallest that keeps the group's min and max representable with that zero.
+    ``W_hat = (q - zero) * scale``, exactly what GPTQ runtimes compute.
+
+    Args:
+        w: float weight ``[O, I]``; ``I`` divisible by ``group_size``.
+        bits: 2, 3, 4 or 8.
+        group_size: consecutive inputs sharing a scale and zero.
+
+    Returns:
+        ``(codes [O, I] uint8, scales [O, G] fp16, zeros [O, G] int64)``.
+
+    Raises:
+        ValueError: a malformed weight or NaN/inf values.
+    """
+    from moe_local.quant.rtn import check_weight, row_chunks
+
+    o, i = check_weight(w, group_size)
+    qmax = (1 << bits) - 1
+    groups = i // group_size
+    codes = torch.empty(o, i, dtype=torch.uint8)
+    scales = torch.empty(o, groups, dtype=torch.float16)
+    zeros = torch.empty(o, groups, dtype=torch.int64)
+    for start, end in row_chunks(o, i):
+        wg = w[start:end].float().view(end - start, groups, group_size)
+        lo, hi = wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise ValueError("weight contains NaN or inf values")
+        step = (hi - lo) / qmax
+        zero = torch.where(step > 0, torch.round(-lo / step.clamp(min=_MIN_SCALE)), 1.0).clamp(1, qmax)
+        above = torch.where(zero < qmax, hi / (qmax - zero).clamp(min=1.0), 0.0)
+        scale = torch.maximum(above, -lo / zero)
+        scale = torch.where(scale > 0, scale, 1.0).clamp(_MIN_SCALE, 65504.0).to(torch.float16)
+        q = torch.round(wg / scale.float()[..., None] + zero[..., None]).clamp_(0, qmax)
+        codes[start:end] = q.to(torch.uint8).view(end - start, i)
+        scales[start:end] = scale
+        zeros[start:end] = zero.to(torch.int64)
+    return codes, scales, zeros
+
+
+def gptq_tensors(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Quantize ``w [O, I]`` with ``rtn_int_zero`` into GPTQ v1 tensors.
+
+    Returns:
+        ``{"qweight": int32 [I * bits / 32, O], "qzeros": int32 [G, O * bits / 32],
+        "scales": fp16 [G, O], "g_idx": int32 [I]}``.
+    """
+    codes, scales, zeros = rtn_int_zero(w, bits, group_size)
+    i = codes.shape[1]
+    return {
+        "qweight": pack_rows(codes.t(), bits),
+        "qzeros": qzeros_to_v1(zeros.t(), bits),
+        "scales": scales.t().contiguous(),
+        "g_idx": (torch.arange(i, dtype=torch.int32) // group_size).contiguous(),
+    }
+
+
+def quantization_config(bits: int, group_size: int) -> dict:
+    """The ``quantization_config`` written to config.json and quantize_config.json."""
+    from moe_local import __version__
+
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": False,
+        "lm_head": False,
+        "method": "gptq",
+        "quant_method": "gptq",
+        "format": "gptq",
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"moe-local:{__version__}", _GPTQMODEL_LAYOUT]},
+    }
+
+
+def _check_packable(name: str, shape: tuple[int, ...], bits: int, group_size: int) -> None:
+    o, i = shape
+    reason = None
+    if i % group_size:
+        reason = f"{i} inputs are not divisible by the group size"
+    elif bits == 3 and (i % 32 or o % 32):
+        reason = "3-bit GPTQ packs 32 values per 3 words: both dims must be multiples of 32"
+    elif (o * bits) % 32:
+        reason = f"{o} outputs do not fill whole 32-bit words of zero points"
+    if reason:
+        raise MoeLocalError(
+            f"cannot export {name} {o}x{i} as {bits}-bit GPTQ with group size {group_size}: {reason}"
+        )
+
+
+def _quantizable_linears(meta: nn.Module) -> set[str]:
+    """Module names of the decoder layers' plain linears, routers excepted."""
+    return {
+        name
+        for name, m in meta.named_modules()
+        if type(m) is nn.Linear and _LAYER_RE.search(name + ".") and name.rpartition(".")[2] not in _ROUTERS
+    }
+
+
+def _layer_of(name: str) -> int:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else -1
+
+
+def _prepare(out: Path, partial: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise MoeLocalError(f"{out} exists; pass --overwrite to replace it")
+    if partial.exists():
+        if not overwrite:
+            raise MoeLocalError(f"{partial} holds an unfinished run; pass --overwrite to start over")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+
+
+@dataclass
+class _Source:
+    """What the export reads: the checkpoint's files, its experts and which dense tensors get quantized."""
+
+    path: Path
+    files: CheckpointFiles
+    sites: list[ExpertsSite]
+    experts: CheckpointExperts
+    dense: dict[str, str]  # in-memory name -> checkpoint key, non-expert tensors
+    quantized: set[str]  # in-memory names of the dense weights written as GPTQ
+
+    def layers(self) -> dict[int, list[str]]:
+        """Dense names by decoder layer (-1: outside the layers); every experts layer is present."""
+        by_layer: dict[int, list[str]] = {}
+        for name in self.dense:
+            by_layer.setdefault(_layer_of(name), []).append(name)
+        for site in self.sites:
+            by_layer.setdefault(site.layer, [])
+        return dict(sorted(by_layer.items()))
+
+
+def export_gptq(
+    src: str | Path,
+    out: str | Path,
+    bits: int = 4,
+    group_size: int = 128,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write SRC as a GPTQ checkpoint OUT (GPTQModel's layout for MoE models).
+
+    Args:
+        src: a Hugging Face checkpoint folder (or cached hub id) with per-expert tensors.
+        out: the folder to create.
+        bits: 2, 3, 4 or 8.
+        group_size: 16, 32, 64 or 128 inputs per scale and zero.
+        overwrite: replace an existing OUT (and any unfinished OUT.partial).
+        progress: called as ``progress(stage, done, total, input_bytes)``.
+
+    Returns:
+        OUT.
+
+    Raises:
+        MoeLocalError: bad SRC or options, fused experts, a shape GPTQ cannot pack, existing OUT, a full disk.
+    """
+    from moe_local.quant.schemes import VALID_GROUP_SIZES
+
+    if bits not in GPTQ_BITS:
+        raise MoeLocalError(f"--format gptq supports bits {', '.join(map(str, GPTQ_BITS))}; got {bits}")
+    if group_size not in VALID_GROUP_SIZES:
+        valid = ", ".join(map(str, VALID_GROUP_SIZES))
+        raise MoeLocalError(f"--format gptq supports group sizes {valid}; got {group_size}")
+    src_path, out = resolve_model_path(src), Path(out)
+    if out.resolve() == src_path.resolve():
+        raise MoeLocalError("OUT must be a new folder, not SRC itself")
+    source = _open_source(src_path)
+    # every shape is checked before anything is written
+    for name in sorted(source.quantized):
+        key = source.dense[name]
+        _check_packable(key, source.files.info(key).shape, bits, group_size)
+    for site in source.sites:
+        for part, key in source.experts.keys[site.layer].per_expert[0].items():
+            if part in _PROJ_PARTS:
+                _check_packable(key, source.files.info(key).shape, bits, group_size)
+    partial = out.with_name(out.name + ".partial")
+    _prepare(out, partial, overwrite)
+    try:
+        _write(source, partial, bits, group_size, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException as exc:  # nothing resumes an export: an unfinished folder is only in the way
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MoeLocalError(f"cannot write {partial}: {exc.strerror or exc}") from exc
+        raise
+    return out
+
+
+def _open_source(path: Path) -> _Source:
+    if is_gptq_checkpoint(path) or (path / MANIFEST).exists():
+        raise MoeLocalError(f"{path} is already quantized; export from the original checkpoint")
+    config = load_config(path)
+    files = CheckpointFiles(path)
+    meta = build_on_meta(config, torch.float32)
+    sites = find_expert_sites(meta)
+    rename = checkpoint_renamer(meta)
+    renamed = {rename(k): k for k in files.names()}
+    experts = CheckpointExperts(files, sites, renamed, None, drop_cache=True)
+    if any(experts.keys[s.layer].fused for s in sites):
+        raise MoeLocalError("--format gptq does not support fused experts yet")
+    linears = _quantizable_linears(meta)
+    dense = {n: k for n, k in renamed.items() if k not in experts.claimed}
+    quantized = {n for n in dense if n.endswith(".weight") and n.removesuffix(".weight") in linears}
+    return _Source(path, files, sites, experts, dense, quantized)
+
+
+def _write(source: _Source, partial: Path, bits: int, group_size: int, progress: Progress | None) -> None:
+    """Write the shards (one per decoder layer, one for the rest), the index and the configs."""
+    from safetensors.torch import save_file
+
+    layers = source.layers()
+    shards = [f"model-{n + 1:05d}-of-{len(layers):05d}.safetensors" for n in range(len(layers))]
+    sites = {s.layer: s for s in source.sites}
+    weight_map: dict[str, str] = {}
+    total_size, done_bytes = 0, 0
+
+    def add(tensors: dict[str, torch.Tensor], key: str, w: torch.Tensor, quantize: bool) -> None:
+        if quantize:
+            prefix = key.removesuffix(".weight")
+            for t, v in _gptq(w, bits, group_size, key).items():
+                tensors[f"{prefix}.{t}"] = v
+        else:
+            tensors[key] = w
+
+    for (layer, names), shard in zip(layers.items(), shards, strict=True):
+        stage = "dense" if layer < 0 else f"layer {layer}"
+        site = sites.get(layer)
+        todo = len(names) + (site.num_experts if site else 0)
+        tensors: dict[str, torch.Tensor] = {}
+        for n, name in enumerate(names):
+            w = source.files.read(source.dense[name], drop_cache=True)
+            done_bytes += w.numel() * w.element_size()
+            add(tensors, source.dense[name], w, name in source.quantized)
+            if progress:
+                progress(stage, n + 1, todo, done_bytes)
+        for e in range(site.num_experts if site else 0):
+            for part, key in source.experts.keys[layer].per_expert[e].items():
+                w = source.files.read(key, drop_cache=True)
+                done_bytes += w.numel() * w.element_size()
+                add(tensors, key, w, part in _PROJ_PARTS)  # expert biases stay in float
+            if progress:
+                progress(stage, len(names) + e + 1, todo, done_bytes)
+        save_file(tensors, str(partial / shard), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = shard
+            total_size += v.numel() * v.element_size()
+    _write_configs(source.path, partial, quantization_config(bits, group_size))
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _gptq(w: torch.Tensor, bits: int, group_size: int, key: str) -> dict[str, torch.Tensor]:
+    try:
+        return gptq_tensors(w, bits, group_size)
+    except ValueError as exc:
+        raise MoeLocalError(f"cannot quantize {key} {tuple(w.shape)}: {exc}") from exc
+
+
+def _write_configs(src: Path, partial: Path, qcfg: dict) -> None:
+    """config.json with ``quantization_config``, quantize_config.json, and the tokenizer/generation files."""
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    for name in _COPY:
+        if (src / name).exists():
+            shutil.copy2(src / name, partial / name)
