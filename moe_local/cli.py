@@ -421,6 +421,48 @@ def chat(
     raise typer.Exit(run_chat(model, system=system, params=params, load_options=options))
 
 
+@app.command(
+    name="eval", epilog="Example: moe-local eval ./mixtral-q4 ./mixtral-q3 --text valid.txt --max-tokens 8192"
+)
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="one or more model folders")],
+    text: Annotated[str, typer.Option(help="plain-text file to score")],
+    context: Annotated[
+        int, typer.Option(help="window length; windows do not overlap (stride = context)")
+    ] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    dtype: DtypeOpt = "auto",
+    expert_memory: ExpertMemOpt = None,
+) -> None:
+    """Perplexity (and tokens/s) of one model, or a comparison table of several, on a text file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.evaluate import evaluate_file
+    from moe_local.loading.loader import load
+
+    _setup_torch()
+    results = []
+    for model in models:
+        lm = load(model, LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory)))
+        results.append(evaluate_file(lm, text, context=context, max_tokens=max_tokens))
+        del lm
+    if len(results) == 1:
+        r = results[0]
+        typer.echo(f"perplexity: {r.perplexity:.4f}")
+        typer.echo(f"tokens: {r.tokens} in windows of {r.context}, {r.tokens_per_s:.1f} tokens/s")
+        return
+    table = Table(title=f"perplexity on {text} (windows of {results[0].context})")
+    for col in ("model", "perplexity", "tokens", "tokens/s", "expert hit rate"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.model, f"{r.perplexity:.4f}", str(r.tokens), f"{r.tokens_per_s:.1f}", f"{r.hit_rate:.1%}"
+        )
+    Console().print(table)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:
