@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -461,6 +462,96 @@ def eval_(
             r.model, f"{r.perplexity:.4f}", str(r.tokens), f"{r.tokens_per_s:.1f}", f"{r.hit_rate:.1%}"
         )
     Console().print(table)
+
+
+@app.command(epilog="Example: moe-local synth --like mixtral-8x7b --layers 4 ./mixtral-shaped")
+def synth(
+    out: Annotated[str, typer.Argument(help="folder to create")],
+    like: Annotated[
+        str,
+        typer.Option(
+            help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, deepseek-v2-lite, "
+            "gpt-oss-20b, or a config.json path"
+        ),
+    ],
+    layers: Annotated[int | None, typer.Option(help="keep only the first N layers")] = None,
+    recipe: Annotated[str, typer.Option(help="bit widths of the moe-local format")] = "experts-4bit",
+    format: Annotated[str, typer.Option("--format", help="moe-local or hf (bf16 safetensors)")] = "moe-local",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+) -> None:
+    """Write a random-weight checkpoint with the real dimensions of a known MoE model."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from moe_local.inspect_model import human_bytes
+    from moe_local.recipes import load_recipe
+    from moe_local.synth import synth as run_synth
+
+    rec = load_recipe(recipe)
+    written = [0]
+    t0 = time.perf_counter()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
+    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int, nbytes: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+            written[0] += nbytes
+            rate = written[0] / max(time.perf_counter() - t0, 1e-9) / 1e6
+            bar.update(tasks[stage], completed=done, rate=f"{rate:.0f} MB/s")
+
+        path = run_synth(
+            like, out, layers=layers, recipe=rec, fmt=format, overwrite=overwrite, progress=progress
+        )
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    seconds = time.perf_counter() - t0
+    typer.echo(f"wrote {human_bytes(size)} to {path} in {seconds:.1f} s ({size / seconds / 1e6:.0f} MB/s)")
+
+
+@app.command(epilog="Example: moe-local bench ./mixtral-shaped --cpu-memory 8GiB --json run.json")
+def bench(
+    model: ModelArg,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="tokens to decode")] = 128,
+    expert_memory: ExpertMemOpt = None,
+    cpu_memory: CpuMemOpt = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="device memory for experts (with --device cuda)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    policy: PolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    json_file: Annotated[str | None, typer.Option("--json", help="also write the results as JSON")] = None,
+) -> None:
+    """Measure prefill and decode speed, expert traffic and the floor they are bounded by."""
+    import dataclasses
+    import json
+
+    from moe_local.bench import bench as run_bench
+    from moe_local.bench import format_table
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.planner import planned_options
+
+    _setup_torch()
+    budget = parse_size(gpu_memory) if device != "cpu" and gpu_memory else parse_size(expert_memory)
+    options = LoadOptions(device=device, expert_memory=budget, policy=policy, prefetch=prefetch,
+                          context=prompt_tokens + new_tokens + 1)  # fmt: skip
+    if device == "cpu":
+        options, _ = planned_options(
+            model, options, cpu_memory=parse_size(cpu_memory), context=options.context
+        )
+    result = run_bench(model, options, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    typer.echo(format_table(result))
+    if json_file:
+        Path(json_file).write_text(json.dumps(dataclasses.asdict(result), indent=1))
 
 
 def main() -> None:
