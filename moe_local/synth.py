@@ -71,14 +71,27 @@ def synth_config(like: str, layers: int | None = None):
     return config
 
 
-def _random_weight(shape: tuple[int, ...], name: str, gen: torch.Generator) -> torch.Tensor:
+def _random_weight(shape: tuple[int, ...], name: str, gen: torch.Generator, pool: torch.Tensor | None = None):
+    """A bf16 weight of about 0.02 rms; from the random byte pool when given (fast at real sizes)."""
     if len(shape) == 1:  # norms and biases
         return (
             torch.ones(shape, dtype=torch.bfloat16)
             if "norm" in name
             else torch.zeros(shape, dtype=torch.bfloat16)
         )
-    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    n = 1
+    for d in shape:
+        n *= d
+    if pool is None or pool.numel() < 2:
+        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    done = 0
+    while done < n:  # int8 noise, uniform in [-128, 127]: rms 74, scaled to 0.02
+        take = min(n - done, pool.numel())
+        start = int(torch.randint(0, pool.numel() - take + 1, (1,), generator=gen))
+        out[done : done + take] = pool[start : start + take].view(torch.int8).to(torch.bfloat16) * (0.02 / 74)
+        done += take
+    return out.view(shape)
 
 
 def _random_quantized(shape: tuple[int, int], scheme, pool: torch.Tensor, gen: torch.Generator) -> dict:
@@ -175,7 +188,7 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
         q = recipe.scheme_for(name) if name in linears else None
         schemes[name] = q.full_name if q is not None else "keep"
         if q is None:
-            dense[name] = _random_weight(tuple(p.shape), name, gen)
+            dense[name] = _random_weight(tuple(p.shape), name, gen, pool)
         else:
             for k, t in _random_quantized(tuple(p.shape), q, pool, gen).items():
                 dense[f"{name}.{k}"] = t
@@ -202,7 +215,7 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
                 for part, shape in shapes.items():
                     q = parts_q[part]
                     if q is None:
-                        tensors[part] = _random_weight(shape, part, gen)
+                        tensors[part] = _random_weight(shape, part, gen, pool)
                     else:
                         for k, t in _random_quantized(shape, q, pool, gen).items():
                             tensors[f"{part}.{k}"] = t
@@ -273,6 +286,7 @@ def _normalize(name: str) -> str:
 def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
     from safetensors.torch import save_file
 
+    pool = torch.randint(0, 256, (_POOL,), dtype=torch.uint8, generator=gen)
     templates = _disk_templates(config.model_type)
     by_layer: dict[int, dict[str, torch.Tensor]] = {}
     index: dict[str, str] = {}
@@ -287,7 +301,7 @@ def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
             fused = templates.get(norm)
             if fused:  # fused on disk too
                 by_layer.setdefault(layer, {})[fused[0][0].replace("{L}", str(layer))] = _random_weight(
-                    tuple(p.shape), name, gen
+                    tuple(p.shape), name, gen, pool
                 )
                 continue
             per = templates.get(_normalize(mod_name), [])
@@ -298,12 +312,11 @@ def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
                     continue
                 for e in range(site.num_experts):
                     key = disk.replace("{L}", str(layer)).replace("{E}", str(e))
-                    by_layer.setdefault(layer, {})[key] = _random_weight(shape, key, gen)
+                    by_layer.setdefault(layer, {})[key] = _random_weight(shape, key, gen, pool)
             continue
         for disk, _ in templates.get(norm, [(norm, "")]):
-            by_layer.setdefault(layer, {})[disk.replace("{L}", str(layer))] = _random_weight(
-                tuple(p.shape), name, gen
-            )
+            key = disk.replace("{L}", str(layer))
+            by_layer.setdefault(layer, {})[key] = _random_weight(tuple(p.shape), name, gen, pool)
     total = len(by_layer)
     for i, (_, tensors) in enumerate(sorted(by_layer.items())):
         fname = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
