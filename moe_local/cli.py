@@ -554,6 +554,54 @@ def bench(
         Path(json_file).write_text(json.dumps(dataclasses.asdict(result), indent=1))
 
 
+@app.command(epilog="Example: moe-local serve ./Mixtral-8x7B-v0.1 --port 8000 --api-key secret")
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="address to bind (default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="requests that may wait for the model; more get 429")] = 16,
+    model_name: Annotated[
+        str | None, typer.Option(help="name clients pass as model (default: folder name)")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug")] = "info",
+    dtype: DtypeOpt = "auto",
+    expert_memory: ExpertMemOpt = None,
+    cpu_memory: CpuMemOpt = None,
+    context: ContextOpt = 4096,
+    policy: PolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    download: DownloadOpt = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.planner import planned_options
+    from moe_local.server import serve as run_server
+
+    _setup_torch()
+    options = LoadOptions(
+        dtype=dtype,
+        expert_memory=parse_size(expert_memory),
+        download=download,
+        policy=policy,
+        prefetch=prefetch,
+        context=context,
+    )
+    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_queue=max_queue,
+        load_options=options,
+        model_name=model_name,
+        log_level=log_level,
+    )
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:

@@ -101,7 +101,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be between 0.01 and 100"),
             (0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
         ]
         for ok, msg in checks:

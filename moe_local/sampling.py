@@ -35,7 +35,7 @@ def make_sampler(
     Returns:
         A function logits [V] -> token id.
     """
-    if temperature == 0:
+    if temperature < 1e-5:  # below this, float32 softmax overflows: greedy is the limit anyway
         return lambda logits: int(torch.argmax(logits))
     gen = torch.Generator()
     if seed is not None:
@@ -56,6 +56,10 @@ def make_sampler(
             keep &= probs >= min_p * probs[0]
         keep[0] = True
         probs = torch.where(keep, probs, torch.zeros_like(probs))
+        if (
+            not torch.isfinite(probs).all() or probs.sum() <= 0
+        ):  # degenerate logits: fall back to the top token
+            return int(order[0])
         choice = torch.multinomial(probs / probs.sum(), 1, generator=gen)
         return int(order[choice])
 

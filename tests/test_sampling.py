@@ -47,3 +47,9 @@ def test_presence_and_frequency_penalties():
     out = proc([2, 2, 0], LOGITS)
     assert torch.allclose(out, torch.tensor([1.0 - 0.75, 3.0, 2.0 - 1.0, 0.5, -1.0]))
     assert make_logits_processors() == []
+
+
+def test_extreme_temperature_is_greedy_and_degenerate_logits_are_safe():
+    assert make_sampler(1e-40, seed=0)(LOGITS) == 1
+    weird = torch.tensor([float("inf"), 1.0, float("nan")])
+    assert make_sampler(1.0, seed=0)(weird) in (0, 1, 2)

@@ -122,7 +122,8 @@ class ExpertStore(ABC):
         """The live counters of ``layer`` (created on first use)."""
         s = self._stats.get(layer)
         if s is None:
-            s = self._stats[layer] = LayerStats()
+            with self._lock:  # stats() may be iterating on another thread (a server's /metrics)
+                s = self._stats.setdefault(layer, LayerStats())
         return s
 
     def stats(self) -> StoreStats:

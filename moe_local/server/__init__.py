@@ -1,0 +1,76 @@
+"""``moe-local serve``: an OpenAI-compatible HTTP server for one model.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
+``POST /v1/completions`` (both streamed with server-sent events or not), ``POST /tokenize``,
+``POST /detokenize`` and ``GET /metrics`` (Prometheus text). The model loads in the background
+after the server starts (``/health`` answers 503 until it is ready); requests queue and run one
+generation at a time.
+
+    from moe_local.server import serve
+    serve("./Mixtral-8x7B-v0.1", port=8000, api_key="secret")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_local.config import LoadOptions
+
+__all__ = ["serve"]
+
+
+def serve(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_queue: int = 16,
+    load_options: LoadOptions | None = None,
+    model_name: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API until interrupted.
+
+    Args:
+        model: checkpoint folder or hub id, as ``moe_local.load`` takes it.
+        host: address to bind (the loopback only, unless told otherwise).
+        port: TCP port.
+        api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
+        max_queue: most requests waiting behind the running one; more answer 429.
+        load_options: how to load the model (default ``LoadOptions()``).
+        model_name: the name clients pass as ``model`` (default: the folder's name or the hub id).
+        log_level: uvicorn's log level (critical, error, warning, info, debug).
+
+    Raises:
+        MoeLocalError: the model cannot be loaded (the server stops), or the port cannot be bound.
+    """
+    import copy
+
+    import uvicorn
+    import uvicorn.config
+
+    from moe_local.errors import MoeLocalError
+    from moe_local.server.app import create_app
+    from moe_local.server.engine import Engine
+    from moe_local.server.jobs import State
+
+    engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name)
+    app = create_app(engine, api_key=api_key)
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["moe_local"] = {"handlers": ["default"], "level": log_level.upper()}
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, log_config=log_config, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    engine.on_load_error = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        if not server.started:
+            raise MoeLocalError(f"cannot listen on {host}:{port} (is the port in use?)") from exc
+        raise
+    if engine.state is State.FAILED:
+        raise MoeLocalError(f"cannot load {model}: {engine.error}")

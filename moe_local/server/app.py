@@ -1,0 +1,129 @@
+"""The FastAPI app factory: routes, OpenAI-shaped errors, API-key check, metrics and life cycle.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status;
+an unexpected exception is logged on the server and answered 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from moe_local.server.engine import Engine
+from moe_local.server.metrics import RequestCounter
+from moe_local.server.protocol import ApiError
+from moe_local.server.routes import router
+
+log = logging.getLogger("moe_local.server")
+MAX_BODY = 4 * 2**20
+OPEN_PATHS = frozenset({"/health"})
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The JSON response of an ``ApiError``."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer KEY``.
+
+    Args:
+        app: the wrapped ASGI app.
+        api_key: the key clients must send.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 401 unless the request carries the key (or is for an open path)."""
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        sent = b""
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"authorization":
+                sent = value
+        if secrets.compare_digest(sent, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "a valid API key is required: send 'Authorization: Bearer KEY'"
+        exc = ApiError(401, message, type="authentication_error", code="invalid_api_key")
+        await error_response(exc)(scope, receive, send)
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc if isinstance(exc, ApiError) else ApiError(500, "internal error"))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    if status == 404:
+        detail = f"no route {request.method} {request.url.path}"
+    return error_response(
+        ApiError(status, str(detail), type=_HTTP_TYPES.get(status, "invalid_request_error"))
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    return error_response(ApiError(400, str(first["msg"]), param=param))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "internal server error", type="server_error"))
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    """Build the server's ASGI app around an engine (started and stopped with the app).
+
+    Args:
+        engine: the generation engine (its model loads when the app starts).
+        api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
+        max_body: largest request body in bytes; larger ones answer 413.
+
+    Returns:
+        The FastAPI app.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="moe-local",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.engine = engine
+    app.state.max_body = max_body
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
+    app.add_middleware(RequestCounter, count=engine.metrics.count_request)
+    return app

@@ -1,0 +1,290 @@
+"""HTTP endpoints: health, models, chat and text completions, tokenize, detokenize and metrics.
+
+Bodies are read here (capped at the app's ``max_body``), parsed as strict JSON and validated with
+the pydantic models of ``protocol``; every failure becomes an ``ApiError`` answered in OpenAI's
+error shape by the app's handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from moe_local.config import SamplingParams
+from moe_local.errors import MoeLocalError
+from moe_local.server.engine import Engine
+from moe_local.server.jobs import Job, State, Step
+from moe_local.server.metrics import CONTENT_TYPE
+from moe_local.server.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from moe_local.server.render import ChatRenderer, CompletionRenderer, usage_of
+
+router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.25
+MIN_TEMPERATURE = 1e-5
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Read the body (at most the app's ``max_body`` bytes) and validate it as ``model``.
+
+    Args:
+        request: the HTTP request.
+        model: the pydantic model of the body.
+
+    Returns:
+        The validated body.
+
+    Raises:
+        ApiError: 413 for a body over the limit, 400 for malformed JSON or invalid fields.
+    """
+    limit: int = request.app.state.max_body
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    try:
+        data = json.loads(bytes(body), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0][:200] if isinstance(exc, ValueError) else "nested too deeply"
+        raise ApiError(400, f"the body is not valid JSON: {detail}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the body is nested too deeply", code="invalid_json") from exc
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str | None:
+    """The field a pydantic error location points at, without union member tags (``stop.str``)."""
+    parts = [
+        str(p) for p in loc if isinstance(p, int) or not (p in _TYPE_TAGS or "[" in p or p[:1].isupper())
+    ]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """A 400 naming the first invalid field and what each accepted form of it wanted."""
+    errors = exc.errors(include_url=False, include_input=False)
+    param = _param_of(errors[0]["loc"])
+    wanted = list(dict.fromkeys(e["msg"] for e in errors if _param_of(e["loc"]) == param))[:3]
+    where = f"{param}: " if param else ""
+    return ApiError(400, where + "; or ".join(wanted), param=param, code=errors[0]["type"])
+
+
+def _params(
+    req: ChatCompletionRequest | CompletionRequest, max_tokens: int, top_logprobs: int
+) -> SamplingParams:
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0 or temperature < MIN_TEMPERATURE:  # both mean: the most likely token, i.e. greedy
+        temperature, top_p = 0.0, 1.0  # (and logits / 1e-40 would overflow float32)
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed,
+            stop=req.stop_strings(),
+            ignore_eos=bool(req.ignore_eos),
+            logprobs=top_logprobs,
+        )
+    except MoeLocalError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+async def _collect(job: Job, request: Request) -> list[Step] | None:
+    """Gather a job's steps; cancel it and return None if the client disconnects meanwhile."""
+    steps: list[Step] = []
+
+    async def drain() -> list[Step]:
+        async for step in job.steps():
+            steps.append(step)
+        return steps
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+    finally:
+        if not task.done():  # the client left, or this handler itself was cancelled
+            task.cancel()
+            job.cancel()
+
+
+async def _stream(
+    job: Job, renderer: ChatRenderer | CompletionRenderer, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events of a job; stopping early (the client left) cancels the generation."""
+    steps: list[Step] = []
+    try:
+        for chunk in renderer.start():
+            yield chunk
+        async for step in job.steps():
+            steps.append(step)
+            for chunk in renderer.chunks(step):
+                yield chunk
+    except ApiError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    finally:
+        job.cancel()  # no-op after a normal end; stops the worker if the client went away
+    finish = steps[-1].finish_reason if steps else "length"
+    for chunk in renderer.finish(finish or "length", usage_of(steps, renderer.prompt_tokens), include_usage):
+        yield chunk
+
+
+async def _generate(
+    request: Request,
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    renderer: ChatRenderer | CompletionRenderer,
+) -> Response:
+    engine = _engine(request)
+    job = engine.submit(prompt_ids, params, logprobs=renderer.logprobs)
+    if req.stream:
+        stream = _stream(job, renderer, req.include_usage())
+        weakref.finalize(stream, job.cancel)  # covers a client gone before the first chunk was pulled
+        return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+    steps = await _collect(job, request)
+    if steps is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    return JSONResponse(renderer.whole(steps).model_dump())
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded; 503 while it loads or if loading failed."""
+    engine = _engine(request)
+    body: dict[str, Any] = {"status": engine.state.value, "model": engine.name}
+    if engine.state is State.FAILED:
+        body["error"] = engine.error
+    return JSONResponse(body, status_code=200 if engine.state is State.READY else 503)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    """The one model this server serves."""
+    engine = _engine(request)
+    return ModelList(data=[ModelCard(id=engine.name, created=engine.created)])
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> ModelCard:
+    """The served model's card; 404 for any other name."""
+    engine = _engine(request)
+    engine.check_model(model)
+    return ModelCard(id=engine.name, created=engine.created)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completions, streamed or not."""
+    engine = _engine(request)
+    req = await read_json(request, ChatCompletionRequest)
+    engine.check_model(req.model)
+    req.check_supported()
+    engine.require_ready()
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    ids = await run_in_threadpool(engine.encode, messages, chat=True)
+    engine.check_length(len(ids), "messages")
+    top = req.top_logprobs or 0
+    params = _params(req, req.token_limit() or engine.lm.context, top)
+    renderer = ChatRenderer(engine.name, len(ids), bool(req.logprobs))
+    return await _generate(request, req, ids, params, renderer)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    """OpenAI (legacy) text completions, streamed or not; the prompt is used as is, no template."""
+    engine = _engine(request)
+    req = await read_json(request, CompletionRequest)
+    engine.check_model(req.model)
+    req.check_supported()
+    engine.require_ready()
+    ids = await run_in_threadpool(engine.encode, req.single_prompt(), chat=False)
+    engine.check_length(len(ids), "prompt")
+    params = _params(req, req.max_tokens or COMPLETIONS_MAX_TOKENS, req.logprobs or 0)
+    renderer = CompletionRenderer(engine.name, len(ids), req.logprobs is not None)
+    return await _generate(request, req, ids, params, renderer)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> JSONResponse:
+    """Token ids of a text prompt, or of chat messages with the chat template applied."""
+    engine = _engine(request)
+    req = await read_json(request, TokenizeRequest)
+    engine.check_model(req.model)
+    engine.require_ready()
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "send either prompt or messages", param="prompt")
+    if req.messages is not None:
+        prompt: Any = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = await run_in_threadpool(engine.encode, prompt, chat=True)
+    else:
+        ids = await run_in_threadpool(engine.encode, req.prompt, chat=False, special=req.add_special_tokens)
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.lm.context})
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> JSONResponse:
+    """The text of token ids."""
+    engine = _engine(request)
+    req = await read_json(request, DetokenizeRequest)
+    engine.check_model(req.model)
+    text = await run_in_threadpool(engine.decode, req.tokens)
+    return JSONResponse({"prompt": text})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: requests, tokens, speed, latency, expert cache and queue."""
+    engine = _engine(request)
+    text = await run_in_threadpool(lambda: engine.metrics.render(engine.gauges()))
+    return Response(text, media_type=CONTENT_TYPE)

@@ -1,0 +1,142 @@
+"""Fixtures: the server run for real, as a subprocess on a free loopback port.
+
+Two servers start in parallel once per session (loading takes most of the time): ``server``
+(default options, a custom model name) and ``key_server`` (an API key, ``max_queue=1`` and a
+48-token context, for auth, queue-full and fuzz tests whose generations must stay short).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server.harness import free_port
+
+STARTUP_TIMEOUT_S = 120.0
+MODEL_NAME = "tiny-moe"
+API_KEY = "test-key-123"
+
+
+@dataclass
+class Server:
+    """A running server subprocess and how to reach it."""
+
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    model: str
+    api_key: str | None = None
+    health_seen: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. http://127.0.0.1:PORT."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header the server wants (none without a key)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        """An official OpenAI client pointed at this server (no retries)."""
+        kwargs.setdefault("api_key", self.api_key or "unused")
+        return openai.OpenAI(base_url=f"{self.url}/v1", max_retries=0, timeout=60, **kwargs)
+
+    def http(self) -> httpx.Client:
+        """A raw HTTP client with the server's base URL and key."""
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
+
+    def log_text(self) -> str:
+        """What the server printed so far."""
+        return self.log.read_text(errors="replace")
+
+
+def _start(model: Path, log: Path, name: str, *args: str, api_key: str | None = None) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_local.server",
+        str(model),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    cmd += ["--model-name", name, *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    env = {**os.environ, "MOE_LOCAL_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = log.open("w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    out.close()
+    return Server(proc, port, log, name, api_key)
+
+
+def _wait_ready(server: Server, deadline: float) -> None:
+    with httpx.Client(timeout=5) as http:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log_text()}")
+            try:
+                status = http.get(f"{server.url}/health").status_code
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            server.health_seen.append(status)
+            if status == 200:
+                return
+            time.sleep(0.2)
+    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{server.log_text()}")
+
+
+def _stop(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_mixtral, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
+    """Both servers, started together and stopped at the end of the session."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    main = _start(tiny_mixtral, logs / "main.log", MODEL_NAME)
+    keyed = _start(
+        tiny_mixtral, logs / "keyed.log", "keyed", "--max-queue", "1", "--context", "48", api_key=API_KEY
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        _wait_ready(main, deadline)
+        _wait_ready(keyed, deadline)
+        yield main, keyed
+    finally:
+        _stop(main)
+        _stop(keyed)
+    for s in (main, keyed):
+        if "Traceback" in s.log_text():
+            pytest.fail(f"the server logged a traceback:\n{s.log_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(servers) -> Server:
+    """The server with default options (model name ``tiny-moe``)."""
+    return servers[0]
+
+
+@pytest.fixture(scope="session")
+def key_server(servers) -> Server:
+    """The server with an API key, max_queue=1 and a 48-token context."""
+    return servers[1]
