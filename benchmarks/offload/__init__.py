@@ -1,0 +1,1 @@
+"""Helpers of ``benchmarks/bench_offload.py``: page cache control, machine facts, one measurement."""
