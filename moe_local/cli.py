@@ -56,6 +56,22 @@ def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
+def _planned_load_options(model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download):
+    """LoadOptions from the shared flags, with the planner's expert budget unless one was given."""
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.planner import planned_options
+
+    options = LoadOptions(
+        dtype=dtype,
+        expert_memory=parse_size(expert_memory),
+        download=download,
+        policy=policy,
+        prefetch=prefetch,
+        context=context,
+    )
+    return planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)[0]
+
+
 @app.command(
     epilog="Example: moe-local generate ./Mixtral-8x7B-v0.1 'The capital of France is' --no-chat -n 32"
 )
@@ -89,10 +105,9 @@ def generate(
     download: DownloadOpt = False,
 ) -> None:
     """Generate text from a prompt, streamed to standard output."""
-    from moe_local.config import LoadOptions, SamplingParams, parse_size
+    from moe_local.config import SamplingParams
     from moe_local.generate import stream_generate
     from moe_local.loading.loader import load
-    from moe_local.planner import planned_options
 
     _setup_torch()
     if prompt == "-":
@@ -107,14 +122,9 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    options = LoadOptions(
-        dtype=dtype,
-        expert_memory=parse_size(expert_memory),
-        download=download,
-        policy=policy,
-        prefetch=prefetch,
+    options = _planned_load_options(
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
     )
-    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
     lm = load(model, options)
     last = None
     with contextlib.ExitStack() as stack:
@@ -397,8 +407,7 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal: streamed multi-turn replies, /help lists the commands."""
     from moe_local.chat import chat as run_chat
-    from moe_local.config import LoadOptions, SamplingParams, parse_size
-    from moe_local.planner import planned_options
+    from moe_local.config import SamplingParams
 
     _setup_torch()
     params = SamplingParams(
@@ -410,15 +419,9 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    options = LoadOptions(
-        dtype=dtype,
-        expert_memory=parse_size(expert_memory),
-        download=download,
-        context=context,
-        policy=policy,
-        prefetch=prefetch,
+    options = _planned_load_options(
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
     )
-    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
     raise typer.Exit(run_chat(model, system=system, params=params, load_options=options))
 
 
@@ -576,20 +579,12 @@ def serve(
     download: DownloadOpt = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
-    from moe_local.config import LoadOptions, parse_size
-    from moe_local.planner import planned_options
     from moe_local.server import serve as run_server
 
     _setup_torch()
-    options = LoadOptions(
-        dtype=dtype,
-        expert_memory=parse_size(expert_memory),
-        download=download,
-        policy=policy,
-        prefetch=prefetch,
-        context=context,
+    options = _planned_load_options(
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
     )
-    options, _ = planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)
     run_server(
         model,
         host=host,
