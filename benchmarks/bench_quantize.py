@@ -8,7 +8,7 @@ time (the CLI's "in X s"), throughput in MB/s of bf16 input (tensor bytes of the
 and the child's peak RSS (``ru_maxrss`` from ``os.wait4``, cross-checked by polling VmRSS).
 
 Part b (matrix level, in process): ``moe_local.quant.quantize`` at int4-g64 with rtn and hqq on a
-[14336, 4096] bf16 matrix, given bf16 (as a caller may) and fp32 (as the writer does, ``w.float()``),
+[14336, 4096] bf16 matrix, given bf16 (as the writer passes it) and fp32 (``w.float()`` timed too),
 and the ``hqq`` package's ``Quantizer.quantize`` (optimize=True, axis=1, on CPU) when it imports;
 reconstruction error is ``||W - W_hat||_F / ||W||_F`` against the bf16 values.
 
@@ -21,6 +21,9 @@ Usage::
     python benchmarks/bench_quantize.py                       # everything, results to stdout + JSON
     python benchmarks/bench_quantize.py --skip-e2e --runs 5   # matrix level only
     python benchmarks/bench_quantize.py --profile rtn         # cProfile of one in-process writer run
+    python benchmarks/bench_quantize.py --spy rtn             # py-spy of one CLI run, summarized
+    python benchmarks/bench_quantize.py --hqq-breakdown --matrix 4096 4096   # hqq's parts switched off
+    python benchmarks/bench_quantize.py --overhead rtn        # writer vs bare quantize, interleaved
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "package": package_fingerprint(),
     }
 
@@ -397,6 +400,8 @@ def bench_matrix(args) -> tuple[list[MatrixResult], int]:
             timed.result = None
             results.append(MatrixResult(f"moe_local {method} (given {given})", timed, err, note))
             print(f"matrix {results[-1].name}: {_fmt(timed)}, err {err:.5f}", flush=True)
+    if args.skip_hqq_lib:
+        return results, nbytes
     Quantizer, version = _hqq_lib(args.hqq_site)
     if Quantizer is None:
         print(f"hqq package not importable, comparison skipped: {version}", flush=True)
@@ -460,6 +465,114 @@ def hqq_breakdown(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- profile
+
+
+def writer_overhead(args, recipe: str) -> list[dict]:
+    """In one process, alternate ``quantize`` over a checkpoint's expert tensors (already in RAM, gate_up
+    joined as the writer joins it) and ``quantize_checkpoint`` on the same checkpoint (cold page cache),
+    so both see the same machine load; return each pair's times."""
+    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.loading.safetensors_io import CheckpointFiles
+    from moe_local.quant import quantize
+    from moe_local.recipes import load_recipe
+
+    src = args.overhead_src
+    if not (src / "model.safetensors.index.json").exists():
+        write_synthetic_mixtral(src, SynthSpec(layers=2, vocab=320), verbose=True)
+    rec = load_recipe(RECIPES.get(recipe, recipe))
+    files = CheckpointFiles(src)
+    tensors, scheme = [], None
+    for key in sorted(k for k in files.names() if k.endswith(".w2.weight")):
+        prefix = key[: -len("w2.weight")]
+        gate_up = torch.cat([files.read(prefix + "w1.weight"), files.read(prefix + "w3.weight")])
+        tensors += [gate_up, files.read(key)]
+        scheme = scheme or rec.scheme_for(prefix.replace("block_sparse_moe", "mlp") + "gate_up")
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    out = args.work / "q-overhead"
+    quantize_checkpoint(src, out, rec, overwrite=True)  # imports and one-time set-up
+    rows = []
+    for _ in range(args.runs):
+        c0, t0 = time.process_time(), time.perf_counter()
+        for t in tensors:
+            quantize(t, scheme)
+        mat_wall, mat_cpu = time.perf_counter() - t0, time.process_time() - c0
+        evict_page_cache(src)
+        c0, t0 = time.process_time(), time.perf_counter()
+        quantize_checkpoint(src, out, rec, overwrite=True)
+        wr_wall, wr_cpu = time.perf_counter() - t0, time.process_time() - c0
+        rows.append(
+            {"matrix_s": mat_wall, "matrix_cpu_s": mat_cpu, "writer_s": wr_wall, "writer_cpu_s": wr_cpu}
+        )
+        print(
+            f"| {recipe} | {nbytes / 1e6:.0f} | {mat_wall:.2f} ({mat_cpu:.1f}) | "
+            f"{wr_wall:.2f} ({wr_cpu:.1f}) | {wr_wall / mat_wall:.2f} |",
+            flush=True,
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+SPY_FUNCS = (  # functions whose inclusive share of the main thread's samples the --spy summary shows
+    "quantize_checkpoint",
+    "build_on_meta",
+    "_plan",
+    "_write_dense",
+    "_write_layer",
+    "CheckpointExperts.read",
+    "pread_into",
+    "_join",
+    "_quantize",
+    "quantize_groups",
+    "rtn_fp16_params",
+    "hqq_params",
+    "_half_quadratic_zero",
+    "_least_squares_polish",
+    "assign_codes",
+    "pack_codes",
+    "_rel_err",
+    "pack_blob",
+    "checksum",
+    "save_file",
+)
+
+
+def spy_e2e(args, src: Path, recipe: str) -> None:
+    """Run the CLI under py-spy (CPU samples, 100 Hz) and print each key function's inclusive share."""
+    spy = shutil.which("py-spy") or str(Path(tempfile.gettempdir()) / "bench-tools" / "bin" / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("py-spy not found: pip install --no-deps --target /tmp/bench-tools py-spy")
+    out, raw = args.work / "q-spy", args.work / f"spy-{Path(recipe).stem}.txt"
+    shutil.rmtree(out, ignore_errors=True)
+    evict_page_cache(src)
+    env = {**os.environ, "MOE_LOCAL_THREADS": str(args.threads)}
+    cmd = [spy, "record", "-r", "100", "-f", "raw", "-o", str(raw), "--", sys.executable, "-m", "moe_local"]
+    cmd += ["quantize", str(src), str(out), "--recipe", RECIPES.get(recipe, recipe)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    total, incl = 0, dict.fromkeys(SPY_FUNCS, 0)
+    self_time: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "Thread._bootstrap" in stack:  # rich's refresh thread
+            continue
+        frames = stack.split(";")
+        names = {f.split(" (")[0] for f in frames}
+        total += int(n)
+        for func in SPY_FUNCS:
+            incl[func] += int(n) if func in names else 0
+        leaf = frames[-1].split(" (")[0] + " (" + frames[-1].rsplit("/", 1)[-1]
+        self_time[leaf] = self_time.get(leaf, 0) + int(n)
+    print(
+        f"py-spy {recipe}: wall {wall:.1f} s, {total} main-thread samples ({total / 100:.1f} CPU-s at 100 Hz)"
+    )
+    print(f"raw samples: {raw}\n\n| function (inclusive) | s | % |\n|---|---|---|")
+    for func, n in incl.items():
+        print(f"| {func} | {n / 100:.1f} | {100 * n / max(total, 1):.1f} |")
+    print("\n| leaf frame (self) | s | % |\n|---|---|---|")
+    for leaf, n in sorted(self_time.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"| {leaf} | {n / 100:.1f} | {100 * n / max(total, 1):.1f} |")
 
 
 def profile_writer(args, src: Path) -> None:
@@ -552,19 +665,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--matrix", type=int, nargs=2, default=(14336, 4096), metavar=("O", "I"))
     p.add_argument("--hqq-site", type=Path, default=DEFAULT_HQQ_SITE, help="extra sys.path for `hqq`")
     p.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to N s for an idle machine per run")
-    p.add_argument(
-        "--nice", type=int, default=0, help="scheduling priority for this run and its children (-20..19)"
-    )
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-matrix", action="store_true")
+    p.add_argument("--skip-hqq-lib", action="store_true", help="leave the hqq package out of part b")
     p.add_argument("--profile", metavar="RECIPE", help="only profile one in-process writer run")
     p.add_argument("--hqq-breakdown", action="store_true", help="only time hqq with parts switched off")
+    p.add_argument("--spy", metavar="RECIPE", help="only run the CLI once under py-spy and summarize")
+    p.add_argument("--overhead", metavar="RECIPE", help="only compare the writer with bare quantize")
+    p.add_argument(
+        "--overhead-src", type=Path, default=DEFAULT_SRC.with_name("synth-2l"), help="2-layer checkpoint"
+    )
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    if args.nice:  # negative needs root: a higher share of a busy shared machine
-        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.hqq_breakdown:
         print("| variant | median s | MB/s | CPU s | MB/CPU-s | rel. error | others |", flush=True)
@@ -575,11 +689,19 @@ def main(argv: list[str] | None = None) -> None:
                 json.dumps({"machine": machine_info(), "hqq_breakdown": rows}, indent=2) + "\n"
             )
         return
+    if args.overhead:
+        print("| recipe | expert MB | quantize s (CPU s) | writer s (CPU s) | writer / quantize |")
+        print("|---|---|---|---|---|", flush=True)
+        writer_overhead(args, args.overhead)
+        return
     if not (args.src / "model.safetensors.index.json").exists():
         print(f"writing the synthetic checkpoint {args.src} ...", flush=True)
         write_synthetic_mixtral(args.src, SynthSpec(), verbose=True)
     if args.profile:
         profile_writer(args, args.src)
+        return
+    if args.spy:
+        spy_e2e(args, args.src, args.spy)
         return
     machine = machine_info()
     input_bytes = checkpoint_bytes(args.src)

@@ -150,12 +150,12 @@ def _load_ml(spec: dict):
     return lm, {"dense_bytes": lm.dense_bytes}
 
 
-def _run_ml(lm, prompt_ids: list[int], new_tokens: int) -> list[int]:
+def _run_ml(lm, prompt_ids: list[int], new_tokens: int, temperature: float = 0.0) -> list[int]:
     import moe_local
     from moe_local import SamplingParams
 
     tokens = []
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=0, ignore_eos=True)
     for resp in moe_local.stream_generate(lm, prompt_ids, params):
         if resp.token is not None:
             tokens.append(resp.token)
@@ -191,7 +191,12 @@ def measure(spec: dict) -> dict:
         run, target = _run_hf, model
     else:
         lm, info = _load_ml(spec)
-        model, run, target = lm.model, _run_ml, lm
+        temperature = float(spec.get("temperature", 0.0))
+        model, target = lm.model, lm
+
+        def run(lm, prompt, n):
+            return _run_ml(lm, prompt, n, temperature)
+
     result: dict[str, object] = {
         "load_s": time.perf_counter() - t0,
         "load_read_bytes": read_bytes() - rb_load,
