@@ -18,13 +18,13 @@ _LAZY = {
     "LoadedModel": "moe_local.loading.loader",
     "LoadOptions": "moe_local.config",
     "SamplingParams": "moe_local.config",
-    "generate": "moe_local.generate",
-    "stream_generate": "moe_local.generate",
-    "generate_step": "moe_local.generate",
-    "GenerationResponse": "moe_local.generate",
+    "generate": "moe_local.generation",
+    "stream_generate": "moe_local.generation",
+    "generate_step": "moe_local.generation",
+    "GenerationResponse": "moe_local.generation",
     "make_sampler": "moe_local.sampling",
     "make_logits_processors": "moe_local.sampling",
-    "inspect_model": "moe_local.inspect_model",
+    "inspect_model": "moe_local.inspection",
     "MoeLocalError": "moe_local.errors",
 }
 
@@ -47,8 +47,8 @@ __all__ = [
 if TYPE_CHECKING:
     from moe_local.config import LoadOptions, SamplingParams
     from moe_local.errors import MoeLocalError
-    from moe_local.generate import GenerationResponse, generate, generate_step, stream_generate
-    from moe_local.inspect_model import inspect_model
+    from moe_local.generation import GenerationResponse, generate, generate_step, stream_generate
+    from moe_local.inspection import inspect_model
     from moe_local.loading.loader import LoadedModel, load
     from moe_local.sampling import make_logits_processors, make_sampler
 

@@ -52,7 +52,7 @@ def _peak_rss() -> int:
 
 
 def _decode_s_per_token(lm, prompt: list[int], new_tokens: int) -> tuple[float, object]:
-    from moe_local.generate import stream_generate
+    from moe_local.generation import stream_generate
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     last = None
@@ -82,7 +82,7 @@ def bench(
         The measurements.
     """
     from moe_local.bandwidth import measure_bandwidths
-    from moe_local.generate import stream_generate
+    from moe_local.generation import stream_generate
     from moe_local.loading.loader import load
 
     options = options or LoadOptions()
@@ -147,7 +147,7 @@ def _resident_s_per_token(lm, options, model, prompt, new_tokens, measure, bw) -
 
 def format_table(r: BenchResult) -> str:
     """The human-readable report."""
-    from moe_local.inspect_model import human_bytes
+    from moe_local.inspection import human_bytes
 
     rows = [
         ("model", r.model),

@@ -30,7 +30,7 @@ from moe_local.errors import MoeLocalError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from moe_local.generate import GenerationResponse
+    from moe_local.generation import GenerationResponse
     from moe_local.loading.loader import LoadedModel
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
@@ -86,7 +86,7 @@ class Conversation:
         Returns:
             (turns dropped, prompt tokens after dropping).
         """
-        from moe_local.generate import encode_prompt
+        from moe_local.generation import encode_prompt
 
         room = min(max_tokens, lm.context // 2)
         dropped = 0
@@ -214,7 +214,7 @@ class ChatSession:
         """Send a user message and stream the model's reply; Ctrl-C stops the reply."""
         from jinja2 import TemplateError
 
-        from moe_local.generate import GenerationResponse, stream_generate
+        from moe_local.generation import GenerationResponse, stream_generate
 
         start = self.conv.start
         self.conv.add("user", text)

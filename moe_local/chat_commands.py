@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError
-from moe_local.inspect_model import human_bytes
+from moe_local.inspection import human_bytes
 
 if TYPE_CHECKING:
     from moe_local.chat import ChatSession
     from moe_local.experts.store import StoreStats
-    from moe_local.generate import GenerationResponse
+    from moe_local.generation import GenerationResponse
     from moe_local.loading.loader import LoadedModel
 
 HELP = """\
@@ -131,7 +131,7 @@ def _save(session: ChatSession, arg: str) -> None:
 def _stats(session: ChatSession, arg: str) -> None:
     import psutil
 
-    from moe_local.generate import encode_prompt
+    from moe_local.generation import encode_prompt
 
     lm = session.lm
     window = session.conv.window()
@@ -214,7 +214,7 @@ def format_chat_stats(
 
 def describe_placement(lm: LoadedModel) -> str:
     """One line saying where the model went: device, expert slots and bytes, RAM, disk."""
-    from moe_local.inspect_model import inspect_model
+    from moe_local.inspection import inspect_model
 
     store, device = lm.store, lm.options.device
     n = sum(s.num_experts for s in lm.sites)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from moe_local.errors import MoeLocalError
-from moe_local.inspect_model import ModelInfo, human_bytes
+from moe_local.inspection import ModelInfo, human_bytes
 
 GiB = 2**30
 # (memory, host->device bytes/s, device memory bytes/s): public specifications of the cards
@@ -141,7 +141,7 @@ def plan_for(model: str | Path, **kwargs) -> tuple[Plan, ModelInfo]:
         (plan, model info).
     """
     from moe_local.bandwidth import measure_bandwidths
-    from moe_local.inspect_model import inspect_model
+    from moe_local.inspection import inspect_model
 
     info = inspect_model(model)
     bw = measure_bandwidths(info.path)

@@ -8,6 +8,7 @@ Routers, embeddings, norms and lm_head are never put below 8 bits unless a rule 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import tomllib
 from dataclasses import dataclass
@@ -55,16 +56,37 @@ class Recipe:
         rules = tuple(Rule(r.pattern, convert(r.scheme), r.index) for r in self.rules)
         return Recipe(f"{self.name}+{method}", self.description, rules)
 
-    def scheme_for(self, tensor: str):
-        """Return the QType for ``tensor`` (None: keep it as it is)."""
+    def scheme_for(self, tensor: str, in_features: int | None = None):
+        """Return the scheme for ``tensor`` (None: keep it as it is).
+
+        Args:
+            tensor: the tensor's name.
+            in_features: its input width; when the rule's group size does not divide it, the
+                group steps down to the largest of 64, 32 or 16 that does (the manifest records
+                the scheme each tensor got).
+
+        Returns:
+            A ``QType``/``BnbType``, or None.
+        """
         protected = [w for w in PROTECTED_WORDS if w in tensor]
         for rule in self.rules:
             if fnmatch.fnmatchcase(tensor, rule.pattern):
                 named = any(w.strip(".") in rule.pattern for w in protected)
                 if rule.scheme is not None and protected and rule.scheme.bits < 8 and not named:
                     return None
-                return rule.scheme
+                return _fit_group(rule.scheme, in_features)
         return None
+
+
+def _fit_group(scheme, in_features: int | None):
+    """``scheme`` with a group size that divides ``in_features`` (unchanged when none does)."""
+    group = getattr(scheme, "group_size", None)
+    if scheme is None or in_features is None or group is None or in_features % group == 0:
+        return scheme
+    for smaller in (64, 32, 16):
+        if smaller < group and in_features % smaller == 0:
+            return dataclasses.replace(scheme, group_size=smaller)
+    return scheme  # nothing divides: the writer refuses it with the numbers
 
 
 def builtin_recipes() -> list[str]:

@@ -185,7 +185,7 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
     for name, p in meta.named_parameters():
         if name in expert_params:
             continue
-        q = recipe.scheme_for(name) if name in linears else None
+        q = recipe.scheme_for(name, p.shape[-1]) if name in linears else None
         schemes[name] = q.full_name if q is not None else "keep"
         if q is None:
             dense[name] = _random_weight(tuple(p.shape), name, gen, pool)
@@ -205,7 +205,8 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
                 shape = (shape[1], shape[0])
             shapes[part] = shape
         parts_q = {
-            p: (recipe.scheme_for(f"{site.name}.{p}") if len(s) == 2 else None) for p, s in shapes.items()
+            p: (recipe.scheme_for(f"{site.name}.{p}", s[-1]) if len(s) == 2 else None)
+            for p, s in shapes.items()
         }
         fname = f"experts/layer-{site.layer:04d}.bin"
         entries, slots, length, offset = [], None, 0, 0

@@ -44,7 +44,7 @@ def test_inspect(capsys, tiny_mixtral):
 
 
 def test_inspect_numbers(tiny_mixtral):
-    from moe_local.inspect_model import inspect_model
+    from moe_local.inspection import inspect_model
 
     info = inspect_model(tiny_mixtral)
     per_expert = 3 * 32 * 64

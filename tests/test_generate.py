@@ -8,7 +8,7 @@ import pytest
 
 from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError, PromptTooLongError
-from moe_local.generate import encode_prompt, generate, stream_generate
+from moe_local.generation import encode_prompt, generate, stream_generate
 
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 

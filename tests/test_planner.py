@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_local.errors import MoeLocalError
-from moe_local.inspect_model import inspect_model
+from moe_local.inspection import inspect_model
 from moe_local.planner import RUNTIME_OVERHEAD, kv_cache_bytes, make_plan
 from moe_local.tiny import tiny_config
 from tests.helpers import assert_one_line_error, run_cli

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.generate import generate
-from moe_local.inspect_model import inspect_model
+from moe_local.generation import generate
+from moe_local.inspection import inspect_model
 from moe_local.loading.loader import load
 from moe_local.synth import LIKE, synth, synth_config
 from moe_local.tiny import tiny_config

@@ -173,7 +173,7 @@ def quantize_checkpoint(
         return report
     report = QuantizeReport(out)
     cal = None
-    gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}
+    gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}  # group: any
     if any(_is_gptq(r.scheme) for r in recipe.rules):
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
@@ -205,7 +205,7 @@ def quantize_checkpoint(
             "source": {"name": src_path.name, "index_sha256": hashlib.sha256(ident).hexdigest()},
             "recipe": recipe.name,
             "model_type": config.model_type,
-            "dense": {n: s for n, s in report_dense_schemes(recipe, dense, linear_weights).items()},
+            "dense": report_dense_schemes(recipe, dense, linear_weights, files),
             "layers": layers,
         }
         write_json_atomic(partial / MANIFEST, manifest)
@@ -220,11 +220,13 @@ def quantize_checkpoint(
     return report
 
 
-def report_dense_schemes(recipe: Recipe, dense: dict[str, str], linear_weights: set[str]) -> dict[str, str]:
+def report_dense_schemes(
+    recipe: Recipe, dense: dict[str, str], linear_weights: set[str], files
+) -> dict[str, str]:
     """Scheme name of every dense tensor ("keep" for those left as they are)."""
     out = {}
-    for name in dense:
-        q = recipe.scheme_for(name) if name in linear_weights else None
+    for name, key in dense.items():
+        q = recipe.scheme_for(name, files.info(key).shape[-1]) if name in linear_weights else None
         out[name] = q.full_name if q is not None else "keep"
     return out
 
@@ -247,14 +249,14 @@ def _prepare(out: Path, partial: Path, overwrite: bool, resume: bool) -> None:
 def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
     for name, key in dense.items():
         info = files.info(key)
-        q = recipe.scheme_for(name) if name in linear_weights else None
+        q = recipe.scheme_for(name, info.shape[-1]) if name in linear_weights else None
         out_bytes = _qbytes(info.shape, q, name) if q is not None else info.nbytes
         report.add(q.full_name if q else "keep", _numel(info.shape), info.nbytes, out_bytes)
     for site in sites:
         sample = experts.read(site.layer, 0)
         for _ in range(site.num_experts):
             for part, t in _parts(sample).items():
-                q = recipe.scheme_for(f"{site.name}.{part}") if part in _PARTS else None
+                q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
                 nbytes = t.numel() * t.element_size()
                 out_bytes = _qbytes(tuple(t.shape), q, f"{site.name}.{part}") if q else nbytes
                 report.add(q.full_name if q else "keep", t.numel(), nbytes, out_bytes)
@@ -274,7 +276,7 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
     done_bytes = 0
     for i, (name, key) in enumerate(dense.items()):
         w = files.read(key, drop_cache=True)
-        q = recipe.scheme_for(name) if name in linear_weights else None
+        q = recipe.scheme_for(name, w.shape[-1]) if name in linear_weights else None
         if q is None:
             tensors[name] = w
             report.add("keep", w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
@@ -315,7 +317,7 @@ def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site
             x_in = layer_cal.tokens_for(e, min_tokens)[0] if layer_cal is not None else None  # [n, H]
             quantized_parts: dict[str, object] = {}
             for part, t in _parts(w).items():
-                q = recipe.scheme_for(f"{site.name}.{part}") if part in _PARTS else None
+                q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
                 nbytes = t.numel() * t.element_size()
                 if q is None:
                     blob_tensors[part] = t.contiguous()

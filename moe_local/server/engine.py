@@ -165,7 +165,7 @@ class Engine:
         Raises:
             ApiError: token ids outside the vocabulary, or a chat prompt the model cannot take.
         """
-        from moe_local.generate import encode_prompt
+        from moe_local.generation import encode_prompt
 
         self.require_ready()
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -287,7 +287,7 @@ class Engine:
                 job.put(None)
 
     def _run(self, job: Job) -> None:
-        from moe_local.generate import stream_generate
+        from moe_local.generation import stream_generate
 
         t0 = time.perf_counter()
         queue_s = t0 - job.queued_at

@@ -8,33 +8,16 @@ skip when neither works.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe_local import env
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.errors import MoeLocalError
 
 CORPORA = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpora"
 LAYERS = 2
-
-
-@pytest.fixture(scope="module")
-def downloads() -> Path:
-    """The persistent download folder, with both source files in it (or the module skips)."""
-    from moe_local.demo.sources import fetch_sources
-
-    default = Path(env.HOME.default).expanduser() / "downloads"
-    folder = Path(os.environ.get("MOE_LOCAL_DEMO_DOWNLOADS") or default)
-    try:
-        fetch_sources(folder)
-    except MoeLocalError as exc:
-        pytest.skip(f"demo source files unavailable offline: {exc}")
-    return folder
 
 
 @pytest.fixture(scope="module")

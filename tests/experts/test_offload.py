@@ -6,7 +6,7 @@ import pytest
 
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.experts.cache import CachedStore
-from moe_local.generate import generate
+from moe_local.generation import generate
 from moe_local.loading.loader import load
 
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -12,7 +12,7 @@ from moe_local.config import LoadOptions, SamplingParams
 from moe_local.errors import ExpertBlobError, MoeLocalError
 from moe_local.format.blob import ALIGN
 from moe_local.format.writer import quantize_checkpoint
-from moe_local.generate import generate
+from moe_local.generation import generate
 from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli
@@ -144,10 +144,19 @@ def test_dry_run_writes_nothing(tiny_mixtral, tmp_path):
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
-def test_group_size_not_dividing_is_refused(tiny_mixtral, tmp_path, capsys):
-    code, _, err = run_cli(
-        capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--recipe", "v100-int8"
-    )
+def test_group_size_steps_down_to_one_that_divides(tiny_mixtral, tmp_path):
+    # v100-int8 asks for groups of 128; the tiny model is 32 wide (experts 64 wide in down)
+    report = quantize_checkpoint(tiny_mixtral, tmp_path / "q", load_recipe("v100-int8"))
+    manifest = json.loads((tmp_path / "q" / "moe_local.json").read_text())
+    assert manifest["dense"]["model.layers.0.self_attn.q_proj.weight"] == "int8-g32"
+    assert {"int8-g32", "int8-g64"} <= set(report.rows)
+    assert "int8-g128" not in report.rows
+
+
+def test_group_size_nothing_divides_is_refused(tiny_checkpoint, tmp_path, capsys):
+    odd = tiny_checkpoint("mixtral", hidden_size=40)  # 40 is a multiple of none of 128/64/32/16
+    capsys.readouterr()  # (building it prints a progress bar)
+    code, _, err = run_cli(capsys, "quantize", str(odd), str(tmp_path / "q"), "--recipe", "v100-int8")
     assert_one_line_error(code, err, "not divisible")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.generate import generate
+from moe_local.generation import generate
 from moe_local.loading.loader import load
 
 pytestmark = [

@@ -10,7 +10,7 @@ from moe_local.config import LoadOptions, SamplingParams
 from moe_local.experts.cache import CachedStore
 from moe_local.experts.module import OffloadedExperts
 from moe_local.experts.store import InMemoryStore
-from moe_local.generate import generate
+from moe_local.generation import generate
 from moe_local.loading.loader import load
 from tests.conftest import ALL_FAMILIES
 

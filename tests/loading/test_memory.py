@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import json, sys, psutil, torch
     torch.set_num_threads(1)
     from moe_local.config import LoadOptions, SamplingParams
-    from moe_local.generate import generate
+    from moe_local.generation import generate
     from moe_local.loading.loader import load, build_on_meta, load_config
     from moe_local.tiny import make_tokenizer
     import transformers, tokenizers

@@ -1,0 +1,322 @@
+"""Commands that prepare and measure models: ``inspect``, ``quantize``, ``trace``, ``plan``,
+``eval``, ``synth`` and ``bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moe_local.cli.app import (
+    CpuMemOpt,
+    DownloadOpt,
+    DtypeOpt,
+    ExpertMemOpt,
+    ModelArg,
+    PolicyOpt,
+    PrefetchOpt,
+    _setup_torch,
+    app,
+)
+from moe_local.errors import MoeLocalError
+
+
+@app.command(epilog="Example: moe-local inspect ./Mixtral-8x7B-v0.1")
+def inspect(model: ModelArg, download: DownloadOpt = False) -> None:
+    """Show a checkpoint's family, layers, experts, parameters and sizes (loads no weights)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.inspection import human_bytes, human_count, inspect_model
+
+    info = inspect_model(model, download=download)
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("path", str(info.path)),
+        ("family", f"{info.family} ({info.architecture})"),
+        ("status", info.status),
+        ("layers", f"{info.layers} ({info.moe_layers} with experts)"),
+        ("experts", f"{info.experts_per_layer} per layer, top-{info.top_k} per token"),
+        (
+            "parameters",
+            f"{human_count(info.total_params)} total, {human_count(info.active_params)} active per token",
+        ),
+        ("dense part", human_bytes(info.dense_bytes)),
+        ("experts", human_bytes(info.expert_bytes)),
+        ("dtype", ", ".join(info.dtypes)),
+    ]
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+@app.command(epilog="Example: moe-local quantize ./Mixtral-8x7B-v0.1 ./mixtral-q4 --recipe experts-4bit")
+def quantize(
+    src: Annotated[str, typer.Argument(help="Hugging Face MoE checkpoint folder")],
+    out: Annotated[str, typer.Argument(help="folder to create (written as OUT.partial, renamed when done)")],
+    recipe: Annotated[str, typer.Option(help="shipped recipe name or a recipe .toml file")] = "experts-4bit",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="rtn, hqq, gptq, or bitsandbytes nf4/fp4/int8: overrides how every quantized rule is made"
+        ),
+    ] = None,
+    calibration: Annotated[str | None, typer.Option(help="plain-text file for --method gptq")] = None,
+    calibration_tokens: Annotated[int, typer.Option(help="most calibration tokens")] = 4096,
+    format: Annotated[
+        str, typer.Option("--format", help="moe-local (default) or gptq (a GPTQModel/vLLM checkpoint)")
+    ] = "moe-local",
+    bits: Annotated[int, typer.Option(help="--format gptq: bits (2, 3, 4, 8)")] = 4,
+    group_size: Annotated[int, typer.Option(help="--format gptq: group size (16, 32, 64, 128)")] = 128,
+) -> None:
+    """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.inspection import human_bytes
+    from moe_local.progress import progress_bars
+    from moe_local.recipes import load_recipe
+
+    _setup_torch()
+    if format not in ("moe-local", "gptq"):
+        raise MoeLocalError(f"unknown --format {format!r}; choose moe-local or gptq")
+    if format == "gptq":
+        _export_gptq(src, out, bits, group_size, overwrite, resume or dry_run or bool(method or calibration))
+        return
+    rec = load_recipe(recipe)
+    if method is not None:
+        if method not in ("rtn", "hqq", "gptq", "nf4", "fp4", "int8"):
+            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq, gptq, nf4, fp4 or int8")
+        rec = rec.with_method(method)
+    with progress_bars() as bar:
+
+        def progress(stage: str, done: int, total: int, nbytes: int) -> None:
+            bar(stage, done, total, 0 if stage == "dense" else nbytes)  # MB/s counts expert input
+
+        report = quantize_checkpoint(
+            src,
+            out,
+            rec,
+            overwrite=overwrite,
+            resume=resume,
+            dry_run=dry_run,
+            progress=progress,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
+        )
+    table = Table(title=("plan" if dry_run else "quantized") + f" with recipe {rec.name}")
+    for col in ("scheme", "tensors", "before", "after", "bits/weight", "rel. error"):
+        table.add_column(col)
+    for row in report.rows.values():
+        bpw = 8 * row.bytes_out / max(row.params, 1)
+        err = f"{row.rel_error_sum / row.measured:.4f}" if row.measured else "-"
+        table.add_row(
+            row.scheme,
+            str(row.tensors),
+            human_bytes(row.bytes_in),
+            human_bytes(row.bytes_out),
+            f"{bpw:.2f}",
+            err,
+        )
+    Console().print(table)
+    if report.tokens_per_expert:
+        typer.echo(
+            f"calibration: {report.calibration_tokens} tokens; tokens routed to each expert, by layer:"
+        )
+        for layer, seen in report.tokens_per_expert.items():
+            typer.echo(f"  layer {layer}: " + " ".join(str(n) for n in seen))
+    verb = "would write" if dry_run else "wrote"
+    typer.echo(
+        f"{verb} {human_bytes(report.bytes_out)} from {human_bytes(report.bytes_in)} "
+        f"({report.experts} experts) in {report.seconds:.1f} s" + ("" if dry_run else f" to {report.out}")
+    )
+
+
+@app.command(
+    epilog="Example: moe-local generate ./m 'Hello' --trace run.jsonl && moe-local trace run.jsonl --slots 64"
+)
+def trace(
+    file: Annotated[str, typer.Argument(help="routing trace written by generate --trace")],
+    slots: Annotated[int, typer.Option(help="cache size in experts (all layers together)")] = 16,
+) -> None:
+    """Replay a routing trace: hit rates of LRU, LFU and Belady's optimum for the same cache size."""
+    from moe_local.experts.trace import read_trace, replay
+
+    keys = read_trace(file)
+    rates = replay(keys, slots)
+    typer.echo(f"{len(keys)} expert uses, {len(set(keys))} distinct experts, {slots} slots")
+    for policy, rate in rates.items():
+        rel = f" ({rate / rates['belady']:.0%} of optimal)" if policy != "belady" and rates["belady"] else ""
+        typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
+
+
+def _export_gptq(src: str, out: str, bits: int, group_size: int, overwrite: bool, extra: bool) -> None:
+    from moe_local.format.gptq_export import export_gptq
+    from moe_local.progress import progress_bars
+
+    if extra:
+        raise MoeLocalError(
+            "--format gptq takes --bits and --group-size; not --resume, --dry-run or --method"
+        )
+    with progress_bars() as bar:
+        path = export_gptq(src, out, bits, group_size, overwrite=overwrite, progress=bar)
+    typer.echo(f"wrote a GPTQ checkpoint (int{bits}, groups of {group_size}) to {path}")
+
+
+@app.command(epilog="Example: moe-local plan ./mixtral-q4 --gpu rtx4090 --context 8192")
+def plan(
+    model: ModelArg,
+    gpu: Annotated[str, typer.Option(help="cpu, rtx4090, v100-16g or v100-32g")] = "cpu",
+    gpu_memory: Annotated[str | None, typer.Option(help="device memory to use, e.g. 22GiB")] = None,
+    cpu_memory: Annotated[
+        str | None, typer.Option(help="host RAM to use (default: 85% of available)")
+    ] = None,
+    context: Annotated[int, typer.Option(help="tokens the KV cache must hold")] = 4096,
+) -> None:
+    """Show where the dense part, KV cache and experts would go, and the decode speed to expect."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.config import parse_size
+    from moe_local.inspection import human_bytes
+    from moe_local.planner import plan_for
+
+    p, info = plan_for(
+        model, gpu=gpu, gpu_memory=parse_size(gpu_memory), cpu_memory=parse_size(cpu_memory), context=context
+    )
+    fast = "GPU" if gpu != "cpu" else "RAM (fast tier)"
+    table = Table(title=f"{info.path.name} on {gpu}", show_header=True)
+    for col in ("what", "where", "size"):
+        table.add_column(col)
+    table.add_row("dense part", fast, human_bytes(p.dense_bytes))
+    table.add_row(f"KV cache ({p.context} tokens)", fast, human_bytes(p.kv_bytes))
+    table.add_row(f"experts: {p.fast_slots} slots", fast, human_bytes(p.fast_slots * p.expert_bytes))
+    if gpu != "cpu":
+        table.add_row(f"experts: {p.ram_experts}", "host RAM", human_bytes(p.ram_experts * p.expert_bytes))
+    table.add_row(
+        f"experts: {p.disk_experts}", "disk (read on demand)", human_bytes(p.disk_experts * p.expert_bytes)
+    )
+    Console().print(table)
+    lo, hi = p.tokens_per_s
+    typer.echo(
+        f"{p.total_experts} experts of {human_bytes(p.expert_bytes)}; "
+        f"predicted decode {lo:.1f}-{hi:.1f} tokens/s "
+        "(hit rate from the slot share up to twice it; measured bandwidths)"
+    )
+
+
+@app.command(
+    name="eval", epilog="Example: moe-local eval ./mixtral-q4 ./mixtral-q3 --text valid.txt --max-tokens 8192"
+)
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="one or more model folders")],
+    text: Annotated[str, typer.Option(help="plain-text file to score")],
+    context: Annotated[
+        int, typer.Option(help="window length; windows do not overlap (stride = context)")
+    ] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    dtype: DtypeOpt = "auto",
+    expert_memory: ExpertMemOpt = None,
+) -> None:
+    """Perplexity (and tokens/s) of one model, or a comparison table of several, on a text file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.evaluate import evaluate_file
+    from moe_local.loading.loader import load
+
+    _setup_torch()
+    results = []
+    for model in models:
+        lm = load(model, LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory)))
+        results.append(evaluate_file(lm, text, context=context, max_tokens=max_tokens))
+        del lm
+    if len(results) == 1:
+        r = results[0]
+        typer.echo(f"perplexity: {r.perplexity:.4f}")
+        typer.echo(f"tokens: {r.tokens} in windows of {r.context}, {r.tokens_per_s:.1f} tokens/s")
+        return
+    table = Table(title=f"perplexity on {text} (windows of {results[0].context})")
+    for col in ("model", "perplexity", "tokens", "tokens/s", "expert hit rate"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.model, f"{r.perplexity:.4f}", str(r.tokens), f"{r.tokens_per_s:.1f}", f"{r.hit_rate:.1%}"
+        )
+    Console().print(table)
+
+
+@app.command(epilog="Example: moe-local synth --like mixtral-8x7b --layers 4 ./mixtral-shaped")
+def synth(
+    out: Annotated[str, typer.Argument(help="folder to create")],
+    like: Annotated[
+        str,
+        typer.Option(
+            help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, deepseek-v2-lite, "
+            "gpt-oss-20b, or a config.json path"
+        ),
+    ],
+    layers: Annotated[int | None, typer.Option(help="keep only the first N layers")] = None,
+    recipe: Annotated[str, typer.Option(help="bit widths of the moe-local format")] = "experts-4bit",
+    format: Annotated[str, typer.Option("--format", help="moe-local or hf (bf16 safetensors)")] = "moe-local",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
+) -> None:
+    """Write a random-weight checkpoint with the real dimensions of a known MoE model."""
+    import time
+
+    from moe_local.inspection import human_bytes
+    from moe_local.progress import progress_bars
+    from moe_local.recipes import load_recipe
+    from moe_local.synth import synth as run_synth
+
+    rec = load_recipe(recipe)
+    t0 = time.perf_counter()
+    with progress_bars() as bar:
+        path = run_synth(like, out, layers=layers, recipe=rec, fmt=format, overwrite=overwrite, progress=bar)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    seconds = time.perf_counter() - t0
+    typer.echo(f"wrote {human_bytes(size)} to {path} in {seconds:.1f} s ({size / seconds / 1e6:.0f} MB/s)")
+
+
+@app.command(epilog="Example: moe-local bench ./mixtral-shaped --cpu-memory 8GiB --json run.json")
+def bench(
+    model: ModelArg,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="tokens to decode")] = 128,
+    expert_memory: ExpertMemOpt = None,
+    cpu_memory: CpuMemOpt = None,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="device memory for experts (with --device cuda)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    policy: PolicyOpt = "lru",
+    prefetch: PrefetchOpt = True,
+    json_file: Annotated[str | None, typer.Option("--json", help="also write the results as JSON")] = None,
+) -> None:
+    """Measure prefill and decode speed, expert traffic and the floor they are bounded by."""
+    import dataclasses
+    import json
+
+    from moe_local.bench import bench as run_bench
+    from moe_local.bench import format_table
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.planner import planned_options
+
+    _setup_torch()
+    budget = parse_size(gpu_memory) if device != "cpu" and gpu_memory else parse_size(expert_memory)
+    options = LoadOptions(device=device, expert_memory=budget, policy=policy, prefetch=prefetch,
+                          context=prompt_tokens + new_tokens + 1)  # fmt: skip
+    if device == "cpu":
+        options, _ = planned_options(
+            model, options, cpu_memory=parse_size(cpu_memory), context=options.context
+        )
+    result = run_bench(model, options, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    typer.echo(format_table(result))
+    if json_file:
+        Path(json_file).write_text(json.dumps(dataclasses.asdict(result), indent=1))
