@@ -23,6 +23,7 @@ from moe_local.errors import MoeLocalError
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up
 from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moe_local.format.workers import ordered_map
 from moe_local.loading.families import CheckpointExperts, checkpoint_renamer, find_expert_sites
 from moe_local.loading.loader import load_config
 from moe_local.loading.meta import build_on_meta
@@ -253,13 +254,14 @@ def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
         out_bytes = _qbytes(info.shape, q, name) if q is not None else info.nbytes
         report.add(q.full_name if q else "keep", _numel(info.shape), info.nbytes, out_bytes)
     for site in sites:
-        sample = experts.read(site.layer, 0)
+        parts = experts.part_shapes(site.layer)  # headers only: no expert is read to plan
         for _ in range(site.num_experts):
-            for part, t in _parts(sample).items():
-                q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
-                nbytes = t.numel() * t.element_size()
-                out_bytes = _qbytes(tuple(t.shape), q, f"{site.name}.{part}") if q else nbytes
-                report.add(q.full_name if q else "keep", t.numel(), nbytes, out_bytes)
+            for part, (shape, dtype) in parts.items():
+                q = recipe.scheme_for(f"{site.name}.{part}", shape[-1]) if part in _PARTS else None
+                numel = _numel(shape)
+                nbytes = numel * dtype.itemsize
+                out_bytes = _qbytes(shape, q, f"{site.name}.{part}") if q else nbytes
+                report.add(q.full_name if q else "keep", numel, nbytes, out_bytes)
             report.experts += 1
 
 
@@ -300,44 +302,22 @@ def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
 def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress, cal_args) -> dict:
     import json
 
-    from moe_local.experts.weights import apply_linear
-
-    layer_cal, min_tokens = cal_args
-
     record = partial / "progress" / f"layer-{site.layer:04d}.json"
     if record.exists():
         return json.loads(record.read_text())
     fname = f"experts/layer-{site.layer:04d}.bin"
     schemes: dict[str, str] = {}
     entries, slots, length, offset = [], None, 0, 0
+
+    def quantize_one(e: int, w: ExpertWeights):
+        return _quantize_expert(recipe, site, e, w, cal_args)
+
+    reads = ((e, experts.read(site.layer, e)) for e in range(site.num_experts))  # reads stay in order
     with open(partial / fname, "wb") as f:
-        for e in range(site.num_experts):
-            w = experts.read(site.layer, e)
-            blob_tensors: dict[str, torch.Tensor] = {}
-            x_in = layer_cal.tokens_for(e, min_tokens)[0] if layer_cal is not None else None  # [n, H]
-            quantized_parts: dict[str, object] = {}
-            for part, t in _parts(w).items():
-                q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
-                nbytes = t.numel() * t.element_size()
-                if q is None:
-                    blob_tensors[part] = t.contiguous()
-                    schemes[part] = "keep"
-                    report.add("keep", t.numel(), nbytes, nbytes)
-                    continue
-                inputs = x_in
-                if part == "down" and layer_cal is not None:  # down sees the gated activations
-                    first = "gate_up" if layer_cal.has_gate else "up"
-                    bias = getattr(w, f"{first}_bias")
-                    weight = quantized_parts.get(first) or getattr(w, first).float()
-                    gated = apply_linear(x_in, weight, None if bias is None else bias.float())
-                    inputs = layer_cal.gate_fn(gated.float())
-                qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs)
-                quantized_parts[part] = qt
-                schemes[part] = q.full_name
-                for k, v in qt.tensors().items():
-                    blob_tensors[f"{part}.{k}"] = v
-                err = _rel_err(t, qt) if e < 2 else None  # measured on a sample: it costs a dequantize
-                report.add(q.full_name, t.numel(), nbytes, qt.nbytes, err)
+        for e, (w, blob_tensors, part_schemes, rows) in enumerate(ordered_map(quantize_one, reads)):
+            schemes.update(part_schemes)
+            for row in rows:
+                report.add(*row)
             if slots is None:
                 slots, length = layout_of(blob_tensors)
             blob = pack_blob(blob_tensors, slots, length)
@@ -360,6 +340,41 @@ def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site
     }
     write_json_atomic(record, entry)
     return entry
+
+
+def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
+    """Quantize one expert's parts; return (w, blob tensors, schemes, report rows). Thread-safe."""
+    from moe_local.experts.weights import apply_linear
+
+    layer_cal, min_tokens = cal_args
+    blob_tensors: dict[str, torch.Tensor] = {}
+    schemes: dict[str, str] = {}
+    rows: list[tuple] = []
+    x_in = layer_cal.tokens_for(e, min_tokens)[0] if layer_cal is not None else None  # [n, H]
+    quantized_parts: dict[str, object] = {}
+    for part, t in _parts(w).items():
+        q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
+        nbytes = t.numel() * t.element_size()
+        if q is None:
+            blob_tensors[part] = t.contiguous()
+            schemes[part] = "keep"
+            rows.append(("keep", t.numel(), nbytes, nbytes))
+            continue
+        inputs = x_in
+        if part == "down" and layer_cal is not None:  # down sees the gated activations
+            first = "gate_up" if layer_cal.has_gate else "up"
+            bias = getattr(w, f"{first}_bias")
+            weight = quantized_parts.get(first) or getattr(w, first).float()
+            gated = apply_linear(x_in, weight, None if bias is None else bias.float())
+            inputs = layer_cal.gate_fn(gated.float())
+        qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs)
+        quantized_parts[part] = qt
+        schemes[part] = q.full_name
+        for k, v in qt.tensors().items():
+            blob_tensors[f"{part}.{k}"] = v
+        err = _rel_err(t, qt) if e < 2 else None  # measured on a sample: it costs a dequantize
+        rows.append((q.full_name, t.numel(), nbytes, qt.nbytes, err))
+    return w, blob_tensors, schemes, rows
 
 
 def _numel(shape) -> int:

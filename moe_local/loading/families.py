@@ -208,6 +208,36 @@ class CheckpointExperts:
         first = next(iter(keys.per_expert.values()))
         return sum(self.files.info(k).nbytes for k in first.values())
 
+    def part_shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Canonical shape and dtype of each part of one expert of ``layer``, from the headers only.
+
+        Args:
+            layer: the layer.
+
+        Returns:
+            ``{part: (shape, dtype)}`` as ``read`` would return them (``gate_up`` [2I, H], ...).
+        """
+        site, keys = self.sites[layer], self.keys[layer]
+        infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if keys.fused:
+            for p, k in keys.fused.items():
+                info = self.files.info(k)
+                shape = tuple(info.shape[1:])
+                if site.is_transposed and len(shape) == 2:
+                    shape = (shape[1], shape[0])
+                infos[_FUSED_PARTS[p]] = (shape, info.dtype)
+        else:
+            for p, k in keys.per_expert[0].items():
+                info = self.files.info(k)
+                infos[p] = (tuple(info.shape), info.dtype)
+            for gate, up, joined in (("gate", "up", "gate_up"), ("gate_bias", "up_bias", "gate_up_bias")):
+                if gate in infos:
+                    (g_shape, dtype), (u_shape, _) = infos.pop(gate), infos.pop(up)
+                    infos[joined] = ((g_shape[0] + u_shape[0], *g_shape[1:]), dtype)
+        if self.dtype is None:
+            return infos
+        return {p: (shape, self.dtype if dt.is_floating_point else dt) for p, (shape, dt) in infos.items()}
+
     def read(self, layer: int, expert: int) -> ExpertWeights:
         """Read expert ``expert`` of ``layer`` into canonical weights."""
         site = self.sites[layer]

@@ -216,3 +216,15 @@ def test_bitsandbytes_methods(tiny_checkpoint, tmp_path, capsys, method, peer):
 def test_unknown_method(capsys, tiny_mixtral, tmp_path):
     code, _, err = run_cli(capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--method", "awq")
     assert_one_line_error(code, err, "unknown method")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v2"])
+def test_dry_run_plan_matches_the_real_run(tiny_checkpoint, tmp_path, family):
+    # the plan reads only headers; its per-scheme sizes must be what the real run writes
+    src = tiny_checkpoint(family)
+    recipe = load_recipe("experts-4bit")
+    plan = quantize_checkpoint(src, tmp_path / "p", recipe, dry_run=True)
+    real = quantize_checkpoint(src, tmp_path / "q", recipe)
+    sizes = {k: (r.tensors, r.params, r.bytes_in, r.bytes_out) for k, r in plan.rows.items()}
+    assert sizes == {k: (r.tensors, r.params, r.bytes_in, r.bytes_out) for k, r in real.rows.items()}
+    assert plan.experts == real.experts
