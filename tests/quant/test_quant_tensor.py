@@ -61,7 +61,7 @@ def test_linear_bf16_matches_dequantized(bits: int, use_kernel: bool | None, lea
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
-def test_kernel_is_used_for_4bit_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_is_used_for_2_to_4bit_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = kernels.int4_linear
 
@@ -76,14 +76,16 @@ def test_kernel_is_used_for_4bit_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 1
     qt.linear(x.float())  # fp32: reference path
     qt.linear(x, use_kernel=False)
-    _qt(3).linear(x)  # 3-bit: reference path unless asked
     assert len(calls) == 1
-    _qt(3).linear(x, use_kernel=True)
-    assert len(calls) == 2
+    _qt(3).linear(x)  # 3- and 2-bit codes fit the kernel's 4-bit lanes
+    _qt(2).linear(x)
+    assert len(calls) == 3
+    _qt(3).linear(torch.cat([x] * 40))  # 120 rows: dequantize + matmul beats the kernel
+    assert len(calls) == 3
     # unsupported shapes fall back silently: group 16, or out features not a multiple of 16
     _qt(4, group=16).linear(x, use_kernel=True)
     _qt(4, o=40).linear(x, use_kernel=True)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
