@@ -49,6 +49,9 @@ class LoadOptions:
         cpu_compute: "auto", "on" or "off": compute device misses found in host RAM on the CPU.
         policy: expert cache eviction policy, "lru" or "lfu".
         prefetch: guess the next layer's experts with its router and read them ahead.
+        offload_dir: a folder on a fast disk; the experts are staged there once as one-read blobs
+            (a Hugging Face checkpoint in its own dtype, a moe-local folder copied) and the disk
+            tier reads them from there.
     """
 
     dtype: str = "auto"
@@ -60,6 +63,7 @@ class LoadOptions:
     cpu_compute: str = "auto"
     policy: str = "lru"
     prefetch: bool = True
+    offload_dir: str | None = None
 
 
 @dataclass(frozen=True)

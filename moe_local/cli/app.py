@@ -41,6 +41,10 @@ PolicyOpt = Annotated[str, typer.Option(help="expert cache policy: lru or lfu")]
 PrefetchOpt = Annotated[
     bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's experts ahead")
 ]
+OffloadDirOpt = Annotated[
+    str | None,
+    typer.Option("--offload-dir", help="fast-disk folder to stage the experts in once (one read each)"),
+]
 DownloadOpt = Annotated[
     bool, typer.Option("--download", help="fetch a hub id that is not cached (needs network)")
 ]
@@ -73,7 +77,9 @@ def _model_or_demo(model: str | None) -> str:
     return str(path)
 
 
-def _planned_load_options(model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download):
+def _planned_load_options(
+    model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir=None
+):
     """LoadOptions from the shared flags, with the planner's expert budget unless one was given."""
     from moe_local.config import LoadOptions, parse_size
     from moe_local.planner import planned_options
@@ -85,6 +91,7 @@ def _planned_load_options(model, dtype, expert_memory, cpu_memory, context, poli
         policy=policy,
         prefetch=prefetch,
         context=context,
+        offload_dir=offload_dir,
     )
     return planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)[0]
 

@@ -14,6 +14,7 @@ from moe_local.cli.app import (
     DownloadOpt,
     DtypeOpt,
     ExpertMemOpt,
+    OffloadDirOpt,
     OptionalModelArg,
     PolicyOpt,
     PrefetchOpt,
@@ -60,6 +61,7 @@ def generate(
     policy: PolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
     download: DownloadOpt = False,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Generate text from a prompt, streamed to standard output."""
     from moe_local.config import SamplingParams
@@ -82,7 +84,7 @@ def generate(
         stop=tuple(stop or ()),
     )
     options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
     )
     lm = load(model, options)
     last = None
@@ -151,6 +153,7 @@ def chat(
     policy: PolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
     download: DownloadOpt = False,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Chat with a model in the terminal: streamed multi-turn replies, /help lists the commands."""
     from moe_local.chat import chat as run_chat
@@ -168,7 +171,7 @@ def chat(
         seed=seed,
     )
     options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
     )
     raise typer.Exit(run_chat(model, system=system, params=params, load_options=options))
 
@@ -193,6 +196,7 @@ def serve(
     policy: PolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
     download: DownloadOpt = False,
+    offload_dir: OffloadDirOpt = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
     from moe_local.server import serve as run_server
@@ -200,7 +204,7 @@ def serve(
     _setup_torch()
     model = _model_or_demo(model)
     options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download
+        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
     )
     run_server(
         model,

@@ -14,6 +14,7 @@ from moe_local.cli.app import (
     DtypeOpt,
     ExpertMemOpt,
     ModelArg,
+    OffloadDirOpt,
     PolicyOpt,
     PrefetchOpt,
     _setup_torch,
@@ -297,6 +298,7 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     policy: PolicyOpt = "lru",
     prefetch: PrefetchOpt = True,
+    offload_dir: OffloadDirOpt = None,
     json_file: Annotated[str | None, typer.Option("--json", help="also write the results as JSON")] = None,
 ) -> None:
     """Measure prefill and decode speed, expert traffic and the floor they are bounded by."""
@@ -311,7 +313,7 @@ def bench(
     _setup_torch()
     budget = parse_size(gpu_memory) if device != "cpu" and gpu_memory else parse_size(expert_memory)
     options = LoadOptions(device=device, expert_memory=budget, policy=policy, prefetch=prefetch,
-                          context=prompt_tokens + new_tokens + 1)  # fmt: skip
+                          context=prompt_tokens + new_tokens + 1, offload_dir=offload_dir)  # fmt: skip
     if device == "cpu":
         options, _ = planned_options(
             model, options, cpu_memory=parse_size(cpu_memory), context=options.context

@@ -133,6 +133,10 @@ def load(
     """
     options = options or LoadOptions()
     path = resolve_model_path(model, download=options.download)
+    if options.offload_dir is not None:
+        from moe_local.loading.offload_dir import stage_experts
+
+        path = stage_experts(path, options.offload_dir, progress)
     quantized = (path / MANIFEST).exists()
     manifest = read_manifest(path) if quantized else None
     config = load_config(path)

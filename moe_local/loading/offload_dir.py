@@ -1,0 +1,89 @@
+"""``--offload-dir``: stage a model's experts once on a fast disk as one-read blobs.
+
+A Hugging Face checkpoint stores an expert as several tensors, often in several shards, on
+whatever disk it was downloaded to. Staging rewrites it once into a moe-local folder under the
+offload directory (an NVMe, say): each expert one 4096-aligned, checksummed blob in the
+checkpoint's own dtype (nothing is quantized), the dense part in safetensors. A moe-local folder
+is copied as it is. Later loads find the staged copy by the source's path, file sizes and times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from moe_local.errors import MoeLocalError
+from moe_local.format.manifest import MANIFEST
+
+Progress = Callable[..., None]
+
+
+def staged_path(src: Path, offload_dir: Path) -> Path:
+    """Where ``src``'s staged copy lives in ``offload_dir`` (whether or not it exists yet).
+
+    Args:
+        src: the model folder.
+        offload_dir: the offload directory.
+
+    Returns:
+        ``offload_dir / NAME-DIGEST``; the digest changes when any source file changes.
+    """
+    digest = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.rglob("*")):
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".bin")):
+            st = f.stat()
+            digest.update(f"{f.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return Path(offload_dir) / f"{src.name}-{digest.hexdigest()[:12]}"
+
+
+def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None = None) -> Path:
+    """Return a moe-local copy of ``src`` in ``offload_dir``, writing it the first time.
+
+    Args:
+        src: a Hugging Face or moe-local model folder.
+        offload_dir: a folder on a fast disk (created if needed).
+        progress: called as ``progress(stage, done, total[, nbytes])`` while staging.
+
+    Returns:
+        The staged folder, loadable as a moe-local model.
+
+    Raises:
+        MoeLocalError: the folder cannot be created or written, or ``src`` is a GPTQ checkpoint.
+    """
+    from moe_local.format.gptq_reader import is_gptq_checkpoint
+
+    offload_dir = Path(offload_dir).expanduser()
+    try:
+        offload_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoeLocalError(f"cannot use --offload-dir {offload_dir}: {exc.strerror}") from exc
+    target = staged_path(src, offload_dir)
+    if (target / MANIFEST).is_file():
+        return target
+    if is_gptq_checkpoint(src):
+        raise MoeLocalError("--offload-dir does not stage GPTQ checkpoints; quantize the source instead")
+    try:
+        if (src / MANIFEST).is_file():
+            _copy_folder(src, target)
+        else:
+            _rewrite_as_blobs(src, target, progress)
+    except OSError as exc:
+        raise MoeLocalError(f"cannot stage experts in {offload_dir}: {exc.strerror or exc}") from exc
+    return target
+
+
+def _copy_folder(src: Path, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(src, partial)
+    partial.rename(target)  # the manifest appears only with the whole folder
+
+
+def _rewrite_as_blobs(src: Path, target: Path, progress: Progress | None) -> None:
+    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.recipes import Recipe, Rule
+
+    keep_all = Recipe("keep", "every tensor as it is", (Rule("*", None, 0),))
+    quantize_checkpoint(src, target, keep_all, overwrite=True, progress=progress)
