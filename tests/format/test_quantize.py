@@ -50,9 +50,9 @@ def test_quantized_logits_close_and_offload_identical(tiny_checkpoint, tmp_path,
     report = quantize_checkpoint(src, out, _recipe(tmp_path, experts))
     assert not (tmp_path / "q.partial").exists()
     assert report.bytes_out < report.bytes_in
-    ref, q = load(src), load(out)
+    ref, q = load(src), load(out, LoadOptions(dtype="float32"))
     one = q.store.get(q.sites[0].layer, 0).nbytes
-    off = load(out, LoadOptions(expert_memory=one))
+    off = load(out, LoadOptions(dtype="float32", expert_memory=one))
     ids = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b, c = ref.model(ids).logits, q.model(ids).logits, off.model(ids).logits
@@ -61,6 +61,13 @@ def test_quantized_logits_close_and_offload_identical(tiny_checkpoint, tmp_path,
     p = SamplingParams(max_tokens=16, ignore_eos=True)
     assert generate(q, ids[0].tolist(), p).tokens == generate(off, ids[0].tolist(), p).tokens
     assert off.store.stats().total.misses > 0
+
+
+def test_auto_dtype_of_a_quantized_folder_on_cpu_is_bf16(tiny_mixtral, tmp_path):
+    # the CPU int4 kernel takes bf16 activations; unquantized checkpoints keep float32
+    quantize_checkpoint(tiny_mixtral, tmp_path / "q", load_recipe("experts-4bit"))
+    assert load(tmp_path / "q").model.dtype == torch.bfloat16
+    assert load(tiny_mixtral).model.dtype == torch.float32
 
 
 def test_manifest_and_alignment(tiny_mixtral, tmp_path):
