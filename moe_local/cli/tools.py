@@ -73,6 +73,10 @@ def quantize(
     ] = "moe-local",
     bits: Annotated[int, typer.Option(help="--format gptq: bits (2, 3, 4, 8)")] = 4,
     group_size: Annotated[int, typer.Option(help="--format gptq: group size (16, 32, 64, 128)")] = 128,
+    gptq_names: Annotated[
+        str,
+        typer.Option(help="--format gptq: tensor names, source (vLLM, SGLang) or gptqmodel (GPTQModel)"),
+    ] = "source",
 ) -> None:
     """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
     from rich.console import Console
@@ -87,7 +91,8 @@ def quantize(
     if format not in ("moe-local", "gptq"):
         raise MoeLocalError(f"unknown --format {format!r}; choose moe-local or gptq")
     if format == "gptq":
-        _export_gptq(src, out, bits, group_size, overwrite, resume or dry_run or bool(method or calibration))
+        extra = resume or dry_run or bool(method or calibration)
+        _export_gptq(src, out, bits, group_size, gptq_names, overwrite, extra)
         return
     rec = load_recipe(recipe)
     if method is not None:
@@ -156,7 +161,9 @@ def trace(
         typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
 
 
-def _export_gptq(src: str, out: str, bits: int, group_size: int, overwrite: bool, extra: bool) -> None:
+def _export_gptq(
+    src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool, extra: bool
+) -> None:
     from moe_local.format.gptq_export import export_gptq
     from moe_local.progress import progress_bars
 
@@ -165,7 +172,7 @@ def _export_gptq(src: str, out: str, bits: int, group_size: int, overwrite: bool
             "--format gptq takes --bits and --group-size; not --resume, --dry-run or --method"
         )
     with progress_bars() as bar:
-        path = export_gptq(src, out, bits, group_size, overwrite=overwrite, progress=bar)
+        path = export_gptq(src, out, bits, group_size, names=names, overwrite=overwrite, progress=bar)
     typer.echo(f"wrote a GPTQ checkpoint (int{bits}, groups of {group_size}) to {path}")
 
 

@@ -201,6 +201,7 @@ def export_gptq(
     bits: int = 4,
     group_size: int = 128,
     *,
+    names: str = "source",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -211,6 +212,9 @@ def export_gptq(
         out: the folder to create.
         bits: 2, 3, 4 or 8.
         group_size: 16, 32, 64 or 128 inputs per scale and zero.
+        names: "source" keeps the checkpoint's tensor names (what vLLM and SGLang load);
+            "gptqmodel" uses transformers' module names (``mlp.experts.3.gate_proj`` for Mixtral),
+            which is how GPTQModel 7.6 writes and loads MoE checkpoints on transformers 5.
         overwrite: replace an existing OUT (and any unfinished OUT.partial).
         progress: called as ``progress(stage, done, total, input_bytes)``.
 
@@ -222,6 +226,8 @@ def export_gptq(
     """
     from moe_local.quant.schemes import VALID_GROUP_SIZES
 
+    if names not in ("source", "gptqmodel"):
+        raise MoeLocalError(f"unknown --gptq-names {names!r}; choose source or gptqmodel")
     if bits not in GPTQ_BITS:
         raise MoeLocalError(f"--format gptq supports bits {', '.join(map(str, GPTQ_BITS))}; got {bits}")
     if group_size not in VALID_GROUP_SIZES:
@@ -242,7 +248,7 @@ def export_gptq(
     partial = out.with_name(out.name + ".partial")
     _prepare(out, partial, overwrite)
     try:
-        _write(source, partial, bits, group_size, progress)
+        _write(source, partial, bits, group_size, progress, names == "gptqmodel")
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
@@ -272,8 +278,13 @@ def _open_source(path: Path) -> _Source:
     return _Source(path, files, sites, experts, dense, quantized)
 
 
-def _write(source: _Source, partial: Path, bits: int, group_size: int, progress: Progress | None) -> None:
-    """Write the shards (one per decoder layer, one for the rest), the index and the configs."""
+def _write(
+    source: _Source, partial: Path, bits: int, group_size: int, progress: Progress | None, module_names: bool
+) -> None:
+    """Write the shards (one per decoder layer, one for the rest), the index and the configs.
+
+    ``module_names``: name tensors by transformers' modules (GPTQModel) instead of as on disk.
+    """
     from safetensors.torch import save_file
 
     layers = source.layers()
@@ -298,13 +309,16 @@ def _write(source: _Source, partial: Path, bits: int, group_size: int, progress:
         for n, name in enumerate(names):
             w = source.files.read(source.dense[name], drop_cache=True)
             done_bytes += w.numel() * w.element_size()
-            add(tensors, source.dense[name], w, name in source.quantized)
+            add(tensors, name if module_names else source.dense[name], w, name in source.quantized)
             if progress:
                 progress(stage, n + 1, todo, done_bytes)
         for e in range(site.num_experts if site else 0):
             for part, key in source.experts.keys[layer].per_expert[e].items():
                 w = source.files.read(key, drop_cache=True)
                 done_bytes += w.numel() * w.element_size()
+                if module_names:  # e.g. model.layers.0.mlp.experts.3.gate_proj.weight
+                    proj, _, kind = part.partition("_")
+                    key = f"{site.name}.{e}.{proj}_proj.{kind or 'weight'}"
                 add(tensors, key, w, part in _PROJ_PARTS)  # expert biases stay in float
             if progress:
                 progress(stage, len(names) + e + 1, todo, done_bytes)

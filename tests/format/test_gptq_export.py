@@ -282,9 +282,19 @@ def test_offloaded_equals_in_memory_and_sizes(exported):
     assert off.store.stats().total.misses > 0
 
 
-def test_reader_accepts_gptqmodel_expert_names(exported, tmp_path):
-    renamed = _gptqmodel_names_copy(exported("mixtral"), tmp_path / "runtime-names")
-    assert torch.equal(_logits(load_gptq(exported("mixtral"))), _logits(load_gptq(renamed)))
+def test_gptqmodel_names_option(exported, tiny_mixtral, tmp_path):
+    from safetensors import safe_open
+
+    out = export_gptq(tiny_mixtral, tmp_path / "g", 4, 16, names="gptqmodel")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.3.gate_proj.qweight" in index
+    assert not any(".block_sparse_moe." in k or ".w1." in k for k in index)
+    with safe_open(str(out / index["model.layers.0.mlp.experts.3.down_proj.qweight"]), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.experts.3.down_proj.qweight").dtype == torch.int32
+    # the same weights under either name set, and moe-local reads both
+    assert torch.equal(_logits(load_gptq(exported("mixtral"))), _logits(load_gptq(out)))
+    assert torch.equal(_logits(load_gptq(_gptqmodel_names_copy(exported("mixtral"), tmp_path / "c"))),
+                       _logits(load_gptq(out)))  # fmt: skip
 
 
 def test_reader_reads_gptq_v2_and_refuses_other_formats(exported, tmp_path):
@@ -375,7 +385,7 @@ _GPTQMODEL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
-def test_gptqmodel_loads_the_export(exported, tmp_path):
+def test_gptqmodel_loads_the_export(exported, tiny_checkpoint, tmp_path):
     """GPTQModel (run in a subprocess: importing it patches transformers' MoE classes) loads the export.
 
     Tolerances: the same fp16 weights W_hat; moe-local in fp16 is within 1e-2 of GPTQModel's fp16
@@ -383,7 +393,7 @@ def test_gptqmodel_loads_the_export(exported, tmp_path):
     """
     qwen = exported("qwen2_moe")
     # GPTQModel 7.6 names Mixtral experts as transformers' unfused modules, not as on disk (which vLLM needs)
-    mixtral = _gptqmodel_names_copy(exported("mixtral"), tmp_path / "mixtral-runtime-names")
+    mixtral = export_gptq(tiny_checkpoint("mixtral"), tmp_path / "gptqmodel-names", 4, 16, names="gptqmodel")
     torch.save(IDS, tmp_path / "ids.pt")
     # TORCHDYNAMO_DISABLE: GPTQModel torch.compiles its dequantization: seconds spent, nothing changed
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
