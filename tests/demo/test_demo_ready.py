@@ -93,3 +93,17 @@ def test_demo_slice_generates(ready):
     lm = moe_local.load(ready)
     out = moe_local.generate(lm, "Hello", SamplingParams(max_tokens=4))
     assert out.stats.generation_tokens >= 1
+
+
+def test_chat_without_model_uses_the_demo(ready, home, capsys, monkeypatch):
+    import io
+
+    import moe_local.demo
+
+    real = moe_local.demo.ensure_demo
+    monkeypatch.setattr(moe_local.demo, "ensure_demo", lambda **kw: real(home, layers=LAYERS, **kw))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    code, out, err = run_cli(capsys, "chat", "-n", "4", "--temperature", "0")
+    assert code == 0, err
+    assert "built-in demo" in err and str(ready) in err
+    assert out.strip()
