@@ -53,6 +53,7 @@ SWEEP = {
     "recipe-tiny-2bit": "recipe:tiny-2bit",
     "recipe-v100-int8": "recipe:v100-int8",
 }
+NOTES = "## Notes (written by hand; a rerun keeps them)\n"
 HQQ_LIB = {"hqqlib-int4-g64": (4, 64)}  # the hqq package runs ~3 MB/s here: one reference row
 
 
@@ -258,7 +259,8 @@ def write_markdown(path: Path, rows: dict, order: list[str], args) -> None:
         cells += [str(row.get("quantize_s", "-")), row["date"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Targets (computed from the rows above)", "", *targets(rows)]
-    path.write_text("\n".join(lines) + "\n")
+    kept = path.read_text().partition(NOTES)[2] if path.exists() else ""
+    path.write_text("\n".join(lines) + "\n\n" + NOTES + (kept or "\n"))
 
 
 def targets(rows: dict) -> list[str]:
@@ -270,6 +272,9 @@ def targets(rows: dict) -> list[str]:
     def ppl(name: str) -> dict[str, float] | None:
         return rows[name]["ppl"] if name in rows else None
 
+    def fmt(p: dict[str, float]) -> str:
+        return "/".join(f"{p[c]:.2f}" for c in corpora)
+
     def rel(name: str) -> str:
         return ", ".join(f"{c} {100 * (ppl(name)[c] / ppl('bf16')[c] - 1):+.2f}%" for c in corpora)
 
@@ -279,6 +284,7 @@ def targets(rows: dict) -> list[str]:
             ok = all(ppl(name)[c] <= 1.005 * ppl("bf16")[c] for c in corpora)
             out.append(f"- 8-bit within +0.5% of bf16, {name}: {rel(name)}: {'met' if ok else 'MISSED'}")
     four = [n for n in rows if n.endswith("int4-g64") and not n.startswith("hqqlib")]
+    four += [n for n in ("recipe-experts-4bit",) if n in rows]  # experts 4-bit g64, attention 8-bit
     if four:
         best = min(four, key=lambda n: sum(ppl(n).values()))
         ok = all(ppl(best)[c] <= 1.03 * ppl("bf16")[c] for c in corpora)
@@ -287,12 +293,14 @@ def targets(rows: dict) -> list[str]:
         h, r = ppl(f"hqq-{bits}"), ppl(f"rtn-{bits}")
         if h and r:
             ok = all(h[c] <= r[c] for c in corpora)
-            out.append(f"- hqq at or below rtn, {bits}: {'met' if ok else 'MISSED'} (hqq {h}, rtn {r})")
+            both = f"hqq {fmt(h)} against rtn {fmt(r)} (shakespeare/brown)"
+            out.append(f"- hqq at or below rtn, {bits}: {'met' if ok else 'MISSED'}: {both}")
     for bits in ("int4-g64", "int3-g64"):
         g, r = ppl(f"gptq-{bits}"), ppl(f"rtn-{bits}")
         if g and r:
             ok = all(g[c] <= r[c] for c in corpora)
-            out.append(f"- gptq at or below rtn, {bits}: {'met' if ok else 'MISSED'}")
+            both = f"gptq {fmt(g)} against rtn {fmt(r)}"
+            out.append(f"- gptq at or below rtn, {bits}: {'met' if ok else 'MISSED'}: {both}")
     if ppl("recipe-tiny-2bit") and ppl("rtn-int2-g64"):
         ratio = ppl("rtn-int2-g64")["shakespeare"] / ppl("recipe-tiny-2bit")["shakespeare"]
         out.append(f"- best 2-bit recipe (tiny-2bit) vs plain 2-bit rtn (g64): {ratio:.1f}x lower perplexity")
