@@ -73,6 +73,10 @@ def quantize(
     ] = "moe-local",
     bits: Annotated[int, typer.Option(help="--format gptq: bits (2, 3, 4, 8)")] = 4,
     group_size: Annotated[int, typer.Option(help="--format gptq: group size (16, 32, 64, 128)")] = 128,
+    gpu: Annotated[
+        str | None,
+        typer.Option(help="also say whether the result fits this card: rtx4090, v100-16g or v100-32g"),
+    ] = None,
     gptq_names: Annotated[
         str,
         typer.Option(help="--format gptq: tensor names, source (vLLM, SGLang) or gptqmodel (GPTQModel)"),
@@ -94,6 +98,10 @@ def quantize(
         extra = resume or dry_run or bool(method or calibration)
         _export_gptq(src, out, bits, group_size, gptq_names, overwrite, extra)
         return
+    from moe_local.planner import GPUS
+
+    if gpu is not None and gpu not in GPUS:
+        raise MoeLocalError(f"unknown --gpu {gpu!r}; choose {', '.join(GPUS)}")
     rec = load_recipe(recipe)
     if method is not None:
         if method not in ("rtn", "hqq", "gptq", "nf4", "fp4", "int8"):
@@ -136,6 +144,8 @@ def quantize(
         )
         for layer, seen in report.tokens_per_expert.items():
             typer.echo(f"  layer {layer}: " + " ".join(str(n) for n in seen))
+    if gpu is not None:
+        typer.echo(_fits_line(report, gpu))
     verb = "would write" if dry_run else "wrote"
     typer.echo(
         f"{verb} {human_bytes(report.bytes_out)} from {human_bytes(report.bytes_in)} "
@@ -159,6 +169,27 @@ def trace(
     for policy, rate in rates.items():
         rel = f" ({rate / rates['belady']:.0%} of optimal)" if policy != "belady" and rates["belady"] else ""
         typer.echo(f"{policy:>7}: hit rate {rate:.1%}{rel}")
+
+
+def _fits_line(report, gpu: str) -> str:
+    """Whether the quantized model fits ``gpu`` whole, or with experts offloaded (dense part on it)."""
+    from moe_local.inspection import human_bytes
+    from moe_local.planner import GPUS, RUNTIME_OVERHEAD
+
+    card = GPUS[gpu][0]
+    usable = card - RUNTIME_OVERHEAD
+    total = report.bytes_out
+    experts = total - report.dense_bytes_out
+    if total <= usable:
+        return f"fits {gpu} whole: {human_bytes(total)} of {human_bytes(usable)} usable (before the KV cache)"
+    if report.dense_bytes_out <= usable:
+        slots = (usable - report.dense_bytes_out) / max(experts / max(report.experts, 1), 1)
+        return (
+            f"does not fit {gpu} whole ({human_bytes(total)}, {human_bytes(total - usable)} over); with "
+            f"experts offloaded the dense part ({human_bytes(report.dense_bytes_out)}) fits and about "
+            f"{int(slots)} of {report.experts} experts stay on the card"
+        )
+    return f"does not fit {gpu}: the dense part alone is {human_bytes(report.dense_bytes_out)}"
 
 
 def _export_gptq(

@@ -62,6 +62,7 @@ class QuantizeReport:
     dry_run: bool = False
     calibration_tokens: int = 0
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> routed tokens (GPTQ)
+    dense_bytes_out: int = 0  # of ``bytes_out``, the dense part (everything but the experts)
 
     def add(self, scheme: str, params: int, bytes_in: int, bytes_out: int, err: float | None = None) -> None:
         row = self.rows.setdefault(scheme, SchemeRow(scheme))
@@ -253,6 +254,7 @@ def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
         q = recipe.scheme_for(name, info.shape[-1]) if name in linear_weights else None
         out_bytes = _qbytes(info.shape, q, name) if q is not None else info.nbytes
         report.add(q.full_name if q else "keep", _numel(info.shape), info.nbytes, out_bytes)
+        report.dense_bytes_out += out_bytes
     for site in sites:
         parts = experts.part_shapes(site.layer)  # headers only: no expert is read to plan
         for _ in range(site.num_experts):
@@ -282,11 +284,13 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
         if q is None:
             tensors[name] = w
             report.add("keep", w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
+            report.dense_bytes_out += w.numel() * w.element_size()
         else:
             qt = _quantize(w, q, name, cal.dense.get(name) if cal else None)
             for part, t in qt.tensors().items():
                 tensors[f"{name}.{part}"] = t
             report.add(q.full_name, w.numel(), w.numel() * w.element_size(), qt.nbytes, _rel_err(w, qt))
+            report.dense_bytes_out += qt.nbytes
         done_bytes += w.numel() * w.element_size()
         if progress:
             progress("dense", i + 1, len(dense), done_bytes)

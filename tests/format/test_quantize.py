@@ -235,3 +235,26 @@ def test_dry_run_plan_matches_the_real_run(tiny_checkpoint, tmp_path, family):
     sizes = {k: (r.tensors, r.params, r.bytes_in, r.bytes_out) for k, r in plan.rows.items()}
     assert sizes == {k: (r.tensors, r.params, r.bytes_in, r.bytes_out) for k, r in real.rows.items()}
     assert plan.experts == real.experts
+
+
+def test_dry_run_says_whether_it_fits_a_gpu(tiny_mixtral, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from moe_local.cli.tools import _fits_line
+
+    code, out, err = run_cli(
+        capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--dry-run", "--gpu", "rtx4090"
+    )
+    assert code == 0, err
+    assert "fits rtx4090 whole" in out and not (tmp_path / "q").exists()
+    gib = 2**30
+    big = SimpleNamespace(bytes_out=30 * gib, dense_bytes_out=2 * gib, experts=256)
+    line = _fits_line(big, "rtx4090")  # 28 GiB of experts, 0.11 GiB each: about 196 fit beside the dense part
+    assert "does not fit rtx4090 whole" in line and "about 196 of 256 experts" in line
+    assert "dense part alone" in _fits_line(
+        SimpleNamespace(bytes_out=40 * gib, dense_bytes_out=30 * gib, experts=8), "v100-16g"
+    )
+    code, _, err = run_cli(
+        capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--dry-run", "--gpu", "a100"
+    )
+    assert_one_line_error(code, err, "unknown --gpu")
