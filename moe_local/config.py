@@ -38,8 +38,8 @@ class LoadOptions:
     """How a model is loaded: devices, dtype and memory budgets (fixed for the model's life).
 
     Attributes:
-        dtype: "auto" (the checkpoint's, float32 for half-precision checkpoints on CPU),
-            "float32", "bfloat16" or "float16".
+        dtype: "auto" (the checkpoint's; on CPU float32, or bfloat16 for a moe-local folder so
+            its int kernels run), "float32", "bfloat16" or "float16".
         device: where the dense part computes ("cpu", "cuda", "cuda:1").
         expert_memory: bytes of experts kept in RAM; None keeps every expert resident.
         download: allow fetching a hub id that is not in the local cache.
