@@ -208,6 +208,18 @@ class CheckpointExperts:
         first = next(iter(keys.per_expert.values()))
         return sum(self.files.info(k).nbytes for k in first.values())
 
+    def _read_gate_up(self, per: dict[str, str]) -> torch.Tensor | None:
+        """gate and up read straight into the two halves of one [2I, H] tensor (no concatenation)."""
+        if "gate" not in per or "up" not in per:
+            return None
+        gate, up = self.files.info(per["gate"]), self.files.info(per["up"])
+        if gate.dtype != up.dtype or gate.shape[1:] != up.shape[1:] or (self.dtype not in (None, gate.dtype)):
+            return None  # a cast or odd shapes: the general path
+        out = torch.empty((gate.shape[0] + up.shape[0], *gate.shape[1:]), dtype=gate.dtype)
+        self.files.read(per["gate"], drop_cache=self.drop_cache, out=out[: gate.shape[0]])
+        self.files.read(per["up"], drop_cache=self.drop_cache, out=out[gate.shape[0] :])
+        return out
+
     def part_shapes(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Canonical shape and dtype of each part of one expert of ``layer``, from the headers only.
 
@@ -249,9 +261,13 @@ class CheckpointExperts:
                     if p in parts:
                         parts[p] = parts[p].t().contiguous()
             return ExpertWeights(**parts)
-        src = {p: self._read(k) for p, k in keys.per_expert[expert].items()}
+        per = keys.per_expert[expert]
+        gate_up = self._read_gate_up(per) if site.is_concatenated else None
+        src = {p: self._read(k) for p, k in per.items() if gate_up is None or p not in ("gate", "up")}
         w = ExpertWeights(down=src["down"], down_bias=src.get("down_bias"))
-        if "gate" in src:
+        if gate_up is not None:
+            w.gate_up = gate_up
+        elif "gate" in src:
             w.gate_up = _join(src["gate"], src["up"], site.is_concatenated)
             if "gate_bias" in src:
                 w.gate_up_bias = _join(src["gate_bias"], src["up_bias"], site.is_concatenated)

@@ -110,18 +110,20 @@ class SafetensorsFile:
         """Return the tensor names in the file."""
         return list(self.tensors)
 
-    def read(self, name: str, *, drop_cache: bool = False) -> torch.Tensor:
-        """Read one whole tensor into a new CPU tensor.
+    def read(self, name: str, *, drop_cache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one whole tensor into a new CPU tensor (or into ``out``).
 
         Args:
             name: tensor name in this file.
             drop_cache: evict the bytes read from the OS page cache afterwards.
+            out: a contiguous CPU tensor of the same dtype and number of elements to read into
+                (e.g. a slice of a larger buffer, which saves a copy).
 
         Returns:
-            The tensor, owning its memory.
+            The tensor (``out`` reshaped when given), owning or sharing its memory.
         """
         info = self.tensors[name]
-        return self._read_range(info.offset, info.nbytes, info.dtype, info.shape, drop_cache)
+        return self._read_range(info.offset, info.nbytes, info.dtype, info.shape, drop_cache, out)
 
     def read_slice(self, name: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
         """Read ``tensor[index]`` of a tensor along its first dimension (one contiguous range)."""
@@ -132,9 +134,22 @@ class SafetensorsFile:
         return self._read_range(info.offset + index * row, row, info.dtype, info.shape[1:], drop_cache)
 
     def _read_range(
-        self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], drop_cache: bool
+        self,
+        offset: int,
+        nbytes: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        drop_cache: bool,
+        into: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = torch.empty(nbytes, dtype=torch.uint8)
+        if into is not None:
+            size = into.numel() * into.element_size()
+            if into.dtype != dtype or size != nbytes or not into.is_contiguous():
+                where = f"{into.dtype} {list(into.shape)}"
+                raise ValueError(f"cannot read {nbytes} bytes of {dtype} into {where}")
+            out = into.view(-1).view(torch.uint8)
+        else:
+            out = torch.empty(nbytes, dtype=torch.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             if nbytes:
@@ -195,9 +210,9 @@ class CheckpointFiles:
         """Return where ``key`` lies."""
         return self.key_to_file[key].tensors[key]
 
-    def read(self, key: str, *, drop_cache: bool = False) -> torch.Tensor:
-        """Read tensor ``key`` from whichever shard holds it."""
-        return self.key_to_file[key].read(key, drop_cache=drop_cache)
+    def read(self, key: str, *, drop_cache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``key`` from whichever shard holds it (into ``out`` when given)."""
+        return self.key_to_file[key].read(key, drop_cache=drop_cache, out=out)
 
     def read_slice(self, key: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
         """Read ``key[index]`` along the first dimension."""

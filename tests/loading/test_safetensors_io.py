@@ -45,3 +45,15 @@ def test_sharded_index(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="does not contain c"):
         CheckpointFiles(tmp_path)
+
+
+def test_read_into_a_slice_of_a_buffer(tmp_path):
+    a, b = torch.randn(3, 4).to(torch.bfloat16), torch.randn(5, 4).to(torch.bfloat16)
+    save_file({"a": a, "b": b}, str(tmp_path / "model.safetensors"))
+    files = CheckpointFiles(tmp_path)
+    buf = torch.zeros(8, 4, dtype=torch.bfloat16)
+    files.read("a", out=buf[:3])
+    files.read("b", out=buf[3:])
+    assert torch.equal(buf, torch.cat([a, b]))
+    with pytest.raises(ValueError, match="cannot read"):
+        files.read("a", out=torch.zeros(3, 4))  # wrong dtype
