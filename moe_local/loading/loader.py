@@ -177,6 +177,8 @@ def load(
         setattr(parent, attr, OffloadedExperts(getattr(parent, attr), site.layer, store))
     if isinstance(store, CachedStore | TieredStore) and options.prefetch:
         _wire_prefetch(lm, sites, config)
+        if isinstance(store, CachedStore) and torch.device(options.device).type == "cpu":
+            _leave_a_core_for_reads()
     lm.tie_weights()
     leftover = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -210,6 +212,23 @@ def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, p
             progress("dense weights", i + 1, len(dense))
     lm.load_state_dict(state, strict=False, assign=True)
     return total
+
+
+def _leave_a_core_for_reads() -> None:
+    """Cap torch's CPU threads at cores - 1 while experts stream from disk in the background.
+
+    The prefetch thread copies expert bytes from the page cache and takes page faults; with
+    torch on every core it preempts one of torch's threads, and the other spins at the next
+    barrier. Measured on 2 cores (bf16 Mixtral-shaped, 40% of experts in RAM): 1 torch thread
+    decodes 6.7-7.1 tokens/s against 5.0-5.6 with 2. ``MOE_LOCAL_THREADS`` overrides this.
+    """
+    from moe_local import env
+    from moe_local.format.workers import worker_count
+
+    if not env.THREADS.get():
+        cores = worker_count()
+        if cores > 1 and torch.get_num_threads() > cores - 1:
+            torch.set_num_threads(cores - 1)
 
 
 def _make_store(

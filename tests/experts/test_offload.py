@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.experts.cache import CachedStore
@@ -71,3 +72,23 @@ def test_tiered_store_token_identical(deep_mixtral, reference, cpu_compute, fast
         assert t.cpu_computed > 0
     if cpu_compute == "off":
         assert t.cpu_computed == 0 and t.bytes_from_ram > 0
+
+
+def test_offloaded_cpu_load_leaves_a_core_for_reads(tiny_mixtral, monkeypatch):
+    import moe_local.format.workers as workers
+
+    monkeypatch.delenv("MOE_LOCAL_THREADS", raising=False)
+    monkeypatch.setattr(workers, "worker_count", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        load(tiny_mixtral, LoadOptions(expert_memory=1 << 16, prefetch=False))
+        assert torch.get_num_threads() == 4  # nothing streams in the background
+        load(tiny_mixtral, LoadOptions(expert_memory=1 << 16))
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(4)
+        monkeypatch.setenv("MOE_LOCAL_THREADS", "4")  # the user's choice wins
+        load(tiny_mixtral, LoadOptions(expert_memory=1 << 16))
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
