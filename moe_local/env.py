@@ -22,7 +22,11 @@ class EnvVar:
 HOME = EnvVar(
     "MOE_LOCAL_HOME", "~/.cache/moe-local", "where measured bandwidths (and the demo model) are kept"
 )
-THREADS = EnvVar("MOE_LOCAL_THREADS", "", "torch CPU threads (default: all cores)")
+THREADS = EnvVar(
+    "MOE_LOCAL_THREADS",
+    "",
+    "torch CPU threads and quantize workers (default: all cores; cores - 1 while experts stream from disk)",
+)
 
 DEBUG = EnvVar("MOE_LOCAL_DEBUG", "", "1: show the traceback of unexpected errors")
 
