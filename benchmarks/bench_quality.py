@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -64,9 +65,13 @@ def heldout_ids(tokenizer, tokens: int) -> dict[str, torch.Tensor]:
 
 
 def ppl_of(model, ids: dict[str, torch.Tensor]) -> dict[str, float]:
-    from moe_local.demo.quality import perplexity
+    from moe_local.evaluate import window_nll
 
-    return {c: perplexity(model, x, window=512) for c, x in ids.items()}
+    out = {}
+    for corpus, x in ids.items():
+        nll, scored = window_nll(model, x, 512, batch=2)
+        out[corpus] = math.exp(nll / scored)
+    return out
 
 
 def recipe_for(scheme: str, work: Path):

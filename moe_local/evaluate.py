@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from moe_local.errors import MoeLocalError
 from moe_local.loading.loader import LoadedModel
@@ -55,22 +56,43 @@ def perplexity(
         raise MoeLocalError("the text has fewer than 2 tokens")
     context = min(context, lm.context)
     before = lm.store.stats()
-    nll, scored = 0.0, 0
     t0 = time.perf_counter()
-    device = next(lm.model.parameters()).device
-    with torch.inference_mode():
-        for start in range(0, len(ids), context):
-            window = ids[start : start + context]
-            if len(window) < 2:
-                break
-            x = torch.tensor([window], device=device)  # [1, W]
-            logits = lm.model(input_ids=x, use_cache=False).logits[0, :-1].float()  # [W-1, V]
-            target = x[0, 1:]
-            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            scored += len(window) - 1
+    nll, scored = window_nll(lm.model, torch.tensor(ids), context)
     seconds = time.perf_counter() - t0
     stats = lm.store.stats().minus(before)
     return EvalResult(lm.name, math.exp(nll / scored), scored, scored / seconds, stats.hit_rate, context)
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, context: int, batch: int = 1) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``ids`` in consecutive, non-overlapping windows.
+
+    Each window of ``context`` tokens is scored from its second token on; a last, shorter window
+    is scored alone (one of a single token adds nothing).
+
+    Args:
+        model: a transformers causal LM (``LoadedModel.model`` or any other).
+        ids: 1-D token ids.
+        context: window length.
+        batch: full windows per forward pass (speed only; the result is the same).
+
+    Returns:
+        (summed NLL, tokens scored).
+    """
+    device = next(model.parameters()).device
+    full = len(ids) // context
+    rows = [ids[: full * context].reshape(full, context)[i : i + batch] for i in range(0, full, batch)]
+    if len(ids) - full * context >= 2:
+        rows.append(ids[full * context :][None])
+    nll, scored = 0.0, 0
+    for x in rows:  # [B, W]
+        x = x.to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # [B, W-1, V]
+        nll += float(
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        )
+        scored += x[:, 1:].numel()
+    return nll, scored
 
 
 def evaluate_file(lm: LoadedModel, path: str | Path, **kwargs) -> EvalResult:

@@ -43,3 +43,16 @@ def test_eval_cli(capsys, tiny_mixtral, tmp_path):
     assert code == 0 and out.count(tiny_mixtral.name) >= 2
     code, _, err = run_cli(capsys, "eval", str(tiny_mixtral), "--text", str(tmp_path / "missing.txt"))
     assert_one_line_error(code, err, "cannot read")
+
+
+def test_window_nll_batching_and_tail(tiny_lm):
+    import torch
+
+    from moe_local.evaluate import window_nll
+
+    ids = torch.arange(3, 3 + 37) % 200  # 4 windows of 8 and a tail of 5
+    one = window_nll(tiny_lm.model, ids, 8)
+    two = window_nll(tiny_lm.model, ids, 8, batch=2)
+    assert one[1] == two[1] == 4 * 7 + 4
+    assert abs(one[0] - two[0]) < 1e-3 * abs(one[0])
+    assert window_nll(tiny_lm.model, ids[:33], 8)[1] == 4 * 7  # a 1-token tail scores nothing

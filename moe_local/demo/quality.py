@@ -1,8 +1,7 @@
-"""Measuring the demo: perplexity in fixed windows, and how its routers spread tokens over experts."""
+"""Measuring the demo: held-out token windows, and how its routers spread tokens over experts."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,32 +38,6 @@ def windows_of(ids: torch.Tensor, window: int = 512) -> torch.Tensor:
     """
     usable = len(ids) // window * window
     return ids[:usable].reshape(-1, window)
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, window: int = 512, batch: int = 2) -> float:
-    """Perplexity over non-overlapping windows, each scored on its own (every token but the first).
-
-    Args:
-        model: a transformers causal LM (or ``LoadedModel.model``).
-        ids: 1-D token ids.
-        window: tokens per window.
-        batch: windows per forward pass.
-
-    Returns:
-        exp(mean negative log-likelihood).
-    """
-    rows = windows_of(ids, window)
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch):
-        chunk = rows[start : start + batch]
-        logits = model(input_ids=chunk, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += chunk[:, 1:].numel()
-    return math.exp(total / count)
 
 
 @dataclass(frozen=True)

@@ -518,6 +518,7 @@ def load_gptq_dense(
         UnsupportedModelError: act-order or a group size moe-local cannot express.
     """
     from moe_local.loading.families import find_expert_sites
+    from moe_local.loading.loader import read_dense_tensor  # (loader imports this module)
     from moe_local.quant import QuantLinear
 
     config = read_gptq_config(files.folder)
@@ -533,14 +534,7 @@ def load_gptq_dense(
     for name, key in renamed.items():
         if name not in wanted or name in biases or name.startswith(expert_prefixes):
             continue
-        t = files.read(key)
-        target = wanted[name]
-        if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}"
-            )
-        if t.is_floating_point() and target.is_floating_point():
-            t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
+        t = read_dense_tensor(files, key, wanted[name], dtype)
         state[name] = t
         total += t.numel() * t.element_size()
     for mod_name, prefix in quantized.items():

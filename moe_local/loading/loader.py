@@ -192,20 +192,27 @@ def load(
     return loaded
 
 
+def read_dense_tensor(files: CheckpointFiles, key: str, target: torch.Tensor, dtype) -> torch.Tensor:
+    """Read checkpoint tensor ``key`` for the (meta) parameter ``target``: shape checked, floats cast.
+
+    Raises:
+        CheckpointError: the shape differs from what the config implies.
+    """
+    t = files.read(key)
+    if tuple(t.shape) != tuple(target.shape):
+        raise CheckpointError(f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}")
+    if t.is_floating_point() and target.is_floating_point():
+        t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
+    return t
+
+
 def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, progress) -> int:
     """Read every non-expert weight into the meta model; return their bytes."""
     wanted = lm.state_dict(keep_vars=True)
     dense = {name: key for name, key in renamed.items() if key not in claimed and name in wanted}
     total, state = 0, {}
     for i, (name, key) in enumerate(dense.items()):
-        t = files.read(key)
-        target = wanted[name]
-        if tuple(t.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}"
-            )
-        if t.is_floating_point() and target.is_floating_point():
-            t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
+        t = read_dense_tensor(files, key, wanted[name], dtype)
         state[name] = t
         total += t.numel() * t.element_size()
         if progress:
