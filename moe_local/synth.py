@@ -10,6 +10,7 @@ Legend: E=experts, H=hidden size, I=expert intermediate size.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -19,6 +20,16 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import MoeLocalError
+from moe_local.format.outdir import (
+    check_not_source,
+    check_output,
+    check_partial,
+    clear_partial,
+    is_ours,
+    make_partial,
+    os_error_line,
+    publish,
+)
 from moe_local.recipes import Recipe
 
 # Public configuration facts of the models (their config.json on the hub).
@@ -58,7 +69,7 @@ def synth_config(like: str, layers: int | None = None):
         model_type, kw = LIKE[like]
         config = AutoConfig.for_model(model_type, **kw)
     elif Path(like).is_file():
-        config = AutoConfig.from_pretrained(Path(like).parent if Path(like).name == "config.json" else like)
+        config = _config_from_file(Path(like))
     else:
         raise MoeLocalError(f"unknown --like {like!r}; choose {', '.join(LIKE)} or a config.json path")
     if layers is not None:
@@ -69,6 +80,25 @@ def synth_config(like: str, layers: int | None = None):
             config.layer_types = config.layer_types[:layers]
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 256, 257, 258
     return config
+
+
+def _config_from_file(path: Path):
+    """A transformers config from a config.json file, read as data (never the folder's code)."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MoeLocalError(f"--like {path} is not a JSON config file ({type(exc).__name__})") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise MoeLocalError(f"--like {path} is not a model config: it has no model_type")
+    model_type = raw.pop("model_type")
+    raw.pop("auto_map", None)  # remote code is never run; the built-in class is used
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoeLocalError(f"--like {path}: not a valid {model_type!r} config ({first})") from exc
 
 
 def _random_weight(shape: tuple[int, ...], name: str, gen: torch.Generator, pool: torch.Tensor | None = None):
@@ -146,15 +176,17 @@ def synth(
     out = Path(out)
     if fmt not in ("moe-local", "hf"):
         raise MoeLocalError(f"unknown --format {fmt!r}; choose moe-local or hf")
-    if out.exists() and not overwrite:
-        raise MoeLocalError(f"{out} exists; pass --overwrite to replace it")
+    sources = [Path(like).parent] if Path(like).is_file() else []
+    partial = out.with_name(out.name + ".partial")
+    check_output(out, sources, overwrite=overwrite)
+    check_not_source(partial, sources, "OUT.partial")
+    check_partial(partial)
     config = synth_config(like, layers)
     meta = build_on_meta(config, torch.bfloat16)
     sites = find_expert_sites(meta)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        clear_partial(partial)
+        make_partial(partial, f"synth {fmt}")
         config.save_pretrained(partial)
         make_tokenizer().save_pretrained(partial)
         gen = torch.Generator().manual_seed(0)
@@ -162,21 +194,22 @@ def synth(
             _write_hf(partial, config, meta, sites, gen, progress)
         else:
             _write_moe_local(partial, like, meta, sites, recipe or load_recipe("experts-4bit"), gen, progress)
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        publish(partial, out)
+    except BaseException as exc:
+        if is_ours(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MoeLocalError(os_error_line(out, exc)) from exc
         raise
     return out
 
 
 def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen, progress) -> None:
-    from safetensors.torch import save_file
     from torch import nn
 
-    from moe_local.format.blob import checksum, layout_of, pack_blob, round_up
+    from moe_local.format.blob import checksum, layout_of, pack_blob, round_up, tensor_checksum
     from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+    from moe_local.format.outdir import save_safetensors
 
     pool = torch.randint(0, 256, (_POOL,), dtype=torch.uint8, generator=gen)
     expert_params = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
@@ -192,7 +225,7 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
         else:
             for k, t in _random_quantized(tuple(p.shape), q, pool, gen).items():
                 dense[f"{name}.{k}"] = t
-    save_file(dense, str(partial / DENSE_FILE))
+    save_safetensors(dense, partial / DENSE_FILE)
     (partial / "experts").mkdir()
     layers = {}
     for site in sites:
@@ -243,6 +276,7 @@ def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen,
         "recipe": recipe.name,
         "model_type": meta.config.model_type,
         "dense": schemes,
+        "dense_crc32": {k: tensor_checksum(t) for k, t in dense.items()},
         "layers": layers,
     }
     write_json_atomic(partial / MANIFEST, manifest)
@@ -285,7 +319,7 @@ def _normalize(name: str) -> str:
 
 
 def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
-    from safetensors.torch import save_file
+    from moe_local.format.outdir import save_safetensors
 
     pool = torch.randint(0, 256, (_POOL,), dtype=torch.uint8, generator=gen)
     templates = _disk_templates(config.model_type)
@@ -321,7 +355,7 @@ def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
     total = len(by_layer)
     for i, (_, tensors) in enumerate(sorted(by_layer.items())):
         fname = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        save_file(tensors, str(partial / fname), metadata={"format": "pt"})
+        save_safetensors(tensors, partial / fname, metadata={"format": "pt"})
         index.update(dict.fromkeys(tensors, fname))
         if progress:
             progress("layers", i + 1, total, sum(t.numel() * 2 for t in tensors.values()))

@@ -21,6 +21,7 @@ import torch
 from moe_local.demo import corpus, gguf_source, router_fit, sources, upcycle
 from moe_local.demo.tokenizer import build_tokenizer
 from moe_local.errors import MoeLocalError
+from moe_local.format.outdir import is_ours, write_marker
 
 Progress = Callable[[str, int, int], None]
 DEMO_NAME = "smollm2-moe-8x135m"
@@ -279,6 +280,7 @@ class _partial:
                 shutil.rmtree(left, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir()
+        write_marker(self.work, "demo source")
         return self.work
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -287,6 +289,9 @@ class _partial:
             return
         stale = self.target.with_name(f".{self.target.name}.{os.getpid()}.old")
         if self.target.exists():  # an older build with other settings
+            if not is_ours(self.target) and not (self.target / BUILD_FILE).is_file():
+                shutil.rmtree(self.work, ignore_errors=True)
+                raise MoeLocalError(f"{self.target} is not a moe-local folder; move it away for the demo")
             self.target.rename(stale)
         try:
             self.work.rename(self.target)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moe_local.demo.build import BUILD_FILE, FORMAT, DemoConfig, build_demo, demo_dir
+from moe_local.format.outdir import is_ours
 
 DEMO_RECIPE = "experts-4bit"
 Progress = Callable[..., None]
@@ -100,6 +101,6 @@ def ensure_demo(
         shutil.copy2(source / extra, target / extra)
     # the marker goes last: a folder without it is rebuilt, never loaded half-made
     (target / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if not keep_source:
+    if not keep_source and (is_ours(source) or (source / BUILD_FILE).is_file()):
         shutil.rmtree(source, ignore_errors=True)
     return target

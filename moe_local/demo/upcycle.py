@@ -123,7 +123,7 @@ def write_safetensors(
     Returns:
         Bytes written (tensor data).
     """
-    from safetensors.torch import save_file
+    from moe_local.format.outdir import save_safetensors
 
     parts: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -131,7 +131,7 @@ def write_safetensors(
 
     def flush() -> None:
         path = folder / f"part-{len(parts):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_safetensors(shard, path, metadata={"format": "pt"})
         parts.append((path, list(shard)))
         shard.clear()
 

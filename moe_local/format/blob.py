@@ -79,3 +79,9 @@ def unpack_blob(blob: torch.Tensor, slots: list[Slot]) -> dict[str, torch.Tensor
 def checksum(data: bytes | memoryview) -> int:
     """CRC-32 of a blob."""
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def tensor_checksum(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes as stored (used for the dense part, tensor by tensor)."""
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return checksum(memoryview(raw.numpy()))

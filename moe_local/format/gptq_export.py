@@ -33,9 +33,19 @@ from torch import nn
 from moe_local.errors import MoeLocalError
 from moe_local.format.gptq_reader import GPTQ_BITS, is_gptq_checkpoint, pack_rows, qzeros_to_v1
 from moe_local.format.manifest import MANIFEST
+from moe_local.format.outdir import (
+    check_not_source,
+    check_output,
+    check_partial,
+    clear_partial,
+    make_partial,
+    os_error_line,
+    publish,
+)
 from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
 from moe_local.loading.loader import load_config
 from moe_local.loading.meta import build_on_meta
+from moe_local.loading.paths import file_inside
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.loading.safetensors_io import CheckpointFiles
 
@@ -165,13 +175,13 @@ def _layer_of(name: str) -> int:
 
 
 def _prepare(out: Path, partial: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MoeLocalError(f"{out} exists; pass --overwrite to replace it")
-    if partial.exists():
-        if not overwrite:
-            raise MoeLocalError(f"{partial} holds an unfinished run; pass --overwrite to start over")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    if partial.exists() and not overwrite:
+        raise MoeLocalError(f"{partial} holds an unfinished run; pass --overwrite to start over")
+    try:
+        clear_partial(partial)
+        make_partial(partial, "gptq")
+    except OSError as exc:
+        raise MoeLocalError(os_error_line(partial, exc)) from exc
 
 
 @dataclass
@@ -234,8 +244,10 @@ def export_gptq(
         valid = ", ".join(map(str, VALID_GROUP_SIZES))
         raise MoeLocalError(f"--format gptq supports group sizes {valid}; got {group_size}")
     src_path, out = resolve_model_path(src), Path(out)
-    if out.resolve() == src_path.resolve():
-        raise MoeLocalError("OUT must be a new folder, not SRC itself")
+    partial = out.with_name(out.name + ".partial")
+    check_output(out, [src_path], overwrite=overwrite)
+    check_not_source(partial, [src_path], "OUT.partial")
+    check_partial(partial)
     source = _open_source(src_path)
     # every shape is checked before anything is written
     for name in sorted(source.quantized):
@@ -245,17 +257,14 @@ def export_gptq(
         for part, key in source.experts.keys[site.layer].per_expert[0].items():
             if part in _PROJ_PARTS:
                 _check_packable(key, source.files.info(key).shape, bits, group_size)
-    partial = out.with_name(out.name + ".partial")
     _prepare(out, partial, overwrite)
     try:
         _write(source, partial, bits, group_size, progress, names == "gptqmodel")
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        publish(partial, out)
     except BaseException as exc:  # nothing resumes an export: an unfinished folder is only in the way
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise MoeLocalError(f"cannot write {partial}: {exc.strerror or exc}") from exc
+            raise MoeLocalError(os_error_line(partial, exc)) from exc
         raise
     return out
 
@@ -285,7 +294,7 @@ def _write(
 
     ``module_names``: name tensors by transformers' modules (GPTQModel) instead of as on disk.
     """
-    from safetensors.torch import save_file
+    from moe_local.format.outdir import save_safetensors
 
     layers = source.layers()
     shards = [f"model-{n + 1:05d}-of-{len(layers):05d}.safetensors" for n in range(len(layers))]
@@ -322,7 +331,7 @@ def _write(
                 add(tensors, key, w, part in _PROJ_PARTS)  # expert biases stay in float
             if progress:
                 progress(stage, len(names) + e + 1, todo, done_bytes)
-        save_file(tensors, str(partial / shard), metadata={"format": "pt"})
+        save_safetensors(tensors, partial / shard, metadata={"format": "pt"})
         for k, v in tensors.items():
             weight_map[k] = shard
             total_size += v.numel() * v.element_size()
@@ -346,4 +355,4 @@ def _write_configs(src: Path, partial: Path, qcfg: dict) -> None:
     (partial / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     for name in _COPY:
         if (src / name).exists():
-            shutil.copy2(src / name, partial / name)
+            shutil.copyfile(file_inside(src, name, "SRC"), partial / name)

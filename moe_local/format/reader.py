@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,10 +11,59 @@ from torch import nn
 
 from moe_local.errors import CheckpointError, ExpertBlobError
 from moe_local.experts.weights import ExpertWeights
-from moe_local.format.blob import Slot, checksum, unpack_blob
+from moe_local.format.blob import Slot, checksum, tensor_checksum, unpack_blob
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.loading.families import ExpertsSite
+from moe_local.loading.paths import file_inside
 from moe_local.loading.safetensors_io import SafetensorsFile, pread_into
+
+_log = logging.getLogger(__name__)
+
+
+def _scheme(name: object, what: str):
+    """Parse a scheme name from a manifest, as a one-line error when it is not one."""
+    from moe_local.quant.api import parse_scheme
+
+    try:
+        if not isinstance(name, str):
+            raise ValueError("not a string")
+        return parse_scheme(name)
+    except ValueError as exc:
+        raise CheckpointError(f"manifest gives {what} the unknown scheme {name!r} ({exc})") from exc
+
+
+def _check_entry(folder: Path, layer: int, entry: dict) -> list[Slot]:
+    """Check one layer's manifest entry against its blob file before anything is read or allocated.
+
+    Returns:
+        The layer's blob layout.
+
+    ``read_manifest`` has checked the fields' types already.
+
+    Raises:
+        CheckpointError: a file outside the folder, a slot that does not parse, a blob or tensor
+            that lies past the end of its file or blob.
+    """
+    what = f"moe_local.json layer {layer}"
+    path = file_inside(folder, entry.get("file"), what)
+    size = path.stat().st_size
+    try:
+        slots = [Slot.from_json(s) for s in entry["slots"]]
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{what} has a malformed slot ({type(exc).__name__}: {exc})") from exc
+    for e, blob in enumerate(entry["experts"]):
+        offset, length, _ = blob
+        if offset + length > size:
+            raise ExpertBlobError(
+                layer,
+                e,
+                f"{entry['file']} is truncated or the manifest is corrupt: the blob ends at byte "
+                f"{offset + length} but the file has {size}",
+            )
+        for slot in slots:
+            if slot.offset < 0 or slot.nbytes < 0 or slot.offset + slot.nbytes > length:
+                raise CheckpointError(f"{what}: tensor {slot.name} lies outside expert {e}'s blob")
+    return slots
 
 
 class BlobExperts:
@@ -30,8 +80,6 @@ class BlobExperts:
     def __init__(
         self, folder: Path, manifest: dict, sites: list[ExpertsSite], dtype: torch.dtype, drop_cache: bool
     ) -> None:
-        from moe_local.quant.api import parse_scheme
-
         self.folder = folder
         self.dtype = dtype
         self.drop_cache = drop_cache
@@ -41,13 +89,20 @@ class BlobExperts:
         self.verified: set[tuple[int, int]] = set()
         for site in sites:
             entry = manifest["layers"].get(str(site.layer))
-            if entry is None or len(entry["experts"]) != site.num_experts:
+            if entry is None or not isinstance(entry.get("experts"), list):
                 raise CheckpointError(
                     f"{folder}: manifest does not describe the experts of layer {site.layer}"
                 )
+            if len(entry["experts"]) != site.num_experts:
+                raise CheckpointError(
+                    f"{folder}: manifest lists {len(entry['experts'])} experts for layer {site.layer}; "
+                    f"the config has {site.num_experts}"
+                )
+            self.slots[site.layer] = _check_entry(folder, site.layer, entry)
             self.layers[site.layer] = entry
-            self.slots[site.layer] = [Slot.from_json(s) for s in entry["slots"]]
-            self.qtypes[site.layer] = {p: parse_scheme(s) for p, s in entry["schemes"].items() if s != "keep"}
+            self.qtypes[site.layer] = {
+                p: _scheme(s, f"layer {site.layer} {p}") for p, s in entry["schemes"].items() if s != "keep"
+            }
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` as stored."""
@@ -60,7 +115,7 @@ class BlobExperts:
         entry = self.layers[layer]
         offset, length, crc = entry["experts"][expert]
         blob = torch.empty(length, dtype=torch.uint8)
-        path = self.folder / entry["file"]
+        path = self.folder / entry["file"]  # checked to lie inside the folder by _check_entry
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -82,13 +137,21 @@ class BlobExperts:
         for part, shape in entry["shapes"].items():
             qtype = self.qtypes[layer].get(part)
             if qtype is None:
+                if part not in raw:
+                    raise ExpertBlobError(layer, expert, f"the blob layout has no tensor {part}")
                 t = raw[part]
                 parts[part] = t.to(self.dtype) if t.is_floating_point() else t
             else:
                 prefix = f"{part}."
                 tensors = {k.removeprefix(prefix): v for k, v in raw.items() if k.startswith(prefix)}
-                parts[part] = rebuild(tensors, tuple(shape), qtype)
-        return ExpertWeights(**parts)
+                try:
+                    parts[part] = rebuild(tensors, tuple(shape), qtype)
+                except (ValueError, RuntimeError, KeyError) as exc:
+                    raise ExpertBlobError(layer, expert, f"{part} does not match its scheme ({exc})") from exc
+        try:
+            return ExpertWeights(**parts)
+        except TypeError as exc:
+            raise ExpertBlobError(layer, expert, f"unexpected parts {sorted(parts)} in the manifest") from exc
 
 
 def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) -> int:
@@ -96,24 +159,48 @@ def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) 
 
     Linear weights stored quantized become ``QuantLinear`` modules in place of ``nn.Linear``.
     """
-    from moe_local.quant.api import make_linear_module, parse_scheme, rebuild
+    from moe_local.quant.api import make_linear_module, rebuild
 
-    f = SafetensorsFile(folder / DENSE_FILE)
+    f = SafetensorsFile(file_inside(folder, DENSE_FILE, "the moe-local folder"))
+    sums: dict[str, int] | None = manifest.get("dense_crc32")
+    if sums is None:
+        _log.warning(
+            "note: %s was written by an older moe-local without checksums of its dense part; "
+            "quantize it again to have every byte verified",
+            folder,
+        )
+
+    def read(key: str) -> torch.Tensor:
+        if key not in f.tensors:
+            raise CheckpointError(f"{folder / DENSE_FILE} lacks {key}, which the manifest lists")
+        t = f.read(key)
+        if sums is not None and tensor_checksum(t) != sums.get(key):
+            raise CheckpointError(f"{folder / DENSE_FILE}: {key} fails its checksum (corrupt file)")
+        return t
+
     kept: dict[str, torch.Tensor] = {}
     total = 0
     schemes: dict[str, str] = manifest["dense"]
     quantized = {n for n, s in schemes.items() if s != "keep"}
     for name, scheme in schemes.items():
         if scheme == "keep":
-            t = f.read(name)
+            t = read(name)
             kept[name] = t.to(dtype) if t.is_floating_point() else t
             total += kept[name].numel() * kept[name].element_size()
     for name in quantized:
         mod_name = name.removesuffix(".weight")
-        linear = lm.get_submodule(mod_name)
+        try:
+            linear = lm.get_submodule(mod_name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"manifest quantizes {name}, which is not a linear weight of this model")
         prefix = f"{name}."
-        tensors = {k.removeprefix(prefix): f.read(k) for k in f.tensors if k.startswith(prefix)}
-        qt = rebuild(tensors, (linear.out_features, linear.in_features), parse_scheme(schemes[name]))
+        tensors = {k.removeprefix(prefix): read(k) for k in f.tensors if k.startswith(prefix)}
+        try:
+            qt = rebuild(tensors, (linear.out_features, linear.in_features), _scheme(schemes[name], name))
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{folder / DENSE_FILE}: {name} does not match its scheme ({exc})") from exc
         bias = kept.pop(f"{mod_name}.bias", None)
         parent_name, _, attr = mod_name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm

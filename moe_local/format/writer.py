@@ -9,6 +9,7 @@ Legend: E=experts, H=hidden size, I=expert intermediate size.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -21,12 +22,23 @@ from torch import nn
 
 from moe_local.errors import MoeLocalError
 from moe_local.experts.weights import ExpertWeights
-from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up
+from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up, tensor_checksum
 from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moe_local.format.outdir import (
+    check_not_source,
+    check_output,
+    check_partial,
+    clear_partial,
+    make_partial,
+    os_error_line,
+    publish,
+    save_safetensors,
+)
 from moe_local.format.workers import ordered_map
 from moe_local.loading.families import CheckpointExperts, checkpoint_renamer, find_expert_sites
 from moe_local.loading.loader import load_config
 from moe_local.loading.meta import build_on_meta
+from moe_local.loading.paths import file_inside
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.loading.safetensors_io import CheckpointFiles
 from moe_local.recipes import Recipe
@@ -157,6 +169,10 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     src_path = resolve_model_path(src)
     out = Path(out)
+    if dry_run:
+        check_not_source(out, [src_path])
+    else:  # before any work: a refused OUT should not cost a calibration pass
+        check_output(out, [src_path], overwrite=overwrite)
     config = load_config(src_path)
     files = CheckpointFiles(src_path)
     meta = build_on_meta(config, torch.float32)
@@ -174,6 +190,10 @@ def quantize_checkpoint(
         report.seconds = time.perf_counter() - t0
         return report
     report = QuantizeReport(out)
+    partial = out.with_name(out.name + ".partial")
+    check_not_source(partial, [src_path], "OUT.partial")
+    run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens)
+    _check_start(out, partial, overwrite, resume, run)
     cal = None
     gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}  # group: any
     if any(_is_gptq(r.scheme) for r in recipe.rules):
@@ -187,37 +207,35 @@ def quantize_checkpoint(
         report.calibration_tokens = cal.tokens
         report.tokens_per_expert = cal.seen
 
-    partial = out.with_name(out.name + ".partial")
-    _prepare(out, partial, overwrite, resume)
     try:
-        _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal)
+        if not resume:
+            _start(partial, run)
+        dense_sums = _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal)
         layers = {}
         for site in sites:
             layer_cal = cal.layers.get(site.layer) if cal else None
             cal_args = (layer_cal, min_expert_tokens)
             layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress, cal_args)
         for name in _COPY:
-            if (src_path / name).exists():
-                shutil.copy2(src_path / name, partial / name)
-        index = src_path / "model.safetensors.index.json"
-        ident = index.read_bytes() if index.exists() else "\n".join(sorted(files.names())).encode()
+            if (src_path / name).is_file():
+                shutil.copyfile(file_inside(src_path, name, "SRC"), partial / name)
         manifest = {
             "format": "moe-local",
             "version": FORMAT_VERSION,
-            "source": {"name": src_path.name, "index_sha256": hashlib.sha256(ident).hexdigest()},
+            "source": {"name": src_path.name, "index_sha256": run["source"]["index_sha256"]},
             "recipe": recipe.name,
+            "run": run,
             "model_type": config.model_type,
             "dense": report_dense_schemes(recipe, dense, linear_weights, files),
+            "dense_crc32": dense_sums,
             "layers": layers,
         }
         write_json_atomic(partial / MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        shutil.rmtree(partial / "progress")  # a finished folder carries no resume state
+        publish(partial, out)
     except OSError as exc:
-        raise MoeLocalError(
-            f"cannot write {partial}: {exc.strerror or exc} (OUT.partial kept for --resume)"
-        ) from exc
+        kept = " (OUT.partial kept for --resume)" if (partial / "progress").is_dir() else ""
+        raise MoeLocalError(os_error_line(partial, exc) + kept) from exc
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -233,19 +251,85 @@ def report_dense_schemes(
     return out
 
 
-def _prepare(out: Path, partial: Path, overwrite: bool, resume: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MoeLocalError(f"{out} exists; pass --overwrite to replace it")
-    if partial.exists() and not resume:
-        if not overwrite:
+def run_record(src: Path, files: CheckpointFiles, recipe: Recipe, calibration, tokens: int, min_tokens: int):
+    """What a run was started with: a resume must match it field by field.
+
+    The source is identified by content, not by path (a moved folder is the same source): its
+    index (or tensor names), config.json, and each shard's size and sampled bytes (a fine-tune
+    of the same base has the same index and sizes, but differs at almost every byte).
+    """
+    index = src / "model.safetensors.index.json"
+    ident = index.read_bytes() if index.exists() else "\n".join(sorted(files.names())).encode()
+    shards = {name: [f.size, _sample_digest(f.path, f.size)] for name, f in sorted(files.files.items())}
+    config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
+    rules = [[r.pattern, r.scheme.full_name if r.scheme is not None else "keep"] for r in recipe.rules]
+    cal = None
+    if calibration is not None and Path(calibration).is_file():
+        cal = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
+    return {
+        "source": {
+            "index_sha256": hashlib.sha256(ident).hexdigest(),
+            "shards": shards,
+            "config_sha256": config,
+        },
+        "recipe": {"name": recipe.name, "rules": rules},
+        "options": {"calibration_sha256": cal, "calibration_tokens": tokens, "min_expert_tokens": min_tokens},
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _sample_digest(path: Path, size: int, samples: int = 16, span: int = 4096) -> str:
+    """SHA-256 of ``samples`` evenly spaced ``span``-byte pieces of a file (and its last piece)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in sorted({size * i // samples for i in range(samples)} | {max(size - span, 0)}):
+            f.seek(offset)
+            h.update(f.read(span))
+    return h.hexdigest()
+
+
+_WHAT_DIFFERS = {
+    "source": "a different SRC (its index, config.json or weights differ)",
+    "recipe": "a different recipe or --method",
+    "options": "different calibration options (--calibration file or token counts)",
+    "format_version": "another version of moe-local",
+}
+
+
+def _check_start(out: Path, partial: Path, overwrite: bool, resume: bool, run: dict) -> None:
+    """Refuse, before any work, a start that would lose data or a resume that would mix two runs."""
+    check_output(out, overwrite=overwrite)
+    record = partial / "progress" / "run.json"
+    if resume:
+        if not partial.is_dir():
+            raise MoeLocalError(f"nothing to resume: {partial} does not exist")
+        try:
+            started = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
             raise MoeLocalError(
-                f"{partial} holds an unfinished run; pass --resume to continue it or --overwrite"
+                f"cannot resume {partial}: it does not record what it was started with; "
+                "start over with --overwrite"
+            ) from exc
+        differs = [_WHAT_DIFFERS[k] for k in _WHAT_DIFFERS if started.get(k) != run[k]]
+        if differs:
+            raise MoeLocalError(
+                f"cannot resume {partial}: it was started with " + " and ".join(differs) + "; "
+                "rerun with the same SRC and options, or start over with --overwrite"
             )
-        shutil.rmtree(partial)
-    if resume and not partial.exists():
-        raise MoeLocalError(f"nothing to resume: {partial} does not exist")
-    (partial / "experts").mkdir(parents=True, exist_ok=True)
+        return
+    if partial.exists() and not overwrite:
+        raise MoeLocalError(f"{partial} holds an unfinished run; pass --resume to continue it or --overwrite")
+    check_partial(partial)
+
+
+def _start(partial: Path, run: dict) -> None:
+    """A fresh work folder (an earlier one of ours replaced) that records what the run is."""
+    record = partial / "progress" / "run.json"
+    clear_partial(partial)
+    make_partial(partial, "quantize")
+    (partial / "experts").mkdir(exist_ok=True)
     (partial / "progress").mkdir(exist_ok=True)
+    write_json_atomic(record, run)
 
 
 def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
@@ -271,11 +355,11 @@ def _is_gptq(q) -> bool:
     return q is not None and getattr(q, "method", None) == "gptq"
 
 
-def _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal=None) -> None:
-    from safetensors.torch import save_file
-
-    if (partial / "progress" / "dense.done").exists():
-        return
+def _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal=None) -> dict:
+    """Write the dense part; return the CRC-32 of each of its tensors (kept for a resume)."""
+    done = partial / "progress" / "dense.json"
+    if done.exists():
+        return json.loads(done.read_text())
     tensors: dict[str, torch.Tensor] = {}
     done_bytes = 0
     for i, (name, key) in enumerate(dense.items()):
@@ -294,8 +378,10 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
         done_bytes += w.numel() * w.element_size()
         if progress:
             progress("dense", i + 1, len(dense), done_bytes)
-    save_file(tensors, str(partial / DENSE_FILE))
-    (partial / "progress" / "dense.done").touch()
+    save_safetensors(tensors, partial / DENSE_FILE)
+    sums = {k: tensor_checksum(t) for k, t in tensors.items()}
+    write_json_atomic(done, sums)
+    return sums
 
 
 def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
@@ -304,8 +390,6 @@ def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
 
 
 def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress, cal_args) -> dict:
-    import json
-
     record = partial / "progress" / f"layer-{site.layer:04d}.json"
     if record.exists():
         return json.loads(record.read_text())

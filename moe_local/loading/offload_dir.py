@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moe_local.errors import MoeLocalError
 from moe_local.format.manifest import MANIFEST
+from moe_local.format.outdir import check_not_source, clear_partial, os_error_line, publish, write_marker
 
 Progress = Callable[..., None]
 
@@ -55,11 +56,12 @@ def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None 
     from moe_local.format.gptq_reader import is_gptq_checkpoint
 
     offload_dir = Path(offload_dir).expanduser()
+    target = staged_path(src, offload_dir)
+    check_not_source(target, [src], "--offload-dir")  # never written into the model it stages
     try:
         offload_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoeLocalError(f"cannot use --offload-dir {offload_dir}: {exc.strerror}") from exc
-    target = staged_path(src, offload_dir)
     if (target / MANIFEST).is_file():
         return target
     if is_gptq_checkpoint(src):
@@ -70,15 +72,16 @@ def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None 
         else:
             _rewrite_as_blobs(src, target, progress)
     except OSError as exc:
-        raise MoeLocalError(f"cannot stage experts in {offload_dir}: {exc.strerror or exc}") from exc
+        raise MoeLocalError(f"cannot stage experts: {os_error_line(offload_dir, exc)}") from exc
     return target
 
 
 def _copy_folder(src: Path, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(src, partial)
-    partial.rename(target)  # the manifest appears only with the whole folder
+    clear_partial(partial)
+    shutil.copytree(src, partial, symlinks=True)  # links stay links: the reader refuses outside ones
+    write_marker(partial, "staged")
+    publish(partial, target)  # the manifest appears only with the whole folder
 
 
 def _rewrite_as_blobs(src: Path, target: Path, progress: Progress | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import CheckpointError
+from moe_local.loading.paths import file_inside
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -93,6 +94,8 @@ class SafetensorsFile:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.path.name}: tensor {name} has a malformed header entry") from exc
+        if begin < 0 or end < begin or any(d < 0 for d in shape):
+            raise CheckpointError(f"{self.path.name}: tensor {name} has negative offsets or sizes")
         numel = 1
         for d in shape:
             numel *= d
@@ -176,12 +179,11 @@ class CheckpointFiles:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index.name} is not a valid safetensors index") from exc
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index.name} is not a valid safetensors index (bad weight_map)")
             for shard in sorted(set(weight_map.values())):
-                if not (self.folder / shard).exists():
-                    raise CheckpointError(
-                        f"shard {shard} listed in {index.name} is missing from {self.folder}"
-                    )
-                self.files[shard] = SafetensorsFile(self.folder / shard)
+                path = file_inside(self.folder, shard, f"{index.name}")
+                self.files[shard] = SafetensorsFile(path)
             for key, shard in weight_map.items():
                 if key not in self.files[shard].tensors:
                     raise CheckpointError(f"{shard} does not contain {key}, which {index.name} says it holds")
@@ -197,7 +199,7 @@ class CheckpointFiles:
                 )
                 raise CheckpointError(f"no .safetensors weights in {self.folder}{hint}")
             for p in paths:
-                f = SafetensorsFile(p)
+                f = SafetensorsFile(file_inside(self.folder, p.name, "the folder listing"))
                 self.files[p.name] = f
                 for key in f.tensors:
                     self.key_to_file[key] = f

@@ -74,7 +74,7 @@ def test_manifest_and_alignment(tiny_mixtral, tmp_path):
     out = tmp_path / "q"
     quantize_checkpoint(tiny_mixtral, out, _recipe(tmp_path))
     m = json.loads((out / "moe_local.json").read_text())
-    assert m["format"] == "moe-local" and m["version"] == 1 and len(m["source"]["index_sha256"]) == 64
+    assert m["format"] == "moe-local" and m["version"] == 2 and len(m["source"]["index_sha256"]) == 64
     assert m["dense"]["model.layers.0.self_attn.q_proj.weight"] == "int8-g16"
     assert m["dense"]["lm_head.weight"] == "keep"
     for layer in m["layers"].values():
