@@ -95,10 +95,23 @@ def window_nll(model, ids: torch.Tensor, context: int, batch: int = 1) -> tuple[
     return nll, scored
 
 
-def evaluate_file(lm: LoadedModel, path: str | Path, **kwargs) -> EvalResult:
-    """``perplexity`` of the text in ``path``."""
+def read_text_file(path: str | Path) -> str:
+    """The text to score, or one line saying why it cannot be read (checked before any model loads).
+
+    Raises:
+        MoeLocalError: missing, a folder, unreadable, or empty.
+    """
     try:
         text = Path(path).read_text(errors="replace")
+    except IsADirectoryError as exc:
+        raise MoeLocalError(f"--text {path} is a folder; give a plain-text file") from exc
     except OSError as exc:
-        raise MoeLocalError(f"cannot read {path}: {exc.strerror}") from exc
-    return perplexity(lm, text, **kwargs)
+        raise MoeLocalError(f"cannot read --text {path}: {exc.strerror}") from exc
+    if not text.strip():
+        raise MoeLocalError(f"--text {path} is empty: nothing to score")
+    return text
+
+
+def evaluate_file(lm: LoadedModel, path: str | Path, **kwargs) -> EvalResult:
+    """``perplexity`` of the text in ``path``."""
+    return perplexity(lm, read_text_file(path), **kwargs)

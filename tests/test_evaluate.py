@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from moe_local.evaluate import perplexity
@@ -56,3 +57,18 @@ def test_window_nll_batching_and_tail(tiny_lm):
     assert one[1] == two[1] == 4 * 7 + 4
     assert abs(one[0] - two[0]) < 1e-3 * abs(one[0])
     assert window_nll(tiny_lm.model, ids[:33], 8)[1] == 4 * 7  # a 1-token tail scores nothing
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty"])
+def test_eval_checks_the_text_before_loading(tiny_mixtral, tmp_path, capsys, monkeypatch, kind):
+    import moe_local.loading.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --text was checked")
+
+    monkeypatch.setattr(loader, "load", no_load)
+    text = {"missing": tmp_path / "nope.txt", "folder": tmp_path, "empty": tmp_path / "empty.txt"}[kind]
+    if kind == "empty":
+        text.write_text("  \n")
+    code, _, err = run_cli(capsys, "eval", str(tiny_mixtral), "--text", str(text))
+    assert_one_line_error(code, err, "--text", str(text))

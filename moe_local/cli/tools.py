@@ -267,14 +267,15 @@ def eval_(
     from rich.table import Table
 
     from moe_local.config import LoadOptions, parse_size
-    from moe_local.evaluate import evaluate_file
+    from moe_local.evaluate import perplexity, read_text_file
     from moe_local.loading.loader import load
 
     _setup_torch()
+    corpus = read_text_file(text)  # before any model loads: a wrong path should not cost a load
     results = []
     for model in models:
         lm = load(model, LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory)))
-        results.append(evaluate_file(lm, text, context=context, max_tokens=max_tokens))
+        results.append(perplexity(lm, corpus, context=context, max_tokens=max_tokens))
         del lm
     if len(results) == 1:
         r = results[0]
