@@ -31,8 +31,21 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
 }
+# every dtype safetensors 0.8 defines that this torch has a type for (checked by name: older torch lacks some)
+for _name, _attr in (
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_SUB_BYTE = ("F4", "F6_E2M3", "F6_E3M2")  # valid safetensors dtypes of under 8 bits: not read yet
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 30  # pread moves at most ~2 GiB per call on Linux
 
@@ -88,6 +101,11 @@ class SafetensorsFile:
             self.tensors[name] = self._parse_entry(name, entry, base)
 
     def _parse_entry(self, name: str, entry: dict, base: int) -> TensorInfo:
+        if isinstance(entry, dict) and entry.get("dtype") in _SUB_BYTE:
+            raise CheckpointError(
+                f"{self.path.name}: tensor {name} is stored as {entry['dtype']}, "
+                "which moe-local cannot read yet"
+            )
         try:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
