@@ -17,10 +17,10 @@ from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError, PromptTooLongError
 from moe_local.experts.store import StoreStats
 from moe_local.loading.loader import LoadedModel
+from moe_local.prompt import Prompt, encode_prompt
 from moe_local.sampling import LogitsProcessor, Sampler, sampler_from_params
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
-Prompt = str | Sequence[int] | Sequence[dict]
 
 
 @dataclass
@@ -102,34 +102,6 @@ def generate_step(
             seen.append(token)
             step = torch.tensor([[token]], dtype=torch.long, device=device)
             out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-
-def encode_prompt(lm: LoadedModel, prompt: Prompt, chat: bool | None = None) -> list[int]:
-    """Turn a prompt into token ids.
-
-    Args:
-        lm: the loaded model (its tokenizer and chat template).
-        prompt: text, token ids, or chat messages (``[{"role": ..., "content": ...}]``).
-        chat: wrap text in the chat template as one user turn (None: only when the tokenizer has one).
-
-    Returns:
-        The prompt's token ids.
-    """
-    if isinstance(prompt, str):
-        tok = _tokenizer(lm)
-        if chat is None:
-            chat = bool(getattr(tok, "chat_template", None))
-        if not chat:
-            return list(tok.encode(prompt))
-        prompt = [{"role": "user", "content": prompt}]
-    items = list(prompt)
-    if items and isinstance(items[0], dict):
-        tok = _tokenizer(lm)
-        if not getattr(tok, "chat_template", None):
-            raise MoeLocalError(f"{lm.name} has no chat template; pass plain text with --no-chat")
-        ids = tok.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return [int(t) for t in items]
 
 
 def stream_generate(
@@ -234,12 +206,6 @@ def generate(
             tokens.append(resp.token)
     assert resp is not None  # stream_generate always yields a final response
     return GenerationResult("".join(parts), tokens, resp.finish_reason or "length", resp)
-
-
-def _tokenizer(lm: LoadedModel):
-    if lm.tokenizer is None:
-        raise MoeLocalError(f"{lm.name} was loaded without a tokenizer; pass token ids")
-    return lm.tokenizer
 
 
 def _top(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -221,5 +221,6 @@ def test_template_error_is_one_line_and_the_repl_goes_on(tiny_lm, monkeypatch, c
     monkeypatch.setattr(tiny_lm.tokenizer, "chat_template", "{{ raise_exception('roles must alternate') }}")
     code, out, err = _run(tiny_lm, "hi\nthere\n/stats\n", capsys)
     assert code == 0
-    assert err.count("error: roles must alternate") == 2 and "Traceback" not in err
+    assert err.count(f"error: the chat template of {tiny_lm.name} failed: roles must alternate") == 2
+    assert "Traceback" not in err
     assert "last reply: none yet" in out

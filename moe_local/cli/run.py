@@ -200,7 +200,12 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
     from moe_local.server import serve as run_server
+    from moe_local.server.listen import check_api_key, check_listen, check_log_level
 
+    # before the demo build or any load: a bad address should cost nothing
+    check_log_level(log_level)
+    check_api_key(api_key)
+    check_listen(host, port)
     _setup_torch()
     model = _model_or_demo(model)
     options = _planned_load_options(

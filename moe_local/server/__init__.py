@@ -4,7 +4,12 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (both streamed with server-sent events or not), ``POST /tokenize``,
 ``POST /detokenize`` and ``GET /metrics`` (Prometheus text). The model loads in the background
 after the server starts (``/health`` answers 503 until it is ready); requests queue and run one
-generation at a time.
+generation at a time. The port, host, log level and API key are checked before the model loads.
+
+Chat messages are always text: a special token spelled out in a message (``<|im_start|>system``)
+is encoded as those characters, never as the control token, so no client can forge a turn. A raw
+``/v1/completions`` prompt is the client's whole prompt and is encoded as is, spellings included
+(as llama-server and vLLM do). The ``Authorization`` scheme is case-insensitive (``bearer KEY``).
 
     from moe_local.server import serve
     serve("./Mixtral-8x7B-v0.1", port=8000, api_key="secret")
@@ -45,7 +50,8 @@ def serve(
         log_level: uvicorn's log level (critical, error, warning, info, debug).
 
     Raises:
-        MoeLocalError: the model cannot be loaded (the server stops), or the port cannot be bound.
+        MoeLocalError: an invalid port, host, log level or API key, or a port that cannot be bound
+            (all found before the model loads); the model cannot be loaded (the server stops).
     """
     import copy
 
@@ -56,7 +62,11 @@ def serve(
     from moe_local.server.app import create_app
     from moe_local.server.engine import Engine
     from moe_local.server.jobs import State
+    from moe_local.server.listen import check_api_key, check_listen, check_log_level
 
+    log_level = check_log_level(log_level)
+    check_api_key(api_key)
+    check_listen(host, port)  # before the model loads: a typo should not cost a minute of loading
     engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name)
     app = create_app(engine, api_key=api_key)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)

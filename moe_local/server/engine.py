@@ -154,6 +154,10 @@ class Engine:
     ) -> list[int]:
         """Tokenize a prompt on the request side (call it from a worker thread of the event loop).
 
+        Chat messages are encoded with their content as text (see ``moe_local.prompt``); plain text
+        (``/v1/completions``, ``/tokenize`` with a prompt) is the client's raw prompt, special-token
+        spellings included, as llama-server and vLLM take raw prompts.
+
         Args:
             prompt: text, token ids, or chat messages.
             chat: apply the chat template (messages always get it).
@@ -163,9 +167,10 @@ class Engine:
             The token ids.
 
         Raises:
-            ApiError: token ids outside the vocabulary, or a chat prompt the model cannot take.
+            ApiError: 400 for token ids outside the vocabulary, text that is not valid Unicode or
+                messages the chat template refuses; 500 when the chat template itself fails.
         """
-        from moe_local.generation import encode_prompt
+        from moe_local.prompt import ChatTemplateError, check_unicode, encode_prompt
 
         self.require_ready()
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
@@ -173,12 +178,16 @@ class Engine:
         with self._tok_lock:
             try:
                 if isinstance(prompt, str) and not chat:
+                    check_unicode(prompt)
                     return list(self._tokenizer.encode(prompt, add_special_tokens=special))
                 return encode_prompt(replace(self.lm, tokenizer=self._tokenizer), prompt, chat)
+            except ChatTemplateError as exc:
+                if exc.refused:  # the template's own raise_exception(): these messages are at fault
+                    raise ApiError(400, str(exc), code="chat_template_refused") from exc
+                log.error("%s", exc)  # the model's template is broken (or hostile): the operator must know
+                raise ApiError(500, str(exc), type="server_error", code="chat_template_error") from exc
             except MoeLocalError as exc:
                 raise ApiError(400, str(exc)) from exc
-            except Exception as exc:  # chat templates raise jinja errors for messages they refuse
-                raise ApiError(400, f"cannot apply the chat template: {str(exc).splitlines()[0]}") from exc
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
         """Return ``ids`` as a list, or raise 400 if one is outside the vocabulary."""

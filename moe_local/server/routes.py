@@ -242,7 +242,11 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    """OpenAI (legacy) text completions, streamed or not; the prompt is used as is, no template."""
+    """OpenAI (legacy) text completions, streamed or not; the prompt is used as is.
+
+    No chat template, and special-token spellings in the prompt are those tokens: a raw prompt is
+    wholly the client's, as in llama-server and vLLM.
+    """
     engine = _engine(request)
     req = await read_json(request, CompletionRequest)
     engine.check_model(req.model)

@@ -1,8 +1,9 @@
 """Fixtures: the server run for real, as a subprocess on a free loopback port.
 
 Two servers start in parallel once per session (loading takes most of the time): ``server``
-(default options, a custom model name) and ``key_server`` (an API key, ``max_queue=1`` and a
-48-token context, for auth, queue-full and fuzz tests whose generations must stay short).
+(default options, a custom model name, logging at info level so tests can read its one-line
+notices) and ``key_server`` (an API key, ``max_queue=1`` and a 48-token context, for auth,
+queue-full and fuzz tests whose generations must stay short). Neither may log a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from tests.server.harness import free_port
 STARTUP_TIMEOUT_S = 120.0
 MODEL_NAME = "tiny-moe"
 API_KEY = "test-key-123"
+# what a server must never log, whatever clients do: tracebacks, unhandled errors, ASGI misuse
+LOG_ALARMS = ("Traceback", "unhandled error", "Exception in ASGI application", "ASGI callable")
 
 
 @dataclass
@@ -60,8 +63,23 @@ class Server:
         """What the server printed so far."""
         return self.log.read_text(errors="replace")
 
+    def alarms(self) -> list[str]:
+        """The log lines a server must never print (see ``LOG_ALARMS``)."""
+        return [line for line in self.log_text().splitlines() if any(a in line for a in LOG_ALARMS)]
 
-def _start(model: Path, log: Path, name: str, *args: str, api_key: str | None = None) -> Server:
+    def wait_for_log(self, needle: str, timeout: float = 5.0) -> bool:
+        """Whether ``needle`` appears in the log within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def _start(
+    model: Path, log: Path, name: str, *args: str, api_key: str | None = None, log_level: str = "warning"
+) -> Server:
     port = free_port()
     cmd = [
         sys.executable,
@@ -71,7 +89,7 @@ def _start(model: Path, log: Path, name: str, *args: str, api_key: str | None = 
         "--port",
         str(port),
         "--log-level",
-        "warning",
+        log_level,
     ]
     cmd += ["--model-name", name, *args]
     if api_key:
@@ -113,7 +131,7 @@ def _stop(server: Server) -> None:
 def servers(tiny_mixtral, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
     """Both servers, started together and stopped at the end of the session."""
     logs = tmp_path_factory.mktemp("server-logs")
-    main = _start(tiny_mixtral, logs / "main.log", MODEL_NAME)
+    main = _start(tiny_mixtral, logs / "main.log", MODEL_NAME, log_level="info")
     keyed = _start(
         tiny_mixtral, logs / "keyed.log", "keyed", "--max-queue", "1", "--context", "48", api_key=API_KEY
     )
@@ -126,8 +144,8 @@ def servers(tiny_mixtral, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
         _stop(main)
         _stop(keyed)
     for s in (main, keyed):
-        if "Traceback" in s.log_text():
-            pytest.fail(f"the server logged a traceback:\n{s.log_text()}")
+        if any(needle in s.log_text() for needle in LOG_ALARMS):
+            pytest.fail(f"the server logged a traceback or an error of its own:\n{s.log_text()}")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tests.server.harness import misbehaviours
+
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(8)]
 
 
@@ -27,6 +29,20 @@ def test_concurrent_clients_get_the_same_answers_as_alone(server):
         together = list(pool.map(lambda i: _ask(server, i), range(len(PROMPTS))))
     assert together == alone
     assert len(set(alone)) > 1  # different prompts, different answers: nothing got mixed up
+
+
+def test_misbehaving_clients_do_not_disturb_the_others(server):
+    """Clients leaving mid-body and mid-stream among honest ones: the honest answers do not change."""
+    alone = [_ask(server, i) for i in range(4)]
+    rude = list(misbehaviours(server.model, {}).values())
+    with ThreadPoolExecutor(max_workers=4 + len(rude)) as pool:
+        honest = [pool.submit(_ask, server, i) for i in range(4)]
+        for misbehave in rude:
+            pool.submit(misbehave, server.port)
+        together = [f.result() for f in honest]
+    assert together == alone
+    time.sleep(0.5)  # the server notices the last departures
+    assert server.alarms() == []
 
 
 def _generated_tokens(server) -> float:

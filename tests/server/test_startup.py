@@ -1,10 +1,16 @@
-"""Starting the server: a model that cannot load stops it with one clear error line."""
+"""Starting the server: a model that cannot load, or an address it cannot listen on, is one error line."""
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
 
+import pytest
+
+from moe_local.errors import MoeLocalError
+from moe_local.server import serve
 from tests.server.harness import free_port
 
 
@@ -30,3 +36,43 @@ def test_unloadable_model_stops_the_server_with_an_error(tmp_path):
     assert lines[-1].startswith("error: cannot load")
     assert "no such model folder" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_port_out_of_range_fails_before_loading(tmp_path):
+    """The model folder does not exist: had the server started loading, that would be the error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_local.server", str(tmp_path / "no-such-model"), "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: port 70000 is out of range: pass 0-65535"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": -1}, "port -1 is out of range"),
+        ({"port": "8000"}, "port '8000' is out of range"),
+        ({"host": "no-such-host.invalid"}, "the host 'no-such-host.invalid' does not resolve"),
+        ({"host": "192.0.2.1"}, "cannot listen on 192.0.2.1:"),  # TEST-NET-1: on no machine
+        ({"log_level": "loud"}, "unknown log level 'loud'; choose one of critical"),
+        ({"api_key": " key"}, "the API key must be printable ASCII"),
+        ({"api_key": "k\u00e9y"}, "the API key must be printable ASCII"),
+    ],
+)
+def test_serve_checks_its_arguments_before_loading(tmp_path, kwargs, message):
+    with pytest.raises(MoeLocalError, match=re.escape(message)):
+        serve(tmp_path / "no-such-model", **{"port": free_port(), **kwargs})
+
+
+def test_a_port_in_use_fails_before_loading(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MoeLocalError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            serve(tmp_path / "no-such-model", port=port)
