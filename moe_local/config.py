@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,15 +23,100 @@ def parse_size(text: str | int | None) -> int | None:
         Bytes, or None.
 
     Raises:
-        MoeLocalError: the text is not a size.
+        MoeLocalError: the text is not a size, or is negative.
     """
-    if text is None or isinstance(text, int):
+    if text is None:
+        return None
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise MoeLocalError(f"not a memory size: {text!r} (examples: 700MiB, 22GiB, 1.5GB)")
+    if isinstance(text, int):
+        if text < 0:
+            raise MoeLocalError(f"a memory size cannot be negative: {text}")
         return text
     m = _SIZE_RE.match(text)
     if m is None:
         raise MoeLocalError(f"not a memory size: {text!r} (examples: 700MiB, 22GiB, 1.5GB)")
     unit = (m.group(2) or "").lower().removesuffix("b")
-    return int(float(m.group(1)) * _UNITS[unit])
+    value = float(m.group(1)) * _UNITS[unit]
+    if not math.isfinite(value):  # hundreds of digits: float() overflows to inf
+        shown = text.strip() if len(text.strip()) <= 24 else text.strip()[:20] + "..."
+        raise MoeLocalError(f"not a memory size: {shown!r} is too large to be one")
+    return int(value)
+
+
+def human_bytes(n: float) -> str:
+    """Format bytes with binary units: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def machine_memory() -> tuple[int, int]:
+    """This machine's physical RAM and swap, in bytes."""
+    import psutil
+
+    return int(psutil.virtual_memory().total), int(psutil.swap_memory().total)
+
+
+def check_host_budget(nbytes: int | None, what: str) -> None:
+    """Refuse a RAM budget this machine could never hold (more than its RAM and swap together).
+
+    Args:
+        nbytes: the budget in bytes; None passes.
+        what: the option, for the message (e.g. ``--cpu-memory``).
+
+    Raises:
+        MoeLocalError: the budget is negative, not an integer, or larger than RAM plus swap.
+    """
+    if nbytes is None:
+        return
+    _check_bytes(nbytes, what)
+    ram, swap = machine_memory()
+    if nbytes > ram + swap:
+        swap_text = f" and {human_bytes(swap)} of swap" if swap else " (no swap)"
+        raise MoeLocalError(
+            f"{what} {human_bytes(nbytes)} is more than this machine could hold: it has "
+            f"{human_bytes(ram)} of RAM{swap_text}"
+        )
+
+
+def _check_bytes(nbytes: object, what: str) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise MoeLocalError(f"{what} must be a size in bytes >= 0, not {nbytes!r}")
+
+
+def _check_device(device: object, budget: int | None) -> None:
+    """Refuse a device torch does not know or does not have, and an expert budget it cannot hold.
+
+    On the CPU the experts budget is RAM; on an accelerator it is that device's memory.
+    """
+    what = "expert memory budget"
+    if not isinstance(device, str):
+        raise MoeLocalError(f"device must be a string such as cpu or cuda, not {device!r}")
+    if device.startswith("cpu"):
+        check_host_budget(budget, what)
+        return
+    if budget is not None:
+        _check_bytes(budget, what)
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise MoeLocalError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from exc
+    if dev.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = dev.index if dev.index is not None else 0
+    if index >= count:
+        raise MoeLocalError(f"device {device!r} is not available: this torch sees {count} CUDA devices")
+    total = torch.cuda.get_device_properties(index).total_memory
+    if budget is not None and budget > total:
+        raise MoeLocalError(
+            f"{what} {human_bytes(budget)} is more than {device} holds ({human_bytes(total)})"
+        )
 
 
 @dataclass(frozen=True)
@@ -64,6 +150,13 @@ class LoadOptions:
     policy: str = "lru"
     prefetch: bool = True
     offload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        context = self.context
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+            raise MoeLocalError(f"context must be >= 1 token, not {context!r}")
+        _check_device(self.device, self.expert_memory)
+        check_host_budget(self.host_memory, "host memory budget")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from moe_local.errors import UnsupportedModelError
+from moe_local.config import human_bytes as human_bytes  # re-exported: it lived here first
 from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint
 from moe_local.format.manifest import DENSE_FILE, MANIFEST, read_manifest
 from moe_local.loading.families import (
@@ -55,20 +55,15 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         The description.
 
     Raises:
-        MoeLocalError: the folder is not a checkpoint, or its family is unsupported (says why).
+        MoeLocalError: the folder is not a checkpoint, its config is wrong, or its family is
+            unsupported (says why).
     """
     path = resolve_model_path(model, download=download)
     config = load_config(path)
     quantized = (path / MANIFEST).exists()
     manifest = read_manifest(path) if quantized else None
     files = None if quantized else CheckpointFiles(path)
-    try:
-        meta = build_on_meta(config, torch.float32)
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"family {config.model_type!r} is not supported: transformers cannot build it as a causal LM "
-            f"({str(exc).splitlines()[0]})"
-        ) from exc
+    meta = build_on_meta(config, torch.float32)
     sites = find_expert_sites(meta)
     # parameters come from the model definition, identical for a checkpoint and its quantized folder
     expert_names = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
@@ -134,15 +129,6 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         quantized=quantized,
         config=config,
     )
-
-
-def human_bytes(n: float) -> str:
-    """Format bytes with binary units: ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_count(n: float) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import psutil
 
+from moe_local.config import check_host_budget, human_bytes
 from moe_local.errors import MoeLocalError
-from moe_local.inspection import ModelInfo, human_bytes
+from moe_local.inspection import ModelInfo
 
 GiB = 2**30
 # (memory, host->device bytes/s, device memory bytes/s): public specifications of the cards
@@ -92,6 +93,7 @@ def make_plan(
     """
     if gpu != "cpu" and gpu not in GPUS:
         raise MoeLocalError(f"unknown --gpu {gpu!r}; choose cpu, {', '.join(GPUS)}")
+    _check_budgets(gpu, gpu_memory, cpu_memory, context)
     ram = cpu_memory if cpu_memory is not None else int(psutil.virtual_memory().available * 0.85)
     kv = kv_cache_bytes(info.config, context, dtype_bytes)
     n_experts = info.moe_layers * info.experts_per_layer
@@ -130,6 +132,21 @@ def make_plan(
     )
 
 
+def _check_budgets(gpu: str, gpu_memory: int | None, cpu_memory: int | None, context: int) -> None:
+    """Refuse budgets no plan can use: a context under one token, a size below zero or above the card."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise MoeLocalError(f"--context must be >= 1 token, not {context!r}")
+    for flag, value in (("--gpu-memory", gpu_memory), ("--cpu-memory", cpu_memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise MoeLocalError(f"{flag} must be a size in bytes >= 0, not {value!r}")
+    if gpu_memory is not None and gpu == "cpu":
+        raise MoeLocalError("--gpu-memory needs --gpu (a card); on cpu the budget is --cpu-memory")
+    if gpu_memory is not None and gpu_memory > GPUS[gpu][0]:
+        raise MoeLocalError(
+            f"--gpu-memory {human_bytes(gpu_memory)} is more than {gpu} has ({human_bytes(GPUS[gpu][0])})"
+        )
+
+
 def plan_for(model: str | Path, **kwargs) -> tuple[Plan, ModelInfo]:
     """Inspect ``model``, measure this machine's bandwidths (cached) and plan it.
 
@@ -143,6 +160,8 @@ def plan_for(model: str | Path, **kwargs) -> tuple[Plan, ModelInfo]:
     from moe_local.bandwidth import measure_bandwidths
     from moe_local.inspection import inspect_model
 
+    # this machine's bandwidths are measured, so the RAM planned for must be this machine's too
+    check_host_budget(kwargs.get("cpu_memory"), "--cpu-memory")
     info = inspect_model(model)
     bw = measure_bandwidths(info.path)
     return make_plan(info, disk_bw=bw.disk, ram_bw=bw.ram, **kwargs), info

@@ -86,19 +86,24 @@ def _config_from_file(path: Path):
     """A transformers config from a config.json file, read as data (never the folder's code)."""
     from transformers import AutoConfig
 
+    from moe_local.loading.validate import check_raw, check_values
+
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise MoeLocalError(f"--like {path} is not a JSON config file ({type(exc).__name__})") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise MoeLocalError(f"--like {path} is not a model config: it has no model_type")
+    check_raw(raw, path)  # sizes before transformers builds lists from them
     model_type = raw.pop("model_type")
     raw.pop("auto_map", None)  # remote code is never run; the built-in class is used
     try:
-        return AutoConfig.for_model(model_type, **raw)
+        config = AutoConfig.for_model(model_type, **raw)
     except (ValueError, TypeError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MoeLocalError(f"--like {path}: not a valid {model_type!r} config ({first})") from exc
+    check_values(config, path)  # no weight files to bound: synth writes them
+    return config
 
 
 def _random_weight(shape: tuple[int, ...], name: str, gen: torch.Generator, pool: torch.Tensor | None = None):
@@ -178,8 +183,8 @@ def synth(
         raise MoeLocalError(f"unknown --format {fmt!r}; choose moe-local or hf")
     sources = [Path(like).parent] if Path(like).is_file() else []
     partial = out.with_name(out.name + ".partial")
-    check_output(out, sources, overwrite=overwrite)
-    check_not_source(partial, sources, "OUT.partial")
+    check_output(out, sources, overwrite=overwrite, inside_ok=True)  # only a config is read from there
+    check_not_source(partial, sources, "OUT.partial", inside_ok=True)
     check_partial(partial)
     config = synth_config(like, layers)
     meta = build_on_meta(config, torch.bfloat16)

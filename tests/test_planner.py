@@ -79,3 +79,25 @@ def test_generate_uses_the_plan(capsys, wide):
     assert " 0 misses" not in err  # the planned budget holds only some experts
     code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", "64MiB")
     assert_one_line_error(code, err, "more on cpu")
+
+
+def test_plan_refuses_budgets_no_plan_can_use(capsys, tiny_mixtral):
+    info = inspect_model(tiny_mixtral)
+    with pytest.raises(MoeLocalError, match="--context must be >= 1"):
+        make_plan(info, cpu_memory=8 * 2**30, context=0)
+    with pytest.raises(MoeLocalError, match=r"--gpu-memory 999.0 GiB is more than rtx4090 has \(24.0 GiB\)"):
+        make_plan(info, gpu="rtx4090", gpu_memory=999 * 2**30, context=256)
+    with pytest.raises(MoeLocalError, match="--cpu-memory must be a size in bytes >= 0"):
+        make_plan(info, cpu_memory=-1, context=256)
+    code, _, err = run_cli(capsys, "plan", str(tiny_mixtral), "--context", "0")
+    assert_one_line_error(code, err, "--context must be >= 1", "not 0")
+    code, _, err = run_cli(capsys, "plan", str(tiny_mixtral), "--gpu-memory", "9GiB")
+    assert_one_line_error(code, err, "--gpu-memory needs --gpu")
+
+
+@pytest.mark.parametrize("command", [["plan"], ["generate", "hi"]])
+def test_cpu_memory_beyond_this_machine_refused(capsys, tiny_mixtral, command):
+    code, _, err = run_cli(
+        capsys, command[0], str(tiny_mixtral), *command[1:], "--cpu-memory", "999999999TiB"
+    )
+    assert_one_line_error(code, err, "--cpu-memory 999999999.0 TiB", "of RAM")

@@ -106,3 +106,22 @@ def test_bench_json_reports_every_field(capsys, tiny_mixtral, tmp_path):
     assert r["peak_rss_bytes"] > 50 * 2**20 and r["disk_bandwidth"] > 0
     assert r["floor_s_per_token"] > 0 and r["ratio_to_floor"] > 0 and r["resident_s_per_token"] > 0
     assert r["expert_memory"] == 30 * 1024
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"model_type": "mixtral", "num_local_experts": 1000000000}', "num_local_experts = 1000000000"),
+        ('{"model_type": "mixtral", "num_experts_per_tok": 9, "num_local_experts": 8}', "larger than"),
+        ('{"hidden_size": 8}', "no model_type"),
+        ("not json at all", "not a JSON config file"),
+        ('{"model_type": "no-such-family"}', "not a valid 'no-such-family' config"),
+    ],
+)
+def test_synth_like_a_bad_config_file_is_one_line(tmp_path, capsys, content, needle):
+    like = tmp_path / "cfg" / "config.json"
+    like.parent.mkdir()
+    like.write_text(content)
+    code, _, err = run_cli(capsys, "synth", str(tmp_path / "out"), "--like", str(like))
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()

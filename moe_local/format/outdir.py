@@ -43,8 +43,10 @@ def _is_empty(folder: Path) -> bool:
         return False
 
 
-def check_not_source(out: Path, sources: Iterable[Path], what: str = "OUT") -> None:
-    """Refuse an ``out`` that is, contains or lies inside one of ``sources``.
+def check_not_source(
+    out: Path, sources: Iterable[Path], what: str = "OUT", *, inside_ok: bool = False
+) -> None:
+    """Refuse an ``out`` that is, contains or (unless ``inside_ok``) lies inside one of ``sources``.
 
     Raises:
         MoeLocalError: naming the source it collides with.
@@ -56,11 +58,13 @@ def check_not_source(out: Path, sources: Iterable[Path], what: str = "OUT") -> N
             raise MoeLocalError(f"{what} {out} is the source {src} itself; choose a new folder")
         if real.is_relative_to(target):
             raise MoeLocalError(f"{what} {out} contains the source {src}; choose a folder outside it")
-        if target.is_relative_to(real):
+        if target.is_relative_to(real) and not inside_ok:
             raise MoeLocalError(f"{what} {out} lies inside the source {src}; choose a folder outside it")
 
 
-def check_output(out: Path, sources: Iterable[Path] = (), *, overwrite: bool, what: str = "OUT") -> None:
+def check_output(
+    out: Path, sources: Iterable[Path] = (), *, overwrite: bool, what: str = "OUT", inside_ok: bool = False
+) -> None:
     """Check that writing ``out`` cannot lose anything that moe-local did not write.
 
     Args:
@@ -68,11 +72,12 @@ def check_output(out: Path, sources: Iterable[Path] = (), *, overwrite: bool, wh
         sources: folders it reads from (never to be overwritten or written into).
         overwrite: the user passed ``--overwrite``.
         what: how messages name ``out`` (e.g. "OUT", "--offload-dir").
+        inside_ok: ``out`` may lie inside a source (one that is only read, such as synth's config).
 
     Raises:
         MoeLocalError: one line saying why ``out`` cannot be written.
     """
-    check_not_source(out, sources, what)
+    check_not_source(out, sources, what, inside_ok=inside_ok)
     if out.is_symlink():
         raise MoeLocalError(f"{what} {out} is a symbolic link; give the folder itself")
     if not out.exists():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_local.errors import UnsupportedModelError
+from moe_local.errors import CheckpointError, UnsupportedModelError
 from moe_local.experts.module import EXPERT_PARAM_NAMES, is_experts_module
 from moe_local.experts.weights import ExpertWeights
 from moe_local.loading.safetensors_io import CheckpointFiles
@@ -45,6 +45,17 @@ TESTED_FAMILIES = (
     "gpt_oss",
     "phimoe",
 )
+# The config field that sizes one expert (its intermediate width I), per tested family.
+EXPERT_WIDTH = {
+    "mixtral": "intermediate_size",
+    "qwen2_moe": "moe_intermediate_size",
+    "qwen3_moe": "moe_intermediate_size",
+    "olmoe": "intermediate_size",
+    "deepseek_v2": "moe_intermediate_size",
+    "deepseek_v3": "moe_intermediate_size",
+    "gpt_oss": "intermediate_size",
+    "phimoe": "intermediate_size",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,11 @@ def find_expert_sites(model: nn.Module) -> list[ExpertsSite]:
             m = _LAYER_RE.search(name + ".")
             if m is None:
                 raise UnsupportedModelError(f"cannot tell which layer the experts module {name} belongs to")
+            if int(module.num_experts) < 1:  # e.g. num_local_experts 0 where the family has no dense MLP
+                n = int(module.num_experts)
+                raise CheckpointError(
+                    f"the config gives {name} {n} experts; an experts module needs 1 or more"
+                )
             sites.append(
                 ExpertsSite(
                     name=name,

@@ -24,7 +24,10 @@ from moe_local.experts.tiered import TieredStore
 from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint, load_gptq_dense
 from moe_local.format.manifest import MANIFEST, read_manifest
 from moe_local.format.reader import BlobExperts, load_dense
+from moe_local.loading import validate
 from moe_local.loading.families import (
+    EXPERT_WIDTH,
+    TESTED_FAMILIES,
     CheckpointExperts,
     ExpertsSite,
     checkpoint_renamer,
@@ -38,6 +41,7 @@ from moe_local.loading.safetensors_io import CheckpointFiles
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_CONFIG_MAX_BYTES = 16 << 20  # real configs are kilobytes; a huge one would only be read to be refused
 
 
 @dataclass
@@ -66,22 +70,62 @@ class LoadedModel:
 
 
 def load_config(path: Path):
-    """Read config.json with transformers, turning its errors into one clear line."""
-    from transformers import AutoConfig
+    """Read and check config.json, turning every problem into one clear line.
 
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({exc})") from exc
+    The checks (``moe_local.loading.validate``) run before transformers sees the file and again on
+    the config it builds, so every command refuses a broken or hostile config before building
+    anything, and never runs code from the folder.
+
+    Raises:
+        CheckpointError: the file is unreadable, or a value is wrong (the message names it).
+        UnsupportedModelError: the family is unknown to transformers, or needs the folder's own code.
+    """
+    file = path / "config.json"
+    raw = _read_config_json(file)
     model_type = raw.get("model_type")
     if not model_type:
-        raise UnsupportedModelError(f"{path / 'config.json'} has no model_type")
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"{file} has no model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{file}: model_type = {model_type!r} must be a string")
+    validate.check_raw(raw, file)
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if validate.needs_remote_code(raw, CONFIG_MAPPING):
+        raise UnsupportedModelError(validate.REMOTE_CODE)
+    if model_type not in CONFIG_MAPPING:
         raise UnsupportedModelError(
             f"unknown model_type {model_type!r}: this transformers does not define that family"
-        ) from exc
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except StrictDataclassError as exc:  # transformers' own field checks: the cause names the field
+        cause = exc.__cause__ or exc
+        raise CheckpointError(f"{file}: {_one_line(cause)}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: transformers rejects it: {_one_line(exc)}") from exc
+    validate.check_config(config, file, TESTED_FAMILIES, EXPERT_WIDTH)
+    return config
+
+
+def _read_config_json(file: Path) -> dict:
+    try:
+        if file.stat().st_size > _CONFIG_MAX_BYTES:
+            raise CheckpointError(f"{file} is {file.stat().st_size:,} bytes; a model config is a few KB")
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({_one_line(exc)})") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return raw
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_dtype(option: str, config, device: str, quantized: bool = False) -> torch.dtype:
@@ -111,9 +155,13 @@ def load_tokenizer(path: Path):
     if not any((path / f).exists() for f in _TOKENIZER_FILES):
         raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # trust_remote_code=False: an auto_map is ignored where transformers has the class, an
+        # error where it has not; never the interactive prompt, never the folder's code
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # tokenizer back-ends raise many types; one line is what a user needs
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+        if validate.tokenizer_needs_code(path):
+            raise UnsupportedModelError(validate.TOKENIZER_REMOTE_CODE) from exc
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {_one_line(exc)}") from exc
 
 
 def load(
@@ -142,6 +190,7 @@ def load(
     if options.offload_dir is not None:
         from moe_local.loading.offload_dir import stage_experts
 
+        load_config(path)  # refuse a bad config before staging gigabytes
         path = stage_experts(path, options.offload_dir, progress)
     quantized = (path / MANIFEST).exists()
     manifest = read_manifest(path) if quantized else None
@@ -149,12 +198,7 @@ def load(
     dtype = resolve_dtype(options.dtype, config, options.device, quantized)
     files = None if quantized else CheckpointFiles(path)
     tok = load_tokenizer(path) if tokenizer else None
-    try:
-        lm = build_on_meta(config, dtype)
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"transformers cannot build {config.model_type!r} as a causal LM: {str(exc).splitlines()[0]}"
-        ) from exc
+    lm = build_on_meta(config, dtype)
 
     sites = find_expert_sites(lm)
     budgeted = options.expert_memory is not None

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moe_local.errors import MoeLocalError, UnsupportedModelError
+from moe_local.loading.validate import REMOTE_CODE, build_error
+
 _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand}
 _BIG = 1 << 16  # elements: weights this size or larger are created on meta, never allocated
 
@@ -63,14 +66,33 @@ def build_on_meta(config, dtype: torch.dtype):
     """Instantiate the causal-LM class of ``config`` with meta parameters.
 
     Args:
-        config: a transformers config.
+        config: a transformers config (from ``load_config``, so already checked).
         dtype: dtype of the model's parameters once loaded.
 
     Returns:
         The model, in eval mode, parameters on meta.
+
+    Raises:
+        UnsupportedModelError: transformers has no causal-LM class for the family, or only the
+            folder's own code (auto_map) has one: moe-local never runs it.
+        CheckpointError: transformers fails to build it (a config value it does not accept).
     """
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        auto_map = getattr(config, "auto_map", None)
+        if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
+            raise UnsupportedModelError(REMOTE_CODE)
+        raise UnsupportedModelError(
+            f"family {config.model_type!r} is not supported: transformers has no causal-LM class for it"
+        )
+    try:
+        with parameters_on_meta():
+            # trust_remote_code=False: the built-in class, never the folder's auto_map code or a prompt
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except MoeLocalError:
+        raise
+    except Exception as exc:  # model constructors raise anything on values they do not expect
+        raise build_error(config, exc) from exc
     return model.eval()

@@ -96,3 +96,49 @@ def test_budget_smaller_than_one_expert(capsys, tiny_mixtral):
 def test_bad_size(capsys, tiny_mixtral):
     code, _, err = run_cli(capsys, "generate", str(tiny_mixtral), "hi", "--expert-memory", "lots")
     assert_one_line_error(code, err, "memory size")
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
+def test_context_zero_refused(capsys, tiny_mixtral, command):
+    code, _, err = run_cli(capsys, command[0], str(tiny_mixtral), *command[1:], "--context", "0")
+    assert_one_line_error(code, err, "context must be >= 1", "not 0")
+
+
+def test_expert_memory_beyond_this_machine_refused(capsys, tiny_mixtral):
+    from moe_local.config import human_bytes, machine_memory
+
+    code, _, err = run_cli(capsys, "generate", str(tiny_mixtral), "hi", "--expert-memory", "999999999TiB")
+    ram, _ = machine_memory()
+    assert_one_line_error(code, err, "999999999.0 TiB", f"{human_bytes(ram)} of RAM")
+
+
+def test_size_too_long_to_be_a_number(capsys, tiny_mixtral):
+    code, _, err = run_cli(capsys, "generate", str(tiny_mixtral), "hi", "--expert-memory", "9" * 400 + "TiB")
+    assert_one_line_error(code, err, "not a memory size", "too large")
+    assert len(err) < 200
+
+
+def test_load_options_refuse_what_cannot_load():
+    import torch
+
+    from moe_local.config import LoadOptions, parse_size
+    from moe_local.errors import MoeLocalError
+
+    for bad, match in [
+        (dict(context=0), "context must be >= 1"),
+        (dict(context=-3), "context must be >= 1"),
+        (dict(expert_memory=-1), "expert memory budget must be a size in bytes >= 0"),
+        (dict(host_memory=1 << 80), "host memory budget .* more than this machine could hold"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
+        (dict(device="cuda:99"), "device 'cuda:99' is not available"),
+    ]:
+        with pytest.raises(MoeLocalError, match=match):
+            LoadOptions(**bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeLocalError, match="sees 0 CUDA devices"):
+            LoadOptions(device="cuda")
+    assert LoadOptions(context=1, expert_memory=0).context == 1
+    with pytest.raises(MoeLocalError, match="cannot be negative"):
+        parse_size(-5)
+    with pytest.raises(MoeLocalError, match="not a memory size"):
+        parse_size(True)
