@@ -301,7 +301,8 @@ def _disk_templates(model_type: str) -> dict[str, list[tuple[str, str]]]:
     if model_type not in FAMILIES:
         raise MoeLocalError(f"--format hf knows the on-disk names of {', '.join(FAMILIES)} only")
     with tempfile.TemporaryDirectory() as tmp:
-        AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type), trust_remote_code=False)
+        model.save_pretrained(tmp)
         files = CheckpointFiles(tmp)
         meta = __import__("moe_local.loading.meta", fromlist=["build_on_meta"]).build_on_meta(
             tiny_config(model_type), torch.float32

@@ -115,7 +115,7 @@ def make_tiny_checkpoint(family: str, out: str | Path, *, seed: int = 0, **overr
     out = Path(out)
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     with torch.no_grad():  # larger weights than the default init make routing and logits decisive
         for p in model.parameters():
             if p.dim() >= 2:
