@@ -1,6 +1,6 @@
-"""``python -m moe_local``: the same CLI as ``moe-local``."""
+"""``python -m moe_local``: the same program as ``moe-local``."""
 
-from moe_local.cli import main
+from moe_local.cli.interrupt import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

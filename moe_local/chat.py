@@ -11,7 +11,8 @@ at the end of input.
 
 Ctrl-C during a reply stops it after the current token (a second Ctrl-C stops at once); the
 partial reply stays in the conversation, marked ``"interrupted": true`` in ``/save`` files but
-sent to the model unmarked. Ctrl-C or Ctrl-D at the prompt exits with code 0.
+sent to the model unmarked. Ctrl-D at the prompt (or ``/bye``) exits with code 0; Ctrl-C at the
+prompt exits with code 130, as an interrupted program does (the CLI adds ``error: interrupted``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from moe_local.cli import interrupt
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.errors import MoeLocalError
 
@@ -122,8 +124,10 @@ class ChatSession:
     ) -> None:
         self.lm = lm
         self.params = params
-        self.conv = Conversation(system)
+        self.conv = Conversation(None if system is None else _valid_text(system))
         self.input = input
+        if getattr(input, "errors", None) == "strict" and callable(getattr(input, "reconfigure", None)):
+            input.reconfigure(errors="surrogateescape")  # a stray byte must not end the chat: see _valid_text
         self.output = output
         self.console = console
         self.last: GenerationResponse | None = None
@@ -141,15 +145,15 @@ class ChatSession:
         """Read and answer until /bye, Ctrl-D, Ctrl-C at the prompt or the end of input.
 
         Returns:
-            The exit code (0).
+            The exit code: 0, or 130 after Ctrl-C at the prompt.
         """
         from moe_local.chat_commands import run_command
 
         while True:
             try:
                 read = self.read_message()
-            except KeyboardInterrupt:
-                read = None
+            except KeyboardInterrupt:  # the line the program ends with is the caller's to write
+                return interrupt.EXIT_CODE
             if read is None:
                 if self.console is not None:
                     self.console.print()
@@ -164,6 +168,7 @@ class ChatSession:
                     continue
                 self.reply(text)
             except KeyboardInterrupt:  # outside the reply's own handling: keep turns alternating
+                interrupt.handled()
                 if self.conv.messages and self.conv.messages[-1]["role"] == "user":
                     self.conv.messages.pop()
                 self.notice("\n[interrupted]")
@@ -191,11 +196,16 @@ class ChatSession:
                     break
                 lines.append(nxt)
         except KeyboardInterrupt:
+            interrupt.handled()
             self.notice("\n(multi-line message discarded)")
             return "", True
         return "\n".join(lines).strip("\n"), True
 
     def _read_line(self, prompt: str) -> str | None:
+        line = self._read_raw(prompt)
+        return None if line is None else _valid_text(line)
+
+    def _read_raw(self, prompt: str) -> str | None:
         if self.console is None:
             line = self.input.readline()
             return None if line == "" else line.rstrip("\r\n")
@@ -249,7 +259,8 @@ class ChatSession:
                     if stop.requested:
                         stopped = True
                         break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C, or one just outside _StopOnInterrupt
+            interrupt.handled()
             stopped = True
         except (MoeLocalError, TemplateError) as exc:
             self.conv.messages.pop()
@@ -335,7 +346,17 @@ class _StopOnInterrupt:
 
     def __exit__(self, *exc) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            previous = self._previous  # SIG_DFL is 0, so no ``or``: None means not set from Python
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with what is not Unicode replaced by U+FFFD.
+
+    Bytes the input could not decode arrive as lone surrogates (``surrogateescape``); replacing
+    them makes a pasted stray byte cost one character, not the chat.
+    """
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _one_line(exc: Exception) -> str:
@@ -389,7 +410,7 @@ def chat(
         output: where replies go (None: ``sys.stdout``); a terminal gets colour and a progress bar.
 
     Returns:
-        The exit code: 0, or 130 when loading was interrupted.
+        The exit code: 0, or 130 when Ctrl-C stopped the loading or came at the prompt.
 
     Raises:
         MoeLocalError: the model cannot be loaded (one clear line).
@@ -410,8 +431,7 @@ def chat(
         try:
             lm = _load_with_progress(model, load_options or LoadOptions(), console)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            return interrupt.EXIT_CODE
     session = ChatSession(lm, params, system, input, output, console)
     session.notice(describe_placement(lm))
     if console is not None:
@@ -442,11 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     from moe_local import env
     from moe_local.config import parse_size
 
-    if env.THREADS.get():
-        import torch
-
-        torch.set_num_threads(int(env.THREADS.get()))
     try:
+        threads = env.threads()
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -462,4 +483,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    interrupt.guard(main)  # Ctrl-C at any moment: one line and exit code 130

@@ -114,16 +114,22 @@ def _save(session: ChatSession, arg: str) -> None:
     if not arg:
         session.error("/save needs a file name, e.g. /save chat.json")
         return
-    path = Path(arg).expanduser()
     data = {
         "model": session.lm.name,
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(session.params).items()},
         "messages": session.conv.transcript(),
     }
     try:
+        path = Path(arg).expanduser()
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as exc:
-        session.error(f"cannot save to {path}: {exc.strerror or exc}")
+        session.error(f"cannot save to {arg}: {exc.strerror or exc}")
+        return
+    except RuntimeError:  # expanduser: ~name of a user this system does not know
+        session.error(f"cannot save to {arg}: no home folder for {arg.split('/')[0]}")
+        return
+    except ValueError:  # a NUL character: no file system takes it in a name
+        session.error(f"cannot save to {arg!r}: a file name cannot hold a NUL character")
         return
     session.info(f"(saved {len(data['messages'])} messages to {path})")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from moe_local.errors import MoeLocalError
 
 
 @dataclass(frozen=True)
@@ -28,16 +31,41 @@ THREADS = EnvVar(
     "torch CPU threads and quantize workers (default: all cores; cores - 1 while experts stream from disk)",
 )
 
+MAX_THREADS = 1024
+
 DEBUG = EnvVar("MOE_LOCAL_DEBUG", "", "1: show the traceback of unexpected errors")
 
 REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG)
 
 
-def home_dir():
-    """The moe-local cache directory (``MOE_LOCAL_HOME``), expanded."""
-    from pathlib import Path
+def threads() -> int | None:
+    """``MOE_LOCAL_THREADS`` as a number of threads, or None when it is unset.
 
-    return Path(HOME.get()).expanduser()
+    Raises:
+        MoeLocalError: the value is not a whole number from 1 to ``MAX_THREADS``.
+    """
+    text = THREADS.get().strip()
+    if not text:
+        return None
+    # isdecimal: no sign, no "1e3"; the cap: torch starts every thread asked for, 100000 of them exhaust RAM
+    if not text.isdecimal() or not 1 <= int(text) <= MAX_THREADS:
+        raise MoeLocalError(
+            f"{THREADS.name} must be a number of threads from 1 to {MAX_THREADS}, not {text!r}"
+        )
+    return int(text)
+
+
+def home_dir() -> Path:
+    """The moe-local cache directory (``MOE_LOCAL_HOME``), expanded.
+
+    Raises:
+        MoeLocalError: the value starts with ``~user`` for a user this system does not know.
+    """
+    value = HOME.get()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:  # "Could not determine home directory."
+        raise MoeLocalError(f"{HOME.name}={value!r}: cannot expand {value.split('/')[0]!r}") from exc
 
 
 def describe() -> str:

@@ -106,7 +106,7 @@ def test_terminal_session(long_context_model, tmp_path):
     assert not any(m.get("interrupted") for i, m in enumerate(messages) if i != 4)
 
 
-def test_ctrl_c_at_prompt_exits_cleanly(tiny_mixtral):
+def test_ctrl_c_at_prompt_exits_130_cleanly(tiny_mixtral):
     child = _spawn(tiny_mixtral)
     try:
         child.expect_exact(">>> ")
@@ -114,7 +114,7 @@ def test_ctrl_c_at_prompt_exits_cleanly(tiny_mixtral):
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    assert child.exitstatus == 0
+    assert child.exitstatus == 130  # an interrupted program; Ctrl-D and /bye exit 0
     assert "Traceback" not in (child.before or "")
 
 
@@ -203,7 +203,7 @@ def test_ctrl_c_at_prompt_in_process(tiny_lm, capsys):
         def readline(self, *args) -> str:
             raise KeyboardInterrupt
 
-    assert chat(tiny_lm, input=Interrupting(), output=io.StringIO()) == 0
+    assert chat(tiny_lm, input=Interrupting(), output=io.StringIO()) == 130
 
 
 def test_placement_line_with_an_expert_budget(tiny_mixtral):
@@ -224,3 +224,26 @@ def test_template_error_is_one_line_and_the_repl_goes_on(tiny_lm, monkeypatch, c
     assert err.count(f"error: the chat template of {tiny_lm.name} failed: roles must alternate") == 2
     assert "Traceback" not in err
     assert "last reply: none yet" in out
+
+
+def test_undecodable_input_bytes_cost_a_character_not_the_chat(tiny_lm, capsys):
+    # A UTF-8 locale decodes standard input strictly: a stray byte used to end the chat.
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\nhi\n"), encoding="utf-8", errors="strict")
+    out = io.StringIO()
+    params = SamplingParams(max_tokens=2, temperature=0.7, seed=0, ignore_eos=True)
+    assert chat(tiny_lm, input=stdin, output=out, params=params, system="be \udcff brief") == 0
+    err = capsys.readouterr().err
+    assert err.count(LENGTH.replace("8", "2")) == 2 and "error" not in err  # two replies
+
+
+def test_save_to_an_impossible_name_is_one_line_and_the_repl_goes_on(tiny_lm, tmp_path, capsys):
+    saved = tmp_path / "ok.json"
+    script = f"/save bad\x00name.json\n/save ~no-such-user-here/c.json\n/save {saved}\n"
+    code, out, err = _run(tiny_lm, script, capsys)
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert lines[-2:] == [
+        "error: cannot save to 'bad\\x00name.json': a file name cannot hold a NUL character",
+        "error: cannot save to ~no-such-user-here/c.json: no home folder for ~no-such-user-here",
+    ]
+    assert "saved 0 messages" in out and saved.exists()

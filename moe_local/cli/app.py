@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) live inside the command bodies so ``--help``
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Annotated
 
@@ -50,16 +51,29 @@ DownloadOpt = Annotated[
 ]
 
 
-def _setup_torch() -> None:
-    import torch
+# Errors only a write can meet (the disk or the quota is full, the file too big): whatever was
+# being written (standard output, --trace, --json), the user's disk is at fault, not our code.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
-    threads = env.THREADS.get()
+
+def _setup_torch() -> None:
+    threads = env.threads()  # checked before torch is imported: a bad value costs no wait
     if threads:
-        torch.set_num_threads(int(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _one_line(text: str, limit: int | None = None) -> str:
+    """``text`` on one line (an exception's message may span many), cut at ``limit`` characters."""
+    line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    if limit is not None and len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line
 
 
 def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
 
 
 def _model_or_demo(model: str | None) -> str:
@@ -97,17 +111,33 @@ def _planned_load_options(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    """Run the app in this process, turning user errors into one line and a non-zero exit.
+
+    Raises:
+        SystemExit: always; 130 (with ``error: interrupted``) when Ctrl-C stopped the command.
+    """
+    from moe_local.cli import interrupt, run, tools  # noqa: F401  (run and tools register the commands)
+
     try:
         app()
+    except SystemExit as exc:
+        if exc.code == interrupt.EXIT_CODE:  # typer's exit for a KeyboardInterrupt, or chat's
+            interrupt.announce()
+        raise
     except MoeLocalError as exc:
         _err(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        _err("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (typer turns one inside into exit 130)
+        interrupt.announce()
+        sys.exit(interrupt.EXIT_CODE)
     except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            _err(f"cannot write {exc.filename or 'the output'}: {exc.strerror}")
+            sys.exit(1)
+        if isinstance(exc, BrokenPipeError):  # | head: the reader left; say nothing, as typer does
+            sys.exit(1)
         if env.DEBUG.get() == "1":
             raise
-        _err(f"unexpected {type(exc).__name__}: {exc} (set MOE_LOCAL_DEBUG=1 for the traceback)")
+        detail = _one_line(str(exc), limit=300)
+        _err(f"unexpected {type(exc).__name__}: {detail} (set MOE_LOCAL_DEBUG=1 for the traceback)")
         sys.exit(1)
