@@ -88,6 +88,8 @@ def bench(
     options = options or LoadOptions()
     if new_tokens < 2:
         raise MoeLocalError("--new-tokens must be at least 2")
+    if prompt_tokens < 1:
+        raise MoeLocalError("--prompt-tokens must be at least 1")
     lm = load(model, options, tokenizer=False)
     if prompt_tokens + new_tokens >= lm.context:
         raise MoeLocalError(

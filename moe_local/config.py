@@ -200,6 +200,7 @@ class SamplingParams:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be between 0.01 and 100"),
             (0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed must fit in 64 bits (|seed| < 2^63)"),
         ]
         for ok, msg in checks:
             if not ok:

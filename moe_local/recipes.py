@@ -110,6 +110,8 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise MoeLocalError(f"unknown recipe {name_or_path!r}; shipped: {', '.join(builtin_recipes())}")
     try:
         text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise MoeLocalError(f"recipe {path} is not a UTF-8 text file") from exc
     except OSError as exc:
         raise MoeLocalError(f"cannot read recipe {path}: {exc.strerror}") from exc
     try:

@@ -178,6 +178,8 @@ def synth(
     from moe_local.recipes import load_recipe
     from moe_local.tiny import make_tokenizer
 
+    if not Path(out).name:
+        raise MoeLocalError(f"OUT {str(out)!r} names no folder; give the folder to create")
     out = Path(out)
     if fmt not in ("moe-local", "hf"):
         raise MoeLocalError(f"unknown --format {fmt!r}; choose moe-local or hf")

@@ -72,7 +72,11 @@ def generate(
     if prompt is None:  # one argument: it is the prompt, and the model is the demo
         model, prompt = _model_or_demo(None), model
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
+    if trace:
+        from moe_local.format.outdir import check_output_file
+
+        check_output_file(trace, "--trace")  # before the load, not after it
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -102,6 +106,16 @@ def generate(
     sys.stdout.write("\n")
     if stats and last is not None:
         typer.echo(format_stats(last, per_layer=True), err=True)
+
+
+def _read_stdin() -> str:
+    """The prompt from standard input; bytes that are not UTF-8 become U+FFFD instead of an error."""
+    from moe_local.errors import MoeLocalError
+
+    if sys.stdin is None:
+        raise MoeLocalError("standard input is closed: nothing to read for the prompt '-'")
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read().decode("utf-8", errors="replace") if stream is not None else sys.stdin.read()
 
 
 def format_stats(resp, per_layer: bool = False) -> str:

@@ -350,6 +350,10 @@ def bench(
     from moe_local.planner import planned_options
 
     _setup_torch()
+    if json_file:
+        from moe_local.format.outdir import check_output_file
+
+        check_output_file(json_file, "--json")  # before the benchmark, not after it
     budget = parse_size(gpu_memory) if device != "cpu" and gpu_memory else parse_size(expert_memory)
     options = LoadOptions(device=device, expert_memory=budget, policy=policy, prefetch=prefetch,
                           context=prompt_tokens + new_tokens + 1, offload_dir=offload_dir)  # fmt: skip

@@ -57,8 +57,10 @@ def read_trace(path: str | Path) -> list[Key]:
                 try:
                     rec = json.loads(line)
                     keys.extend((int(rec["layer"]), int(e)) for e in rec["experts"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
                     raise MoeLocalError(f"{path}: line {n} is not a trace record") from exc
+    except UnicodeDecodeError as exc:
+        raise MoeLocalError(f"{path} is not a trace file (not UTF-8 text)") from exc
     except OSError as exc:
         raise MoeLocalError(f"cannot read trace {path}: {exc.strerror}") from exc
     if not keys:

@@ -63,7 +63,8 @@ def pack_blob(tensors: dict[str, torch.Tensor], slots: list[Slot], length: int) 
         t = tensors[slot.name].detach().contiguous().cpu()
         if tuple(t.shape) != slot.shape or DTYPE_NAMES[t.dtype] != slot.dtype:
             raise ValueError(f"tensor {slot.name} does not match the layer's blob layout")
-        buf[slot.offset : slot.offset + slot.nbytes] = t.view(torch.uint8).reshape(-1).numpy().tobytes()
+        # reshape first: [O, 1] with strides (1, O) counts as contiguous but cannot be viewed as bytes
+        buf[slot.offset : slot.offset + slot.nbytes] = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return bytes(buf)
 
 

@@ -25,8 +25,10 @@ def read_manifest(folder: Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{folder} has no {MANIFEST}: not a finished moe-local folder") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is corrupt (not a JSON object)")
     if data.get("format") != "moe-local" or data.get("version") not in READABLE_VERSIONS:
@@ -46,6 +48,8 @@ def _check_shape(path: Path, data: dict) -> None:
     ):
         raise CheckpointError(f"{path} is corrupt: 'dense' must map tensor names to scheme names")
     for layer, entry in layers.items():
+        if not layer.isdigit():
+            raise CheckpointError(f"{path} is corrupt: layer key {layer!r} is not a layer number")
         _check_entry(f"{path.name} layer {layer}", entry)
     sums = data.get("dense_crc32")
     if data["version"] >= 2 and (
@@ -74,7 +78,9 @@ def _check_entry(what: str, entry: dict) -> None:
         isinstance(s, list) and all(_count(d) for d in s) for s in shapes.values()
     ):
         raise CheckpointError(f"{what} is malformed: 'shapes' must map parts to lists of sizes")
-    if not isinstance(slots, list) or not all(isinstance(s, dict) for s in slots):
+    if not isinstance(slots, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) for s in slots
+    ):
         raise CheckpointError(f"{what} is malformed: 'slots' must list the blob's tensors")
 
 

@@ -77,6 +77,13 @@ def check_output(
     Raises:
         MoeLocalError: one line saying why ``out`` cannot be written.
     """
+    try:
+        _check_output(out, sources, overwrite, what, inside_ok)
+    except OSError as exc:  # a name too long, a folder we may not look into
+        raise MoeLocalError(f"cannot use {what} {out}: {exc.strerror}") from exc
+
+
+def _check_output(out: Path, sources: Iterable[Path], overwrite: bool, what: str, inside_ok: bool) -> None:
     check_not_source(out, sources, what, inside_ok=inside_ok)
     if out.is_symlink():
         raise MoeLocalError(f"{what} {out} is a symbolic link; give the folder itself")
@@ -184,3 +191,24 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
         if "File too large" in text or "FileTooLarge" in text:
             code = errno.EFBIG
         raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Check, before any long work, that a file can be created at ``path`` (by creating and removing one).
+
+    Raises:
+        MoeLocalError: ``path`` is a folder, or its folder is missing or not writable.
+    """
+    import tempfile
+
+    p = Path(path)
+    if p.is_dir():
+        raise MoeLocalError(f"{flag} {path} is a folder; give a file name")
+    parent = p.parent
+    if not parent.is_dir():
+        raise MoeLocalError(f"{flag} {path}: the folder {parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".moe-local-check-"):
+            pass
+    except OSError as exc:
+        raise MoeLocalError(f"{flag} {path}: cannot write in {parent} ({exc.strerror})") from exc

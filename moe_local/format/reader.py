@@ -151,7 +151,9 @@ class BlobExperts:
         try:
             return ExpertWeights(**parts)
         except TypeError as exc:
-            raise ExpertBlobError(layer, expert, f"unexpected parts {sorted(parts)} in the manifest") from exc
+            raise ExpertBlobError(
+                layer, expert, f"the manifest lists parts {sorted(parts)}, not an expert's"
+            ) from exc
 
 
 def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) -> int:

@@ -27,9 +27,9 @@ def worker_count() -> int:
     """
     from moe_local import env
 
-    asked = env.THREADS.get()
+    asked = env.threads()
     if asked:
-        return max(1, int(asked))
+        return asked
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -203,9 +203,30 @@ class CheckpointExperts:
             missing = [e for e in range(site.num_experts) if "down" not in per.get(e, {})]
             if missing:
                 raise UnsupportedModelError(f"{site.name}: checkpoint lacks experts {missing[:8]}")
+            self._check_alike(site, per)
         elif "down_proj" not in fused:
             raise UnsupportedModelError(f"{site.name}: fused experts lack down_proj in the checkpoint")
         return _SiteKeys(fused, per)
+
+    def _check_alike(self, site: ExpertsSite, per: dict[int, dict[str, str]]) -> None:
+        """Every expert of a layer has expert 0's tensors with expert 0's shapes (headers only).
+
+        Raises:
+            CheckpointError: naming the first expert tensor that is missing or shaped differently.
+        """
+        first = {p: self.files.info(k).shape for p, k in per[0].items()}
+        if "up" not in first and "gate" in first:
+            raise CheckpointError(f"{site.name}: checkpoint has a gate but no up projection for expert 0")
+        for e in range(site.num_experts):
+            parts = per[e]
+            for p in first.keys() - parts.keys():
+                raise CheckpointError(f"{site.name}: checkpoint lacks the {p} tensor of expert {e}")
+            for p, k in parts.items():
+                shape = self.files.info(k).shape
+                if p not in first or shape != first[p]:
+                    raise CheckpointError(
+                        f"{k} has shape {tuple(shape)}; the other experts' {p} is {tuple(first.get(p, ()))}"
+                    )
 
     def _read(self, key: str, index: int | None = None) -> torch.Tensor:
         if index is None:

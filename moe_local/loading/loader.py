@@ -245,6 +245,8 @@ def read_dense_tensor(files: CheckpointFiles, key: str, target: torch.Tensor, dt
     t = files.read(key)
     if tuple(t.shape) != tuple(target.shape):
         raise CheckpointError(f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}")
+    if target.is_floating_point() and not t.is_floating_point():
+        raise CheckpointError(f"{key} is stored as {t.dtype}; a weight of this model must be floating point")
     if t.is_floating_point() and target.is_floating_point():
         t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
     return t

@@ -23,7 +23,10 @@ def resolve_model_path(model: str | Path, *, download: bool = False) -> Path:
     Raises:
         MoeLocalError: MODEL is neither a folder nor a cached hub id.
     """
-    path = Path(model).expanduser()
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError as exc:  # "~user" of a user this machine does not have
+        raise MoeLocalError(f"no such model folder: {model} (cannot expand the ~ in it)") from exc
     if path.is_dir():
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} has no config.json: not a Hugging Face or moe-local model folder")

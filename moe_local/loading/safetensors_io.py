@@ -94,6 +94,10 @@ class SafetensorsFile:
             if isinstance(exc, FileNotFoundError):
                 raise CheckpointError(f"missing weights file {self.path}") from exc
             raise CheckpointError(f"{self.path.name} has a corrupt safetensors header ({exc})") from exc
+        if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+            raise CheckpointError(
+                f"{self.path.name} has a corrupt safetensors header (not a table of tensors)"
+            )
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.tensors: dict[str, TensorInfo] = {}
         base = 8 + header_len

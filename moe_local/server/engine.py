@@ -118,9 +118,9 @@ class Engine:
         from moe_local import env
         from moe_local.loading.loader import load
 
-        threads = env.THREADS.get()
+        threads = env.threads()
         if threads:
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         lm = load(self.model, self.options)
         if lm.tokenizer is None:
             raise MoeLocalError(f"{self.model} has no tokenizer; the server needs one")
