@@ -155,6 +155,8 @@ class LoadOptions:
         context = self.context
         if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
             raise MoeLocalError(f"context must be >= 1 token, not {context!r}")
+        if self.policy not in ("lru", "lfu"):
+            raise MoeLocalError(f"unknown cache policy {self.policy!r}; choose lru or lfu")
         _check_device(self.device, self.expert_memory)
         check_host_budget(self.host_memory, "host memory budget")
 

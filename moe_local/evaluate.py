@@ -51,6 +51,8 @@ def perplexity(
         raise MoeLocalError("--context must be at least 2")
     ids = list(lm.tokenizer.encode(text))
     if max_tokens is not None:
+        if max_tokens < 2:
+            raise MoeLocalError(f"max_tokens must be at least 2 (a token scores the next), not {max_tokens}")
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise MoeLocalError("the text has fewer than 2 tokens")

@@ -121,3 +121,12 @@ def test_gptq_with_one_group_per_row_writes(tiny_checkpoint, tmp_path):
     slots, length = layout_of({"s": t})
     blob = pack_blob({"s": t}, slots, length)
     assert torch.equal(torch.frombuffer(bytearray(blob[: t.numel() * 4]), dtype=torch.float32), t.reshape(-1))
+
+
+def test_policy_and_max_tokens_are_checked(tiny_mixtral, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", str(tiny_mixtral), "hi", "--policy", "bogus")
+    _no_unexpected(code, err, "unknown cache policy 'bogus'")
+    text = tmp_path / "t.txt"
+    text.write_text("some words to score here\n")
+    code, _, err = run_cli(capsys, "eval", str(tiny_mixtral), "--text", str(text), "--max-tokens", "-1")
+    _no_unexpected(code, err, "--max-tokens must be at least 2")

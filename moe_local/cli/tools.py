@@ -272,6 +272,8 @@ def eval_(
 
     _setup_torch()
     corpus = read_text_file(text)  # before any model loads: a wrong path should not cost a load
+    if max_tokens is not None and max_tokens < 2:
+        raise MoeLocalError(f"--max-tokens must be at least 2 (a token scores the next), not {max_tokens}")
     results = []
     for model in models:
         lm = load(model, LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory)))
