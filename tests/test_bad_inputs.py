@@ -130,3 +130,11 @@ def test_policy_and_max_tokens_are_checked(tiny_mixtral, tmp_path, capsys):
     text.write_text("some words to score here\n")
     code, _, err = run_cli(capsys, "eval", str(tiny_mixtral), "--text", str(text), "--max-tokens", "-1")
     _no_unexpected(code, err, "--max-tokens must be at least 2")
+
+
+def test_an_unwritable_home_for_the_demo_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("MOE_LOCAL_HOME", "/proc/moe-local-home")
+    code, _, err = run_cli(capsys, "demo", "--layers", "1")
+    lines = [ln for ln in err.splitlines() if ln.strip()]  # a notice that the build starts, then the error
+    assert code != 0 and "unexpected" not in err and "Traceback" not in err
+    assert lines[-1].startswith("error: cannot build the demo in /proc/moe-local-home"), err

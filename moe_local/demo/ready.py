@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moe_local.demo.build import BUILD_FILE, FORMAT, DemoConfig, build_demo, demo_dir
+from moe_local.errors import MoeLocalError
 from moe_local.format.outdir import is_ours
 
 DEMO_RECIPE = "experts-4bit"
@@ -84,12 +85,20 @@ def ensure_demo(
     Raises:
         MoeLocalError: the source files cannot be fetched (one line naming the file and folder).
     """
-    from moe_local.format.writer import quantize_checkpoint
-    from moe_local.recipes import load_recipe
-
     target = demo_path(home, layers=layers, recipe=recipe)
     if not rebuild and is_ready(target, layers, recipe):
         return target
+    try:
+        return _build(target, home, layers, recipe, keep_source, downloads, progress)
+    except OSError as exc:  # an unwritable MOE_LOCAL_HOME, a full disk
+        raise MoeLocalError(f"cannot build the demo in {demo_dir(home)}: {exc.strerror or exc}") from exc
+
+
+def _build(target: Path, home, layers, recipe: str, keep_source: bool, downloads, progress) -> Path:
+    """Build the bf16 source, quantize it into ``target`` and mark it finished."""
+    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.recipes import load_recipe
+
     rules = load_recipe(recipe)  # a bad recipe fails before the build
     source = build_demo(home, layers=layers, downloads=downloads, progress=progress)
     report = quantize_checkpoint(source, target, rules, overwrite=True, progress=progress)
