@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from moe_local.cli import interrupt
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.errors import MoeLocalError
+from moe_local.errors import MoeLocalError, first_line
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -233,7 +233,7 @@ class ChatSession:
         except (MoeLocalError, TemplateError) as exc:
             self.conv.messages.pop()
             self.conv.start = start
-            self.error(_one_line(exc))
+            self.error(first_line(exc))
             return
         if prompt_tokens >= self.lm.context:
             self.conv.messages.pop()
@@ -266,7 +266,7 @@ class ChatSession:
             self.conv.messages.pop()
             self.conv.start = start
             self._end_line(parts)
-            self.error(_one_line(exc))
+            self.error(first_line(exc))
             return
         finally:
             stream.close()
@@ -357,11 +357,6 @@ def _valid_text(text: str) -> str:
     them makes a pasted stray byte cost one character, not the chat.
     """
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _isatty(stream: TextIO) -> bool:

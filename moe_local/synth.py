@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe_local.errors import MoeLocalError
+from moe_local.errors import MoeLocalError, first_line
 from moe_local.format.outdir import (
     check_not_source,
     check_output,
@@ -100,7 +100,7 @@ def _config_from_file(path: Path):
     try:
         config = AutoConfig.for_model(model_type, **raw)
     except (ValueError, TypeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise MoeLocalError(f"--like {path}: not a valid {model_type!r} config ({first})") from exc
     check_values(config, path)  # no weight files to bound: synth writes them
     return config

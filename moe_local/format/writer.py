@@ -193,7 +193,7 @@ def quantize_checkpoint(
     partial = out.with_name(out.name + ".partial")
     check_not_source(partial, [src_path], "OUT.partial")
     run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens)
-    _check_start(out, partial, overwrite, resume, run)
+    _check_start(partial, overwrite, resume, run)
     cal = None
     gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}  # group: any
     if any(_is_gptq(r.scheme) for r in recipe.rules):
@@ -296,9 +296,11 @@ _WHAT_DIFFERS = {
 }
 
 
-def _check_start(out: Path, partial: Path, overwrite: bool, resume: bool, run: dict) -> None:
-    """Refuse, before any work, a start that would lose data or a resume that would mix two runs."""
-    check_output(out, overwrite=overwrite)
+def _check_start(partial: Path, overwrite: bool, resume: bool, run: dict) -> None:
+    """Refuse, before any work, a start that would lose data or a resume that would mix two runs.
+
+    OUT itself was checked by ``check_output`` when the run began.
+    """
     record = partial / "progress" / "run.json"
     if resume:
         if not partial.is_dir():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_local.config import LoadOptions
-from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError
+from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError, first_line
 from moe_local.experts.cache import CachedStore
 from moe_local.experts.module import NextRouter, OffloadedExperts
 from moe_local.experts.store import ExpertStore, InMemoryStore
@@ -102,9 +102,9 @@ def load_config(path: Path):
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except StrictDataclassError as exc:  # transformers' own field checks: the cause names the field
         cause = exc.__cause__ or exc
-        raise CheckpointError(f"{file}: {_one_line(cause)}") from exc
+        raise CheckpointError(f"{file}: {first_line(cause)}") from exc
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{file}: transformers rejects it: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{file}: transformers rejects it: {first_line(exc)}") from exc
     validate.check_config(config, file, TESTED_FAMILIES, EXPERT_WIDTH)
     return config
 
@@ -115,17 +115,12 @@ def _read_config_json(file: Path) -> dict:
             raise CheckpointError(f"{file} is {file.stat().st_size:,} bytes; a model config is a few KB")
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({_one_line(exc)})") from exc
+        raise CheckpointError(f"{file} is not valid JSON ({first_line(exc)})") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} is not a JSON object")
     return raw
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_dtype(option: str, config, device: str, quantized: bool = False) -> torch.dtype:
@@ -161,7 +156,7 @@ def load_tokenizer(path: Path):
     except Exception as exc:  # tokenizer back-ends raise many types; one line is what a user needs
         if validate.tokenizer_needs_code(path):
             raise UnsupportedModelError(validate.TOKENIZER_REMOTE_CODE) from exc
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
 
 
 def load(

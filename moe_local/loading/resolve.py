@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from moe_local.errors import CheckpointError, MoeLocalError
+from moe_local.errors import CheckpointError, MoeLocalError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -50,6 +50,6 @@ def resolve_model_path(model: str | Path, *, download: bool = False) -> Path:
             "pass --download to fetch it (needs a network)"
         ) from exc
     except Exception as exc:  # network and hub errors carry long messages: keep one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise MoeLocalError(f"cannot fetch {text}: {first}") from exc
     return resolve_model_path(folder)

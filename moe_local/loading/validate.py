@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from moe_local.config import human_bytes
-from moe_local.errors import CheckpointError
+from moe_local.errors import CheckpointError, first_line
 
 REMOTE_CODE = (
     "this checkpoint needs its own Python code (auto_map); moe-local does not run code from model folders"
@@ -301,7 +301,7 @@ def build_error(config, exc: Exception) -> CheckpointError:
     know (an activation, a RoPE type): when the failure names a value, say which field holds it.
     """
     where = Path(str(getattr(config, "name_or_path", "") or ".")) / "config.json"
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    first = first_line(exc)
     if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
         field = _field_holding(config.to_dict(), exc.args[0])
         if field:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.errors import MoeLocalError
+from moe_local.errors import MoeLocalError, first_line
 from moe_local.server.jobs import Job, State, Step
 from moe_local.server.metrics import Gauges, Metrics
 from moe_local.server.protocol import ApiError
@@ -100,7 +100,7 @@ class Engine:
         try:
             self._load()
         except Exception as exc:  # any load failure is reported by /health, not raised in a thread
-            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.error = first_line(exc)
             self.state = State.FAILED
             log.error("cannot load %s: %s", self.model, self.error)
             if not isinstance(exc, MoeLocalError):
