@@ -143,6 +143,8 @@ def test_generate_exits_130_with_one_line_whenever_it_is_interrupted(endless_mod
         if not sent:  # the run had already ended: then it must have ended well
             assert code == 0, (delay, "\n".join(lines))
             continue
+        if code == 0 and delay > 0.85 * length and MESSAGE not in lines:
+            continue  # the signal met a run already on its way out (past its last bytecode): it ended well
         interrupted += 1
         _assert_interrupted(code, lines, f"SIGINT {delay:.2f} s after the entry point started")
     assert interrupted >= n * 0.7  # the last moments may come after a run that went faster ended
