@@ -94,7 +94,7 @@ class ModelFacts:
 
 def model_facts(src: Path, int4: Path) -> ModelFacts:
     """Read the byte counts from the index, the config and the int4 manifest."""
-    from moe_local.loading.safetensors_io import SafetensorsFile
+    from moe_local.format.safetensors_io import SafetensorsFile
 
     cfg = json.loads((src / "config.json").read_text())
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
@@ -117,7 +117,7 @@ def ensure_checkpoints(src: Path, int4: Path) -> dict:
         write_synthetic_mixtral(src, verbose=True)
         done["synth_s"] = time.perf_counter() - t0
     if not (int4 / "moe_local.json").exists():
-        from moe_local.format.writer import quantize_checkpoint
+        from moe_local.convert.writer import quantize_checkpoint
         from moe_local.recipes import load_recipe
 
         t0 = time.perf_counter()

@@ -100,7 +100,7 @@ def calibration_file(work: Path) -> Path:
 def quantized_row(name: str, scheme: str, source: Path, work: Path, ids) -> dict:
     import moe_local
     from moe_local.config import LoadOptions
-    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.convert.writer import quantize_checkpoint
 
     out = work / name
     timing = work / f"{name}.seconds"  # kept beside the copy: a rerun reuses both

@@ -153,7 +153,7 @@ def machine_info() -> dict:
 
 def source_layer_bytes(src: Path) -> int:
     """Bytes of the largest layer's source tensors (``model.layers.{L}.*``) from the shard headers."""
-    from moe_local.loading.safetensors_io import CheckpointFiles
+    from moe_local.format.safetensors_io import CheckpointFiles
 
     files = CheckpointFiles(src)
     per_layer: dict[int, int] = {}
@@ -471,8 +471,8 @@ def writer_overhead(args, recipe: str) -> list[dict]:
     """In one process, alternate ``quantize`` over a checkpoint's expert tensors (already in RAM, gate_up
     joined as the writer joins it) and ``quantize_checkpoint`` on the same checkpoint (cold page cache),
     so both see the same machine load; return each pair's times."""
-    from moe_local.format.writer import quantize_checkpoint
-    from moe_local.loading.safetensors_io import CheckpointFiles
+    from moe_local.convert.writer import quantize_checkpoint
+    from moe_local.format.safetensors_io import CheckpointFiles
     from moe_local.quant import quantize
     from moe_local.recipes import load_recipe
 
@@ -518,7 +518,7 @@ SPY_FUNCS = (  # functions whose inclusive share of the main thread's samples th
     "_plan",
     "_write_dense",
     "_write_layer",
-    "CheckpointExperts.read",
+    "HfExperts.read",
     "pread_into",
     "_join",
     "_quantize",
@@ -580,7 +580,7 @@ def profile_writer(args, src: Path) -> None:
     import cProfile
     import pstats
 
-    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.convert.writer import quantize_checkpoint
     from moe_local.recipes import load_recipe
 
     recipe = load_recipe(RECIPES.get(args.profile, args.profile))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from moe_local._version import __version__
 
 _LAZY = {
     "load": "moe_local.loading.loader",

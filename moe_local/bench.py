@@ -149,7 +149,7 @@ def _resident_s_per_token(lm, options, model, prompt, new_tokens, measure, bw) -
 
 def format_table(r: BenchResult) -> str:
     """The human-readable report."""
-    from moe_local.inspection import human_bytes
+    from moe_local.units import human_bytes
 
     rows = [
         ("model", r.model),

@@ -440,41 +440,22 @@ def chat(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m moe_local.chat MODEL``: the REPL with a few of ``moe-local chat``'s options."""
-    import argparse
+    """``python -m moe_local.chat [MODEL] [OPTIONS]``: the same program as ``moe-local chat``.
 
-    p = argparse.ArgumentParser(prog="python -m moe_local.chat", description="Chat with a MoE model.")
-    p.add_argument("model")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("-n", "--max-tokens", type=int, default=DEFAULT_PARAMS.max_tokens)
-    p.add_argument("--temperature", type=float, default=DEFAULT_PARAMS.temperature)
-    p.add_argument("--top-p", type=float, default=DEFAULT_PARAMS.top_p)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--expert-memory", default=None, help="RAM for experts, e.g. 2GiB")
-    p.add_argument("--context", type=int, default=None, help="tokens of context (default: the model's)")
-    args = p.parse_args(argv)
-    from moe_local import env
-    from moe_local.config import parse_size
+    Args:
+        argv: the arguments after the program's name (default: ``sys.argv[1:]``).
 
+    Returns:
+        The exit code: 0, 130 when Ctrl-C stopped it, another non-zero one after an error line.
+    """
+    from moe_local.cli.app import main as run_app
+
+    args = sys.argv[1:] if argv is None else argv
     try:
-        threads = env.threads()
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-        )
-        options = LoadOptions(expert_memory=parse_size(args.expert_memory), context=args.context)
-        return chat(args.model, system=args.system, params=params, load_options=options)
-    except MoeLocalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        run_app(["chat", *args], prog_name="python -m moe_local.chat")
+    except SystemExit as exc:  # the app always ends this way; its error line is already out
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

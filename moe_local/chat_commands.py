@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError
-from moe_local.inspection import human_bytes
+from moe_local.units import human_bytes
 
 if TYPE_CHECKING:
     from moe_local.chat import ChatSession

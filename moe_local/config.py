@@ -2,55 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 
 from moe_local.errors import MoeLocalError
+from moe_local.units import human_bytes
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
-_UNITS["ti"] = 1024**4
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """Parse a memory size such as ``"700MiB"``, ``"22GiB"``, ``"1.5GB"`` or ``4096`` into bytes.
-
-    Args:
-        text: the size; None passes through.
-
-    Returns:
-        Bytes, or None.
-
-    Raises:
-        MoeLocalError: the text is not a size, or is negative.
-    """
-    if text is None:
-        return None
-    if isinstance(text, bool) or not isinstance(text, int | str):
-        raise MoeLocalError(f"not a memory size: {text!r} (examples: 700MiB, 22GiB, 1.5GB)")
-    if isinstance(text, int):
-        if text < 0:
-            raise MoeLocalError(f"a memory size cannot be negative: {text}")
-        return text
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise MoeLocalError(f"not a memory size: {text!r} (examples: 700MiB, 22GiB, 1.5GB)")
-    unit = (m.group(2) or "").lower().removesuffix("b")
-    value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value):  # hundreds of digits: float() overflows to inf
-        shown = text.strip() if len(text.strip()) <= 24 else text.strip()[:20] + "..."
-        raise MoeLocalError(f"not a memory size: {shown!r} is too large to be one")
-    return int(value)
-
-
-def human_bytes(n: float) -> str:
-    """Format bytes with binary units: ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+# compute dtypes by name; "auto" picks per device and checkpoint (loading.checkpoint.resolve_dtype)
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def machine_memory() -> tuple[int, int]:
@@ -135,9 +93,6 @@ class LoadOptions:
         cpu_compute: "auto", "on" or "off": compute device misses found in host RAM on the CPU.
         policy: expert cache eviction policy, "lru" or "lfu".
         prefetch: guess the next layer's experts with its router and read them ahead.
-        offload_dir: a folder on a fast disk; the experts are staged there once as one-read blobs
-            (a Hugging Face checkpoint in its own dtype, a moe-local folder copied) and the disk
-            tier reads them from there.
     """
 
     dtype: str = "auto"
@@ -149,12 +104,13 @@ class LoadOptions:
     cpu_compute: str = "auto"
     policy: str = "lru"
     prefetch: bool = True
-    offload_dir: str | None = None
 
     def __post_init__(self) -> None:
         context = self.context
         if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
             raise MoeLocalError(f"context must be >= 1 token, not {context!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise MoeLocalError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPE_NAMES)}")
         if self.policy not in ("lru", "lfu"):
             raise MoeLocalError(f"unknown cache policy {self.policy!r}; choose lru or lfu")
         _check_device(self.device, self.expert_memory)

@@ -55,6 +55,21 @@ def threads() -> int | None:
     return int(text)
 
 
+def usable_cores() -> int:
+    """Cores to use: ``MOE_LOCAL_THREADS`` when set, else the cores this process may run on.
+
+    Returns:
+        At least 1.
+    """
+    asked = threads()
+    if asked:
+        return asked
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def home_dir() -> Path:
     """The moe-local cache directory (``MOE_LOCAL_HOME``), expanded.
 

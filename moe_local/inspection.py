@@ -7,19 +7,12 @@ from pathlib import Path
 
 import torch
 
-from moe_local.config import human_bytes as human_bytes  # re-exported: it lived here first
-from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint
-from moe_local.format.manifest import DENSE_FILE, MANIFEST, read_manifest
-from moe_local.loading.families import (
-    TESTED_FAMILIES,
-    CheckpointExperts,
-    checkpoint_renamer,
-    find_expert_sites,
-)
-from moe_local.loading.loader import load_config
-from moe_local.loading.meta import build_on_meta
+from moe_local.format.gptq_reader import GptqExperts
+from moe_local.format.manifest import DENSE_FILE
+from moe_local.format.safetensors_io import SafetensorsFile
+from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
+from moe_local.loading.families import TESTED_FAMILIES
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.loading.safetensors_io import CheckpointFiles, SafetensorsFile
 
 
 @dataclass(frozen=True)
@@ -59,12 +52,11 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
             unsupported (says why).
     """
     path = resolve_model_path(model, download=download)
-    config = load_config(path)
-    quantized = (path / MANIFEST).exists()
-    manifest = read_manifest(path) if quantized else None
-    files = None if quantized else CheckpointFiles(path)
-    meta = build_on_meta(config, torch.float32)
-    sites = find_expert_sites(meta)
+    kind = checkpoint_kind(path)
+    # GPTQ's unquantized expert parts count at fp16; parameters are the same in any dtype
+    ckpt = open_checkpoint(path, dtype=torch.float16 if kind == GPTQ else torch.float32, expert_dtype=None)
+    config, meta, sites, manifest, files = ckpt.config, ckpt.meta, ckpt.sites, ckpt.manifest, ckpt.files
+    quantized = manifest is not None
     # parameters come from the model definition, identical for a checkpoint and its quantized folder
     expert_names = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
     params = dict(meta.named_parameters())
@@ -90,21 +82,14 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         }
         dtypes = tuple(sorted(schemes))
     else:
-        rename = checkpoint_renamer(meta)
-        renamed = {rename(k): k for k in files.names()}
-        experts = None
-        if sites and is_gptq_checkpoint(path):
-            experts = GptqExperts(path, files, sites, renamed, torch.float16)
-        elif sites:
-            experts = CheckpointExperts(files, sites, renamed, None)
-        claimed = {k for k in experts.claimed if k in files.key_to_file} if experts else set()
+        experts = ckpt.experts
+        claimed = {k for k in experts.claimed if k in files.key_to_file}
         expert_bytes = sum(files.info(k).nbytes for k in claimed)
         dense_bytes = sum(files.info(k).nbytes for k in files.names()) - expert_bytes
-        one_expert = max((experts.expert_nbytes(s.layer) for s in sites), default=0) if experts else 0
+        one_expert = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
         dtypes = tuple(sorted({str(files.info(k).dtype).removeprefix("torch.") for k in files.names()}))
-        if is_gptq_checkpoint(path):
-            q = experts.config if isinstance(experts, GptqExperts) else None
-            dtypes = (f"gptq int{q.bits}",) if q else ("gptq",)
+        if kind == GPTQ:
+            dtypes = (f"gptq int{experts.config.bits}",) if isinstance(experts, GptqExperts) else ("gptq",)
     if not sites:
         status = "dense (no experts): runs with every weight resident"
     elif config.model_type in TESTED_FAMILIES:
@@ -129,11 +114,3 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         quantized=quantized,
         config=config,
     )
-
-
-def human_count(n: float) -> str:
-    """Format a parameter count: ``46.7B``, ``12.9M``."""
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(int(n))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import psutil
 
-from moe_local.config import check_host_budget, human_bytes
+from moe_local.config import check_host_budget
 from moe_local.errors import MoeLocalError
 from moe_local.inspection import ModelInfo
+from moe_local.units import human_bytes
 
 GiB = 2**30
 # (memory, host->device bytes/s, device memory bytes/s): public specifications of the cards

@@ -43,8 +43,7 @@ class Recipe:
         ``rtn``, ``hqq`` and ``gptq`` keep each rule's bits and group size; the bitsandbytes
         methods ``nf4``, ``fp4`` and ``int8`` replace the scheme (their bits are fixed).
         """
-        from moe_local.quant import QType
-        from moe_local.quant.bnb import BnbType
+        from moe_local.quant import BnbType, QType
 
         def convert(scheme):
             if scheme is None:

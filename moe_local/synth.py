@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe_local.errors import MoeLocalError, first_line
-from moe_local.format.outdir import (
+from moe_local.convert.outdir import (
     check_not_source,
     check_output,
     check_partial,
@@ -30,6 +29,7 @@ from moe_local.format.outdir import (
     os_error_line,
     publish,
 )
+from moe_local.errors import MoeLocalError, first_line
 from moe_local.recipes import Recipe
 
 # Public configuration facts of the models (their config.json on the hub).
@@ -173,7 +173,7 @@ def synth(
     Returns:
         The folder.
     """
-    from moe_local.loading.families import find_expert_sites
+    from moe_local.experts.sites import find_expert_sites
     from moe_local.loading.meta import build_on_meta
     from moe_local.recipes import load_recipe
     from moe_local.tiny import make_tokenizer
@@ -214,9 +214,9 @@ def synth(
 def _write_moe_local(partial: Path, like: str, meta, sites, recipe: Recipe, gen, progress) -> None:
     from torch import nn
 
+    from moe_local.convert.outdir import save_safetensors
     from moe_local.format.blob import checksum, layout_of, pack_blob, round_up, tensor_checksum
     from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
-    from moe_local.format.outdir import save_safetensors
 
     pool = torch.randint(0, 256, (_POOL,), dtype=torch.uint8, generator=gen)
     expert_params = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
@@ -296,8 +296,9 @@ def _disk_templates(model_type: str) -> dict[str, list[tuple[str, str]]]:
     """
     from transformers import AutoModelForCausalLM
 
+    from moe_local.format.safetensors_io import CheckpointFiles
     from moe_local.loading.families import checkpoint_renamer
-    from moe_local.loading.safetensors_io import CheckpointFiles
+    from moe_local.loading.meta import build_on_meta
     from moe_local.tiny import FAMILIES, tiny_config
 
     if model_type not in FAMILIES:
@@ -306,9 +307,7 @@ def _disk_templates(model_type: str) -> dict[str, list[tuple[str, str]]]:
         model = AutoModelForCausalLM.from_config(tiny_config(model_type), trust_remote_code=False)
         model.save_pretrained(tmp)
         files = CheckpointFiles(tmp)
-        meta = __import__("moe_local.loading.meta", fromlist=["build_on_meta"]).build_on_meta(
-            tiny_config(model_type), torch.float32
-        )
+        meta = build_on_meta(tiny_config(model_type), torch.float32)
         rename = checkpoint_renamer(meta)
         out: dict[str, list[tuple[str, str]]] = {}
         for key in files.names():
@@ -327,7 +326,7 @@ def _normalize(name: str) -> str:
 
 
 def _write_hf(partial: Path, config, meta, sites, gen, progress) -> None:
-    from moe_local.format.outdir import save_safetensors
+    from moe_local.convert.outdir import save_safetensors
 
     pool = torch.randint(0, 256, (_POOL,), dtype=torch.uint8, generator=gen)
     templates = _disk_templates(config.model_type)

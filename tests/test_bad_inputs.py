@@ -65,7 +65,7 @@ def test_a_header_that_is_not_a_table(model, capsys):
 
 @pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", None])
 def test_a_manifest_that_is_not_text_or_is_a_folder(tiny_mixtral, tmp_path, capsys, content):
-    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.convert.writer import quantize_checkpoint
     from moe_local.recipes import load_recipe
 
     out = tmp_path / "q"

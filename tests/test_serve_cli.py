@@ -18,11 +18,13 @@ from tests.helpers import assert_one_line_error, run_cli
     ],
 )
 def test_serve_refuses_bad_arguments_before_anything_loads(capsys, monkeypatch, args, needle):
+    import moe_local.cli.load_flags as load_flags
     import moe_local.cli.run as run
 
-    def no_model(model):
+    def no_model(*args, **kwargs):
         raise AssertionError("the model (or the demo) was prepared before the arguments were checked")
 
-    monkeypatch.setattr(run, "_model_or_demo", no_model)
+    monkeypatch.setattr(load_flags, "model_or_demo", no_model)
+    monkeypatch.setattr(run, "prepare_load", no_model)
     code, _, err = run_cli(capsys, "serve", *args)
     assert_one_line_error(code, err, needle)

@@ -6,7 +6,7 @@ Every figure is the median of several repetitions in milliseconds:
 - one expert's compute for one token (gate_up, SiLU*up, down) in fp32, bf16 and int4 (CPU kernel);
 - ``out.index_add_(0, tok, y)`` for one token (what ``OffloadedExperts.forward`` does per expert)
   against ``out.add_(y)``;
-- reading one expert of the bf16 checkpoint the way ``CheckpointExperts.read`` does, cold (the file
+- reading one expert of the bf16 checkpoint the way ``HfExperts.read`` does, cold (the file
   dropped from the page cache first) and warm (cached: the CPU part alone), whole and split into its
   ``pread``s, ``posix_fadvise(DONTNEED)``, ``torch.cat`` of gate and up, and the cast to fp32;
 - reading one int4 expert blob (``BlobExperts.read``) and building its int4-kernel layout;
@@ -42,18 +42,10 @@ def timed(fn, reps: int, setup=None) -> float:
 
 
 def _experts_reader(src: Path, dtype: torch.dtype):
-    from moe_local.loading.families import CheckpointExperts, checkpoint_renamer, find_expert_sites
-    from moe_local.loading.loader import load_config
-    from moe_local.loading.meta import build_on_meta
-    from moe_local.loading.safetensors_io import CheckpointFiles
+    from moe_local.loading.checkpoint import open_checkpoint
 
-    config = load_config(src)
-    meta = build_on_meta(config, dtype)
-    files = CheckpointFiles(src)
-    rename = checkpoint_renamer(meta)
-    renamed = {rename(k): k for k in files.names()}
-    sites = find_expert_sites(meta)
-    return files, CheckpointExperts(files, sites, renamed, dtype, drop_cache=True), sites
+    ckpt = open_checkpoint(src, dtype=dtype, drop_cache=True)
+    return ckpt.files, ckpt.experts, ckpt.sites
 
 
 def main() -> None:
@@ -133,14 +125,9 @@ def main() -> None:
     res["free_bf16_expert_ms"] = timed(lambda: pool.pop(), reps)
     # int4: blob read and kernel layout
     if (int4 / "moe_local.json").exists():
-        from moe_local.format.manifest import read_manifest
-        from moe_local.format.reader import BlobExperts
-        from moe_local.loading.families import find_expert_sites
-        from moe_local.loading.loader import load_config
-        from moe_local.loading.meta import build_on_meta
+        from moe_local.loading.checkpoint import open_checkpoint
 
-        sites4 = find_expert_sites(build_on_meta(load_config(int4), torch.bfloat16))
-        blobs = BlobExperts(int4, read_manifest(int4), sites4, torch.bfloat16, drop_cache=True)
+        blobs = open_checkpoint(int4, dtype=torch.bfloat16, drop_cache=True).experts
         blob_files = data_files(int4 / "experts")
         res["read_int4_blob_cold_ms"] = timed(
             lambda: blobs.read(*next_key()), reps, lambda: evict(blob_files)

@@ -19,7 +19,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ("AlignDevicesHook", "OffloadedWeightsLoader", "set_module_tensor_to_device"),
     ),
     ("wait for a prefetch read (CachedStore.get -> Future.result)", ("Future.result",)),
-    ("expert read on a miss, main thread (pread + cat/cast)", ("CheckpointExperts.read", "BlobExperts.read")),
+    ("expert read on a miss, main thread (pread + cat/cast)", ("HfExperts.read", "BlobExperts.read")),
     ("int4 kernel-layout conversion of a new expert", ("_kernel_tensors", "pack_int4_weight")),
     ("expert matmuls (apply_linear)", ("apply_linear",)),
     ("expert gate act (SiLU * up)", ("OffloadedExperts._gate",)),

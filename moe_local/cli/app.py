@@ -1,4 +1,4 @@
-"""The ``moe-local`` app, the options its commands share, and the entry point.
+"""The ``moe-local`` app, its MODEL arguments, and the entry point (load flags: ``load_flags``).
 
 Heavy imports (torch, transformers) live inside the command bodies so ``--help`` answers fast.
 """
@@ -30,27 +30,6 @@ OptionalModelArg = Annotated[
     str | None,
     typer.Argument(help="checkpoint folder or cached hub id (default: the built-in demo model)"),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")]
-ExpertMemOpt = Annotated[
-    str | None, typer.Option("--expert-memory", help="RAM for experts, e.g. 2GiB (default: all in RAM)")
-]
-CpuMemOpt = Annotated[
-    str | None, typer.Option("--cpu-memory", help="host RAM the planner may use (default: 85% of available)")
-]
-ContextOpt = Annotated[int, typer.Option(help="tokens of context to plan the KV cache for")]
-PolicyOpt = Annotated[str, typer.Option(help="expert cache policy: lru or lfu")]
-PrefetchOpt = Annotated[
-    bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's experts ahead")
-]
-OffloadDirOpt = Annotated[
-    str | None,
-    typer.Option("--offload-dir", help="fast-disk folder to stage the experts in once (one read each)"),
-]
-DownloadOpt = Annotated[
-    bool, typer.Option("--download", help="fetch a hub id that is not cached (needs network)")
-]
-
-
 # Errors only a write can meet (the disk or the quota is full, the file too big): whatever was
 # being written (standard output, --trace, --json), the user's disk is at fault, not our code.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -76,42 +55,13 @@ def _err(message: str) -> None:
     typer.echo(f"error: {_one_line(message)}", err=True)
 
 
-def _model_or_demo(model: str | None) -> str:
-    """MODEL as given, or the built-in demo model (built on first use, with progress bars)."""
-    if model is not None:
-        return model
-    from moe_local.demo import demo_path, ensure_demo, is_ready
-    from moe_local.progress import progress_bars
-
-    if not is_ready(demo_path()):
-        typer.echo("building the demo model (once; about 2 minutes on 2 cores)...", err=True)
-    with progress_bars() as bar:
-        path = ensure_demo(progress=bar)
-    typer.echo(f"model: the built-in demo ({path})", err=True)
-    return str(path)
-
-
-def _planned_load_options(
-    model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir=None
-):
-    """LoadOptions from the shared flags, with the planner's expert budget unless one was given."""
-    from moe_local.config import LoadOptions, parse_size
-    from moe_local.planner import planned_options
-
-    options = LoadOptions(
-        dtype=dtype,
-        expert_memory=parse_size(expert_memory),
-        download=download,
-        policy=policy,
-        prefetch=prefetch,
-        context=context,
-        offload_dir=offload_dir,
-    )
-    return planned_options(model, options, cpu_memory=parse_size(cpu_memory), context=context)[0]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None, prog_name: str | None = None) -> None:
     """Run the app in this process, turning user errors into one line and a non-zero exit.
+
+    Args:
+        argv: the arguments, command first (default: ``sys.argv[1:]``).
+        prog_name: the program's name in usage lines (default: from ``sys.argv[0]``); the
+            ``python -m moe_local.chat`` and ``python -m moe_local.server`` mains name themselves.
 
     Raises:
         SystemExit: always; 130 (with ``error: interrupted``) when Ctrl-C stopped the command.
@@ -119,7 +69,7 @@ def main() -> None:
     from moe_local.cli import interrupt, run, tools  # noqa: F401  (run and tools register the commands)
 
     try:
-        app()
+        app(args=argv, prog_name=prog_name)
     except SystemExit as exc:
         if exc.code == interrupt.EXIT_CODE:  # typer's exit for a KeyboardInterrupt, or chat's
             interrupt.announce()

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from moe_local.cli.app import (
-    ContextOpt,
-    CpuMemOpt,
-    DownloadOpt,
-    DtypeOpt,
-    ExpertMemOpt,
-    OffloadDirOpt,
-    OptionalModelArg,
-    PolicyOpt,
-    PrefetchOpt,
-    _model_or_demo,
-    _planned_load_options,
-    _setup_torch,
-    app,
-)
+from moe_local.cli import load_flags
+from moe_local.cli.app import OptionalModelArg, _setup_torch, app
+from moe_local.cli.load_flags import LoadFlags, check_flags, prepare_load, with_load_flags
 
 
 @app.command(
     epilog="Example: moe-local generate ./Mixtral-8x7B-v0.1 'The capital of France is' --no-chat -n 32"
     "\n\nWith only a prompt it runs the built-in demo: moe-local generate 'What is the capital of France?'"
 )
+@with_load_flags()
 def generate(
     model: Annotated[
         str, typer.Argument(help="checkpoint folder or cached hub id; omit it to use the built-in demo")
@@ -54,14 +44,8 @@ def generate(
     trace: Annotated[
         str | None, typer.Option(help="write the routing trace (JSON lines) to this file")
     ] = None,
-    dtype: DtypeOpt = "auto",
-    expert_memory: ExpertMemOpt = None,
-    cpu_memory: CpuMemOpt = None,
-    context: ContextOpt = 4096,
-    policy: PolicyOpt = "lru",
-    prefetch: PrefetchOpt = True,
-    download: DownloadOpt = False,
-    offload_dir: OffloadDirOpt = None,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Generate text from a prompt, streamed to standard output."""
     from moe_local.config import SamplingParams
@@ -70,11 +54,11 @@ def generate(
 
     _setup_torch()
     if prompt is None:  # one argument: it is the prompt, and the model is the demo
-        model, prompt = _model_or_demo(None), model
+        model, prompt = None, model
     if prompt == "-":
         prompt = _read_stdin()
     if trace:
-        from moe_local.format.outdir import check_output_file
+        from moe_local.convert.outdir import check_output_file
 
         check_output_file(trace, "--trace")  # before the load, not after it
     params = SamplingParams(
@@ -87,10 +71,8 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
     )
-    options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
-    )
-    lm = load(model, options)
+    target = prepare_load(flags, model)
+    lm = load(target.path, target.options)
     last = None
     with contextlib.ExitStack() as stack:
         recorder = None
@@ -120,7 +102,7 @@ def _read_stdin() -> str:
 
 def format_stats(resp, per_layer: bool = False) -> str:
     """Summary of a finished generation's speed and expert traffic (optionally per layer)."""
-    from moe_local.inspection import human_bytes
+    from moe_local.units import human_bytes
 
     t = resp.experts.total
     lines = []
@@ -150,6 +132,7 @@ def format_stats(resp, per_layer: bool = False) -> str:
 
 
 @app.command(epilog="Example: moe-local chat ./Qwen1.5-MoE-A2.7B-Chat --system 'You are terse.'")
+@with_load_flags()
 def chat(
     model: OptionalModelArg = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
@@ -160,21 +143,14 @@ def chat(
     min_p: Annotated[float, typer.Option(help="drop tokens below min_p x the top probability")] = 0.0,
     repetition_penalty: Annotated[float, typer.Option(help=">1 discourages repeats")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-    dtype: DtypeOpt = "auto",
-    expert_memory: ExpertMemOpt = None,
-    cpu_memory: CpuMemOpt = None,
-    context: ContextOpt = 4096,
-    policy: PolicyOpt = "lru",
-    prefetch: PrefetchOpt = True,
-    download: DownloadOpt = False,
-    offload_dir: OffloadDirOpt = None,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Chat with a model in the terminal: streamed multi-turn replies, /help lists the commands."""
     from moe_local.chat import chat as run_chat
     from moe_local.config import SamplingParams
 
     _setup_torch()
-    model = _model_or_demo(model)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -184,13 +160,12 @@ def chat(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
-    )
-    raise typer.Exit(run_chat(model, system=system, params=params, load_options=options))
+    target = prepare_load(flags, model)
+    raise typer.Exit(run_chat(target.path, system=system, params=params, load_options=target.options))
 
 
 @app.command(epilog="Example: moe-local serve ./Mixtral-8x7B-v0.1 --port 8000 --api-key secret")
+@with_load_flags()
 def serve(
     model: OptionalModelArg = None,
     host: Annotated[str, typer.Option(help="address to bind (default: this machine only)")] = "127.0.0.1",
@@ -203,14 +178,8 @@ def serve(
         str | None, typer.Option(help="name clients pass as model (default: folder name)")
     ] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug")] = "info",
-    dtype: DtypeOpt = "auto",
-    expert_memory: ExpertMemOpt = None,
-    cpu_memory: CpuMemOpt = None,
-    context: ContextOpt = 4096,
-    policy: PolicyOpt = "lru",
-    prefetch: PrefetchOpt = True,
-    download: DownloadOpt = False,
-    offload_dir: OffloadDirOpt = None,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
     from moe_local.server import serve as run_server
@@ -220,21 +189,45 @@ def serve(
     check_log_level(log_level)
     check_api_key(api_key)
     check_listen(host, port)
+    options = check_flags(flags)  # a bad flag is its own line; what fails after it is the model's load
     _setup_torch()
-    model = _model_or_demo(model)
-    options = _planned_load_options(
-        model, dtype, expert_memory, cpu_memory, context, policy, prefetch, download, offload_dir
-    )
+    source = load_flags.model_or_demo(model)  # built before the port opens: the name is its folder's
+    if not flags.download:  # a broken config fails here, before the port opens (a download cannot)
+        _check_config(source)
+
+    def prepare():  # the planner and --offload-dir staging run while /health answers 503
+        target = prepare_load(flags, source)
+        return target.path, target.options
+
     run_server(
-        model,
+        source,
         host=host,
         port=port,
         api_key=api_key,
         max_queue=max_queue,
         load_options=options,
-        model_name=model_name,
+        model_name=model_name or _served_name(source),
         log_level=log_level,
+        prepare=prepare,
     )
+
+
+def _check_config(model: str | Path) -> None:
+    """Read and check MODEL's config.json (fast: no weights), in the words of a failed load."""
+    from moe_local.errors import MoeLocalError
+    from moe_local.loading.checkpoint import load_config
+    from moe_local.loading.resolve import resolve_model_path
+
+    try:
+        load_config(resolve_model_path(model))
+    except MoeLocalError as exc:
+        raise MoeLocalError(f"cannot load {model}: {exc}") from exc
+
+
+def _served_name(model: str | Path) -> str:
+    """The name clients see: the folder's name, or the hub id as typed (not a staged copy's name)."""
+    path = Path(str(model))
+    return path.name if path.exists() else str(model)
 
 
 @app.command(epilog="Example: moe-local demo   (then: moe-local chat)")

@@ -8,30 +8,22 @@ from typing import Annotated
 
 import typer
 
-from moe_local.cli.app import (
-    CpuMemOpt,
-    DownloadOpt,
-    DtypeOpt,
-    ExpertMemOpt,
-    ModelArg,
-    OffloadDirOpt,
-    PolicyOpt,
-    PrefetchOpt,
-    _setup_torch,
-    app,
-)
+from moe_local.cli.app import ModelArg, _setup_torch, app
+from moe_local.cli.load_flags import LoadFlags, prepare_load, with_load_flags
 from moe_local.errors import MoeLocalError
 
 
 @app.command(epilog="Example: moe-local inspect ./Mixtral-8x7B-v0.1")
-def inspect(model: ModelArg, download: DownloadOpt = False) -> None:
+@with_load_flags(only=("download",))
+def inspect(model: ModelArg, *, flags: LoadFlags) -> None:
     """Show a checkpoint's family, layers, experts, parameters and sizes (loads no weights)."""
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.inspection import human_bytes, human_count, inspect_model
+    from moe_local.inspection import inspect_model
+    from moe_local.units import human_bytes, human_count
 
-    info = inspect_model(model, download=download)
+    info = inspect_model(model, download=flags.download)
     table = Table(show_header=False, box=None)
     rows = [
         ("path", str(info.path)),
@@ -86,10 +78,10 @@ def quantize(
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.format.writer import quantize_checkpoint
-    from moe_local.inspection import human_bytes
+    from moe_local.convert.writer import quantize_checkpoint
     from moe_local.progress import progress_bars
     from moe_local.recipes import load_recipe
+    from moe_local.units import human_bytes
 
     _setup_torch()
     if format not in ("moe-local", "gptq"):
@@ -173,8 +165,8 @@ def trace(
 
 def _fits_line(report, gpu: str) -> str:
     """Whether the quantized model fits ``gpu`` whole, or with experts offloaded (dense part on it)."""
-    from moe_local.inspection import human_bytes
     from moe_local.planner import GPUS, RUNTIME_OVERHEAD
+    from moe_local.units import human_bytes
 
     card = GPUS[gpu][0]
     usable = card - RUNTIME_OVERHEAD
@@ -195,7 +187,7 @@ def _fits_line(report, gpu: str) -> str:
 def _export_gptq(
     src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool, extra: bool
 ) -> None:
-    from moe_local.format.gptq_export import export_gptq
+    from moe_local.convert.gptq_export import export_gptq
     from moe_local.progress import progress_bars
 
     if extra:
@@ -208,25 +200,31 @@ def _export_gptq(
 
 
 @app.command(epilog="Example: moe-local plan ./mixtral-q4 --gpu rtx4090 --context 8192")
+@with_load_flags(only=("cpu_memory", "context", "download"))  # it plans a load, without loading
 def plan(
     model: ModelArg,
     gpu: Annotated[str, typer.Option(help="cpu, rtx4090, v100-16g or v100-32g")] = "cpu",
     gpu_memory: Annotated[str | None, typer.Option(help="device memory to use, e.g. 22GiB")] = None,
-    cpu_memory: Annotated[
-        str | None, typer.Option(help="host RAM to use (default: 85% of available)")
-    ] = None,
-    context: Annotated[int, typer.Option(help="tokens the KV cache must hold")] = 4096,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Show where the dense part, KV cache and experts would go, and the decode speed to expect."""
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.config import parse_size
-    from moe_local.inspection import human_bytes
     from moe_local.planner import plan_for
+    from moe_local.units import human_bytes, parse_size
 
+    if flags.download:  # the planner reads the files, and never fetches them
+        from moe_local.convert.staging import prepare
+
+        model = str(prepare(model, None, download=True))
     p, info = plan_for(
-        model, gpu=gpu, gpu_memory=parse_size(gpu_memory), cpu_memory=parse_size(cpu_memory), context=context
+        model,
+        gpu=gpu,
+        gpu_memory=parse_size(gpu_memory),
+        cpu_memory=parse_size(flags.cpu_memory),
+        context=flags.context,
     )
     fast = "GPU" if gpu != "cpu" else "RAM (fast tier)"
     table = Table(title=f"{info.path.name} on {gpu}", show_header=True)
@@ -252,6 +250,7 @@ def plan(
 @app.command(
     name="eval", epilog="Example: moe-local eval ./mixtral-q4 ./mixtral-q3 --text valid.txt --max-tokens 8192"
 )
+@with_load_flags(omit=("context",))  # its --context is the window, and the load context
 def eval_(
     models: Annotated[list[str], typer.Argument(help="one or more model folders")],
     text: Annotated[str, typer.Option(help="plain-text file to score")],
@@ -259,14 +258,13 @@ def eval_(
         int, typer.Option(help="window length; windows do not overlap (stride = context)")
     ] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
-    dtype: DtypeOpt = "auto",
-    expert_memory: ExpertMemOpt = None,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Perplexity (and tokens/s) of one model, or a comparison table of several, on a text file."""
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.config import LoadOptions, parse_size
     from moe_local.evaluate import perplexity, read_text_file
     from moe_local.loading.loader import load
 
@@ -274,9 +272,12 @@ def eval_(
     corpus = read_text_file(text)  # before any model loads: a wrong path should not cost a load
     if max_tokens is not None and max_tokens < 2:
         raise MoeLocalError(f"--max-tokens must be at least 2 (a token scores the next), not {max_tokens}")
+    if context < 2:
+        raise MoeLocalError("--context must be at least 2")
     results = []
     for model in models:
-        lm = load(model, LoadOptions(dtype=dtype, expert_memory=parse_size(expert_memory)))
+        target = prepare_load(flags, model, context=context)
+        lm = load(target.path, target.options)
         results.append(perplexity(lm, corpus, context=context, max_tokens=max_tokens))
         del lm
     if len(results) == 1:
@@ -312,10 +313,10 @@ def synth(
     """Write a random-weight checkpoint with the real dimensions of a known MoE model."""
     import time
 
-    from moe_local.inspection import human_bytes
     from moe_local.progress import progress_bars
     from moe_local.recipes import load_recipe
     from moe_local.synth import synth as run_synth
+    from moe_local.units import human_bytes
 
     rec = load_recipe(recipe)
     t0 = time.perf_counter()
@@ -327,20 +328,14 @@ def synth(
 
 
 @app.command(epilog="Example: moe-local bench ./mixtral-shaped --cpu-memory 8GiB --json run.json")
+@with_load_flags(omit=("context",))  # the context is the prompt and the new tokens
 def bench(
     model: ModelArg,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length")] = 512,
     new_tokens: Annotated[int, typer.Option(help="tokens to decode")] = 128,
-    expert_memory: ExpertMemOpt = None,
-    cpu_memory: CpuMemOpt = None,
-    gpu_memory: Annotated[
-        str | None, typer.Option(help="device memory for experts (with --device cuda)")
-    ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    policy: PolicyOpt = "lru",
-    prefetch: PrefetchOpt = True,
-    offload_dir: OffloadDirOpt = None,
     json_file: Annotated[str | None, typer.Option("--json", help="also write the results as JSON")] = None,
+    *,
+    flags: LoadFlags,
 ) -> None:
     """Measure prefill and decode speed, expert traffic and the floor they are bounded by."""
     import dataclasses
@@ -348,22 +343,18 @@ def bench(
 
     from moe_local.bench import bench as run_bench
     from moe_local.bench import format_table
-    from moe_local.config import LoadOptions, parse_size
-    from moe_local.planner import planned_options
 
     _setup_torch()
     if json_file:
-        from moe_local.format.outdir import check_output_file
+        from moe_local.convert.outdir import check_output_file
 
         check_output_file(json_file, "--json")  # before the benchmark, not after it
-    budget = parse_size(gpu_memory) if device != "cpu" and gpu_memory else parse_size(expert_memory)
-    options = LoadOptions(device=device, expert_memory=budget, policy=policy, prefetch=prefetch,
-                          context=prompt_tokens + new_tokens + 1, offload_dir=offload_dir)  # fmt: skip
-    if device == "cpu":
-        options, _ = planned_options(
-            model, options, cpu_memory=parse_size(cpu_memory), context=options.context
-        )
-    result = run_bench(model, options, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    if new_tokens < 2:  # bench() says so too, but only after the plan and the staging
+        raise MoeLocalError("--new-tokens must be at least 2")
+    if prompt_tokens < 1:
+        raise MoeLocalError("--prompt-tokens must be at least 1")
+    target = prepare_load(flags, model, context=prompt_tokens + new_tokens + 1)
+    result = run_bench(target.path, target.options, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     typer.echo(format_table(result))
     if json_file:
         Path(json_file).write_text(json.dumps(dataclasses.asdict(result), indent=1))

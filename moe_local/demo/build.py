@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from moe_local.convert.outdir import is_ours, write_marker
 from moe_local.demo import corpus, gguf_source, router_fit, sources, upcycle
 from moe_local.demo.tokenizer import build_tokenizer
 from moe_local.errors import MoeLocalError
-from moe_local.format.outdir import is_ours, write_marker
 
 Progress = Callable[[str, int, int], None]
 DEMO_NAME = "smollm2-moe-8x135m"

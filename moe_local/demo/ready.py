@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from moe_local.convert.outdir import is_ours
 from moe_local.demo.build import BUILD_FILE, FORMAT, DemoConfig, build_demo, demo_dir
 from moe_local.errors import MoeLocalError
-from moe_local.format.outdir import is_ours
 
 DEMO_RECIPE = "experts-4bit"
 Progress = Callable[..., None]
@@ -96,7 +96,7 @@ def ensure_demo(
 
 def _build(target: Path, home, layers, recipe: str, keep_source: bool, downloads, progress) -> Path:
     """Build the bf16 source, quantize it into ``target`` and mark it finished."""
-    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.convert.writer import quantize_checkpoint
     from moe_local.recipes import load_recipe
 
     rules = load_recipe(recipe)  # a bad recipe fails before the build

@@ -123,7 +123,7 @@ def write_safetensors(
     Returns:
         Bytes written (tensor data).
     """
-    from moe_local.format.outdir import save_safetensors
+    from moe_local.convert.outdir import save_safetensors
 
     parts: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}

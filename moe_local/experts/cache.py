@@ -49,6 +49,8 @@ class CachedStore(ExpertStore):
         prefetch_workers: background reader threads (0 disables prefetch).
     """
 
+    reads_ahead = True
+
     def __init__(
         self,
         reader: ExpertReader,

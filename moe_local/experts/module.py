@@ -9,11 +9,16 @@ Legend: T=tokens, K=experts per token, H=hidden size, I=expert intermediate size
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from moe_local.experts.store import ExpertStore
 from moe_local.experts.weights import apply_linear
+
+if TYPE_CHECKING:
+    from moe_local.experts.sites import ExpertsSite
 
 EXPERT_PARAM_NAMES = (
     "gate_up_proj",
@@ -139,10 +144,9 @@ class OffloadedExperts(nn.Module):
             guess = self.next_router.guess(x)
             self.store.note_guess(self.next_router.layer, guess)
             self.store.prefetch(self.next_router.layer, guess)
-        on_host = getattr(self.store, "compute_on_host", None)
         for e in self.store.order(self.layer, needed):
             tok, kpos = torch.where(idx == e)  # [n], [n]
-            host_w = on_host(self.layer, e, len(tok)) if on_host is not None else None
+            host_w = self.store.compute_on_host(self.layer, e, len(tok))
             if host_w is not None:  # cheaper to compute where the weights lie than to move them
                 y = self.expert_forward(x[tok].to("cpu"), host_w).to(x.device)
             else:
@@ -150,3 +154,22 @@ class OffloadedExperts(nn.Module):
             y = y * wts[tok, kpos, None].to(y.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)
+
+
+def swap_experts(model: nn.Module, sites: list[ExpertsSite], store: ExpertStore) -> list[OffloadedExperts]:
+    """Replace every experts module named by ``sites`` with an ``OffloadedExperts`` over ``store``.
+
+    Args:
+        model: the model (its experts modules may still be on meta: their weights are dropped).
+        sites: where the experts modules are.
+        store: where their weights live.
+
+    Returns:
+        The new modules, in ``sites``' order.
+    """
+    swapped = []
+    for site in sites:
+        module = OffloadedExperts(model.get_submodule(site.name), site.layer, store)
+        model.set_submodule(site.name, module)
+        swapped.append(module)
+    return swapped

@@ -82,7 +82,21 @@ class StoreStats:
 
 
 class ExpertStore(ABC):
-    """Holds every expert of a model; hands out one (layer, expert) at a time."""
+    """Holds every expert of a model; hands out one (layer, expert) at a time.
+
+    The whole contract ``OffloadedExperts`` relies on, per layer and step:
+
+    1. ``check_guess(layer, routed)`` scores the guess made one layer earlier;
+    2. ``note_guess``/``prefetch`` for the next layer's guessed experts (stores that read ahead);
+    3. ``order(layer, needed)``: resident experts first, so reads overlap their compute;
+    4. for each expert, ``compute_on_host(layer, e, tokens)`` may return host weights to compute
+       on the CPU (a miss cheaper to compute where it lies than to copy); otherwise ``get``.
+
+    Attributes:
+        reads_ahead: True when the store reads from a slower tier, so prefetching helps.
+    """
+
+    reads_ahead: bool = False
 
     def __init__(self) -> None:
         self._stats: dict[int, LayerStats] = {}
@@ -105,6 +119,16 @@ class ExpertStore(ABC):
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> None:  # noqa: B027 - optional hook
         """Start reading ``experts`` of ``layer`` in the background (a no-op for stores holding all)."""
+
+    def compute_on_host(self, layer: int, expert: int, tokens: int) -> ExpertWeights | None:
+        """Host weights to compute this expert on the CPU instead of ``get`` (None: use ``get``).
+
+        Args:
+            layer: the layer.
+            expert: the expert.
+            tokens: tokens routed to it in this step.
+        """
+        return None
 
     def note_guess(self, layer: int, guessed: set[int]) -> None:
         """Remember which experts of ``layer`` were guessed (and prefetched) ahead of it."""

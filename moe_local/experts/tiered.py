@@ -18,6 +18,7 @@ import torch
 from moe_local.experts.cache import CachedStore, ExpertReader
 from moe_local.experts.store import ExpertStore, LayerStats, StoreStats
 from moe_local.experts.weights import ExpertWeights
+from moe_local.quant.base import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class TieredStore(ExpertStore):
         cpu_compute: "auto" (cost model), "on" (always compute device misses found in RAM on the CPU)
             or "off" (always move weights).
     """
+
+    reads_ahead = True
 
     def __init__(
         self,
@@ -178,8 +181,8 @@ def _pinned(w: ExpertWeights, pin: bool) -> ExpertWeights:
     if not pin:
         return w
 
-    def p(t):
-        return t.pin_memory() if isinstance(t, torch.Tensor) else t
+    def p(t):  # quantized weights pin too (QuantizedWeight.pin_memory)
+        return t.pin_memory() if isinstance(t, torch.Tensor | QuantizedWeight) else t
 
     return ExpertWeights(
         down=p(w.down),

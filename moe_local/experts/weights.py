@@ -9,20 +9,13 @@ Legend: H=hidden size, I=expert intermediate size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from moe_local.quant.base import QuantizedWeight
 
-@runtime_checkable
-class LinearWeight(Protocol):
-    """A (possibly quantized) weight matrix that computes ``x @ W^T + b``."""
-
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
-
-
-WeightLike = torch.Tensor | LinearWeight
+WeightLike = torch.Tensor | QuantizedWeight
 
 
 def apply_linear(x: torch.Tensor, weight: WeightLike, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,7 +41,7 @@ def weight_nbytes(weight: WeightLike | None) -> int:
     if isinstance(weight, torch.Tensor):
         return weight.numel() * weight.element_size()
     # a quantized weight may also hold a kernel-layout copy built on first use: count it
-    return int(weight.nbytes) + int(getattr(weight, "kernel_cache_nbytes", 0))
+    return int(weight.nbytes) + int(weight.kernel_cache_nbytes)
 
 
 @dataclass
@@ -68,17 +61,25 @@ class ExpertWeights:
         parts = (self.down, self.gate_up, self.up, self.gate_up_bias, self.up_bias, self.down_bias)
         return sum(weight_nbytes(p) for p in parts)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExpertWeights:
-        """Return a copy on ``device``; dense float tensors are cast to ``dtype`` when given."""
+    def to(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        non_blocking: bool = False,
+    ) -> ExpertWeights:
+        """Return a copy on ``device``; dense float tensors are cast to ``dtype`` when given.
+
+        ``non_blocking``: asynchronous copies from pinned host memory to a GPU (the caller
+        synchronizes before the weights are used on another stream).
+        """
 
         def move(t):
             if t is None:
                 return None
             if isinstance(t, torch.Tensor):
-                return t.to(
-                    device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None
-                )
-            return t.to(device) if device is not None else t
+                cast = dtype if dtype is not None and t.is_floating_point() else None
+                return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+            return t.to(device, non_blocking=non_blocking) if device is not None else t
 
         return ExpertWeights(
             down=move(self.down),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_local.loading.safetensors_io import DTYPE_NAMES, DTYPES
+from moe_local.format.safetensors_io import DTYPE_NAMES, DTYPES
 
 ALIGN = 4096  # blob start and length in the file: page-aligned for direct I/O
 _INNER_ALIGN = 64  # tensor start inside a blob: cache-line aligned views

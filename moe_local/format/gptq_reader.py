@@ -1,362 +1,33 @@
-"""Read GPTQ checkpoints (GPTQModel / AutoGPTQ layout) into moe-local's quantized tensors.
+"""Read the experts and dense weights of a GPTQ checkpoint (GPTQModel / AutoGPTQ layout).
 
-A GPTQ linear ``[O, I]`` is stored as four tensors next to where its ``weight`` would be:
-
-* ``qweight`` ``[I * bits / 32, O]`` int32: codes packed along the INPUT dim, ``32 / bits`` per word,
-  code ``j`` of a word in bits ``[bits * j, bits * (j + 1))`` (3-bit: 32 codes in 3 words, see
-  ``pack_rows``);
-* ``qzeros`` ``[G, O * bits / 32]`` int32: integer zero points packed the same way along the OUTPUT dim;
-* ``scales`` ``[G, O]`` fp16;
-* ``g_idx`` ``[I]`` int32: the group of each input channel (``i // group_size`` without act-order).
-
-``W_hat[o, i] = (q[o, i] - zero[o, g]) * scale[o, g]`` with ``g = g_idx[i]``: the moe-local convention
-with an integer zero, so a GPTQ tensor maps onto a ``QuantizedTensor`` exactly. Checkpoint format
-``gptq`` (v1) stores ``zero - 1``: GPTQModel subtracts 1 from every field of a whole 32-bit word for
-2/4/8 bits (a field holding 0 borrows from the next) and field by field, modulo ``2**bits``, for
-3 bits; reading adds it back the same way. ``gptq_v2`` stores the zero itself.
-Legend: O=out features, I=in features, G=groups (I / group size), E=experts, H=hidden size.
+How GPTQ stores a linear, and its conversion to moe-local's ``QuantizedTensor``, is
+``moe_local.format.gptq_layout``. Experts come out as ``ExpertWeights`` with a quantized
+``gate_up`` ``[2I, H]`` and ``down`` ``[H, I]``; GPTQ dense linears become ``QuantLinear``.
+Legend: E=experts, H=hidden size, I=expert intermediate size.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from moe_local.errors import CheckpointError, UnsupportedModelError
+from moe_local.experts.sites import ExpertsSite, find_expert_sites
 from moe_local.experts.weights import ExpertWeights, WeightLike
-from moe_local.loading.families import ExpertsSite
-from moe_local.loading.safetensors_io import CheckpointFiles
-
-if TYPE_CHECKING:
-    from moe_local.config import LoadOptions
-    from moe_local.loading.loader import LoadedModel
-    from moe_local.quant import QuantizedTensor
-
-GPTQ_BITS: tuple[int, ...] = (2, 3, 4, 8)
-GPTQ_TENSORS: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
-_WORD = 32
-_MASK32 = (1 << 32) - 1
-_GATE = ("w1", "gate_proj")
-_UP = ("w3", "up_proj")
-_DOWN = ("w2", "down_proj")
-_FORMATS = {"gptq": 1, "gptq_v2": 2}
-
-
-# ----------------------------------------------------------------------------- bit layout
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in GPTQ_BITS:
-        raise ValueError(f"GPTQ packing supports bits {GPTQ_BITS}, got {bits}")
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit values held in int64 -> the same bits as int32."""
-    words = words & _MASK32
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes along dim 0 into int32 words, the GPTQ ``qweight`` layout.
-
-    For 2/4/8 bits, word ``r`` holds rows ``r * k .. r * k + k - 1`` (``k = 32 / bits``), row ``r * k + j``
-    in bits ``[bits * j, bits * (j + 1))``. For 3 bits, 32 rows fill 3 words as one little-endian
-    96-bit number (row ``j`` in bits ``[3j, 3j + 3)``; rows 10 and 21 straddle two words).
-
-    Args:
-        codes: integer tensor ``[N, M]`` with values in ``[0, 2**bits)``; ``N`` a multiple of
-            ``32 / bits`` (of 32 for 3 bits).
-        bits: 2, 3, 4 or 8.
-
-    Returns:
-        int32 ``[N * bits / 32, M]``.
-
-    Raises:
-        ValueError: on unsupported bits, a bad ``N`` or a code out of range.
-    """
-    _check_bits(bits)
-    n, m = codes.shape
-    block = _WORD if bits == 3 else _WORD // bits
-    if n % block:
-        raise ValueError(f"{bits}-bit GPTQ packing needs a multiple of {block} values, got {n}")
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >> bits):
-        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
-    if bits != 3:
-        c = c.view(n // block, block, m)
-        shifts = torch.arange(block, dtype=torch.int64).mul_(bits).view(1, block, 1)
-        return _to_int32((c << shifts).sum(dim=1))
-    # 3 bits: a block of 32 codes is one 96-bit number split into three words
-    c = c.view(n // _WORD, _WORD, m)
-    shifts = torch.arange(_WORD, dtype=torch.int64).mul_(3)
-    words = []
-    for w in range(3):
-        lo = w * _WORD
-        word = torch.zeros(n // _WORD, m, dtype=torch.int64)
-        for j in range(_WORD):
-            s = int(shifts[j]) - lo  # position of code j relative to this word
-            if -3 < s < _WORD:
-                word |= (c[:, j] << s) if s >= 0 else (c[:, j] >> -s)
-        words.append(word & _MASK32)
-    return _to_int32(torch.stack(words, dim=1).view(n // _WORD * 3, m))
-
-
-def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
-    """Inverse of ``pack_rows``.
-
-    Args:
-        words: int32 ``[W, M]``.
-        bits: 2, 3, 4 or 8.
-        n: rows to return (default: all ``W * 32 / bits``).
-
-    Returns:
-        int64 codes ``[n, M]``.
-    """
-    _check_bits(bits)
-    w, m = words.shape
-    u = words.to(torch.int64) & _MASK32
-    if bits != 3:
-        block = _WORD // bits
-        shifts = torch.arange(block, dtype=torch.int64).mul_(bits).view(1, block, 1)
-        codes = ((u.view(w, 1, m) >> shifts) & ((1 << bits) - 1)).reshape(w * block, m)
-    else:
-        if w % 3:
-            raise ValueError(f"3-bit GPTQ words come in threes, got {w} rows")
-        u = u.view(w // 3, 3, m)
-        codes = torch.empty(w // 3, _WORD, m, dtype=torch.int64)
-        for j in range(_WORD):
-            bit = 3 * j
-            word, s = divmod(bit, _WORD)
-            v = u[:, word] >> s
-            if s > _WORD - 3:  # straddles into the next word
-                v = v | (u[:, word + 1] << (_WORD - s))
-            codes[:, j] = v & 7
-        codes = codes.view(w // 3 * _WORD, m)
-    return codes if n is None else codes[:n]
-
-
-def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack along dim 1 (the GPTQ ``qzeros`` layout): ``pack_rows`` of the transpose, transposed."""
-    return pack_rows(values.t(), bits).t().contiguous()
-
-
-def unpack_cols(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
-    """Inverse of ``pack_cols``: int64 ``[R, n]``."""
-    return unpack_rows(words.t(), bits, n).t()
-
-
-def _v1_word_offset(bits: int) -> int:
-    """The per-word constant GPTQModel subtracts from v1 ``qzeros`` (1 in every field) for 2/4/8 bits."""
-    return sum(1 << (bits * j) for j in range(_WORD // bits))
-
-
-def qzeros_to_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer zero points ``[G, O]`` as v1 ``qzeros`` (stored ``zero - 1``), as GPTQModel writes them.
-
-    Zero points of at least 1 store without borrows, so every v1 reader (word-wise or field-wise) agrees.
-    """
-    if bits == 3:
-        return pack_cols((zeros.to(torch.int64) - 1) & 7, bits)
-    words = pack_cols(zeros, bits).to(torch.int64) & _MASK32
-    return _to_int32(words - _v1_word_offset(bits))
-
-
-def qzeros_from_checkpoint(qzeros: torch.Tensor, bits: int, version: int, out_features: int) -> torch.Tensor:
-    """Integer zero points ``[G, O]`` (int64) from stored ``qzeros``.
-
-    Args:
-        qzeros: int32 ``[G, O * bits / 32]``.
-        bits: 2, 3, 4 or 8.
-        version: 1 for checkpoint format ``gptq`` (stores ``zero - 1``), 2 for ``gptq_v2``.
-        out_features: ``O``.
-
-    Returns:
-        The zero points.
-    """
-    if version == 2:
-        return unpack_cols(qzeros, bits, out_features)
-    if bits == 3:
-        return (unpack_cols(qzeros, bits, out_features) + 1) & 7
-    words = (qzeros.to(torch.int64) & _MASK32) + _v1_word_offset(bits)
-    return unpack_cols(_to_int32(words), bits, out_features)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class GptqConfig:
-    """The parts of a checkpoint's ``quantization_config`` that reading needs."""
-
-    bits: int  # the default; per-module bits (GPTQModel's ``dynamic``) are read from tensor shapes
-    version: int  # 1: checkpoint_format "gptq" (zeros stored minus 1); 2: "gptq_v2"
-
-
-def _raw_quant_config(folder: Path) -> dict | None:
-    try:
-        data = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    q = data.get("quantization_config") if isinstance(data, dict) else None
-    return q if isinstance(q, dict) else None
-
-
-def is_gptq_checkpoint(folder: str | Path) -> bool:
-    """True when ``folder/config.json`` has a ``quantization_config`` whose quant_method is ``gptq``."""
-    q = _raw_quant_config(Path(folder))
-    method = (q or {}).get("quant_method", (q or {}).get("method"))
-    return isinstance(method, str) and method.lower() == "gptq"
-
-
-def read_gptq_config(folder: str | Path) -> GptqConfig:
-    """Parse and check the GPTQ ``quantization_config`` of ``folder/config.json``.
-
-    Raises:
-        CheckpointError: not a GPTQ checkpoint, or fields missing.
-        UnsupportedModelError: a storage format moe-local does not read (marlin, planar, non-int32 words)
-            or a bit width it cannot compute.
-    """
-    q = _raw_quant_config(Path(folder))
-    if q is None or not is_gptq_checkpoint(folder):
-        raise CheckpointError(f"{folder}/config.json has no GPTQ quantization_config")
-    fmt = str(q.get("checkpoint_format") or q.get("format") or "gptq").lower()
-    if fmt not in _FORMATS or q.get("is_marlin_format"):
-        raise UnsupportedModelError(
-            f"GPTQ checkpoint format {fmt!r} is not supported; moe-local reads gptq and gptq_v2"
-        )
-    pack_dtype = str(q.get("pack_dtype", "int32")).lower().removeprefix("torch.")
-    if pack_dtype != "int32":
-        raise UnsupportedModelError(f"GPTQ pack_dtype {pack_dtype!r} is not supported; moe-local reads int32")
-    try:
-        bits = int(q["bits"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder}/config.json: quantization_config lacks bits") from exc
-    if bits not in GPTQ_BITS:
-        raise UnsupportedModelError(f"{bits}-bit GPTQ is not supported; moe-local reads {GPTQ_BITS} bits")
-    return GptqConfig(bits, _FORMATS[fmt])
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def _bits_of(qweight_rows: int, in_features: int, config: GptqConfig) -> int:
-    """A linear's bits from its shapes: GPTQModel's ``dynamic`` may give modules their own bit width."""
-    bits, rest = divmod(qweight_rows * _WORD, in_features)
-    return bits if rest == 0 and bits in GPTQ_BITS else config.bits
-
-
-def _target_group(in_features: int, group_size: int) -> int:
-    """moe-local's group size for a GPTQ group size: the same, or the largest valid one dividing it.
-
-    Per-channel (``-1``) and large groups are re-expressed exactly with smaller groups that repeat
-    their scale and zero.
-    """
-    from moe_local.quant.schemes import VALID_GROUP_SIZES
-
-    span = in_features if group_size <= 0 else group_size
-    for g in sorted(VALID_GROUP_SIZES, reverse=True):
-        if span % g == 0 and in_features % g == 0:
-            return g
-    raise UnsupportedModelError(
-        f"GPTQ group size {group_size} over {in_features} inputs cannot be expressed with "
-        f"moe-local's group sizes {VALID_GROUP_SIZES}"
-    )
-
-
-def gptq_to_quantized(
-    tensors: dict[str, torch.Tensor], bits: int, version: int, name: str = ""
-) -> QuantizedTensor:
-    """Turn one linear's GPTQ tensors into a ``QuantizedTensor`` computing the same ``W_hat``.
-
-    Args:
-        tensors: ``qweight``, ``qzeros``, ``scales`` and optionally ``g_idx`` of one linear.
-        bits: bits per code.
-        version: 1 (``gptq``, zeros stored minus 1) or 2 (``gptq_v2``).
-        name: the linear's name, for error messages.
-
-    Returns:
-        The ``QuantizedTensor`` ``[O, I]``.
-
-    Raises:
-        CheckpointError: shapes that do not fit together.
-        UnsupportedModelError: act-order (a permuted ``g_idx``) or a group size that cannot be expressed.
-    """
-    from moe_local.quant import QType, QuantizedTensor, pack_codes
-
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-    g_idx = tensors.get("g_idx")
-    groups, out_features = scales.shape
-    in_features = int(g_idx.numel()) if g_idx is not None else qweight.shape[0] * _WORD // bits
-    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
-        raise UnsupportedModelError(f"{name}: GPTQ qweight/qzeros must be int32 words")
-    if qweight.shape[1] != out_features or qweight.shape[0] * _WORD != in_features * bits:
-        raise CheckpointError(
-            f"{name}: qweight {tuple(qweight.shape)} does not fit {bits}-bit [{out_features}, {in_features}]"
-        )
-    if in_features % groups or qzeros.shape[0] != groups:
-        raise CheckpointError(f"{name}: {groups} groups of scales do not divide {in_features} inputs")
-    group_size = in_features // groups
-    if g_idx is not None:
-        expected = torch.arange(in_features, dtype=torch.int64) // group_size
-        if not torch.equal(g_idx.to(torch.int64), expected):
-            raise UnsupportedModelError(
-                f"{name}: act-order GPTQ (desc_act, a permuted g_idx) is not supported by moe-local"
-            )
-    target = _target_group(in_features, group_size)
-    repeat = group_size // target
-    codes = unpack_rows(qweight, bits, in_features).t()  # [O, I]
-    zeros = qzeros_from_checkpoint(qzeros, bits, version, out_features).t()  # [O, G]
-    scales_t = scales.to(torch.float16).t()  # [O, G]
-    if repeat > 1:
-        zeros = zeros.repeat_interleave(repeat, dim=1)
-        scales_t = scales_t.repeat_interleave(repeat, dim=1)
-    packed = pack_codes(codes.to(torch.uint8).contiguous(), bits)
-    return QuantizedTensor(
-        packed,
-        scales_t.contiguous(),
-        zeros.to(torch.float16).contiguous(),
-        (out_features, in_features),
-        QType(bits, target),
-    )
-
-
-def _quantized_nbytes(files: CheckpointFiles, prefix: str, bits: int) -> int:
-    """Bytes of the ``QuantizedTensor`` that ``gptq_to_quantized`` makes, from tensor headers only."""
-    qweight, scales = files.info(f"{prefix}.qweight"), files.info(f"{prefix}.scales")
-    groups, out_features = scales.shape
-    g_idx = f"{prefix}.g_idx"
-    in_features = (
-        files.info(g_idx).shape[0] if g_idx in files.key_to_file else qweight.shape[0] * _WORD // bits
-    )
-    target = _target_group(in_features, in_features // groups)
-    return qweight.nbytes + 2 * 2 * out_features * (in_features // target)
-
-
-def _join_rows(gate: WeightLike, up: WeightLike, concatenated: bool) -> WeightLike:
-    """Stack gate ``[I, ...]`` and up ``[I, ...]`` rows (tensors or same-scheme QuantizedTensors)."""
-    from moe_local.quant import QuantizedTensor
-
-    def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if concatenated:
-            return torch.cat([a, b], dim=0)
-        return torch.stack([a, b], dim=1).reshape(-1, *a.shape[1:])
-
-    if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
-        return cat(gate, up)
-    if isinstance(gate, QuantizedTensor) and isinstance(up, QuantizedTensor) and gate.qtype == up.qtype:
-        parts = {k: cat(gate.tensors()[k], up.tensors()[k]) for k in ("packed", "scales", "zeros")}
-        shape = (gate.shape[0] + up.shape[0], gate.shape[1])
-        return QuantizedTensor.from_tensors(parts, shape, gate.qtype)
-    dense = [w if isinstance(w, torch.Tensor) else w.dequantize() for w in (gate, up)]
-    return cat(dense[0].float(), dense[1].float())
-
+from moe_local.format.dense import linear_named, read_dense_tensor
+from moe_local.format.expert_keys import join_gate_up, match_per_expert
+from moe_local.format.gptq_layout import (
+    GPTQ_TENSORS,
+    bits_of,
+    gptq_to_quantized,
+    quantized_nbytes,
+    read_gptq_config,
+)
+from moe_local.format.safetensors_io import CheckpointFiles
+from moe_local.format.source import ExpertSource
 
 # ----------------------------------------------------------------------------- experts
 
@@ -370,10 +41,9 @@ class _Proj:
     bias: str | None = None
 
 
-class GptqExperts:
+class GptqExperts(ExpertSource):
     """Reads expert (layer, e) of a GPTQ checkpoint into moe-local ``ExpertWeights``.
 
-    The same interface as ``BlobExperts`` and ``CheckpointExperts``: ``read`` and ``expert_nbytes``.
     ``gate_up`` is one ``QuantizedTensor`` ``[2I, H]`` (gate and up rows joined the way the family's
     experts module expects), ``down`` one ``[H, I]``.
 
@@ -395,35 +65,21 @@ class GptqExperts:
         dtype: torch.dtype,
         drop_cache: bool = False,
     ) -> None:
+        super().__init__(dtype, drop_cache)
         self.config = read_gptq_config(folder)
         self.files = files
         self.sites = {s.layer: s for s in sites}
-        self.dtype = dtype
-        self.drop_cache = drop_cache
-        self.claimed: set[str] = set()
         self.keys: dict[int, dict[int, dict[str, _Proj]]] = {s.layer: self._match(s, renamed) for s in sites}
 
     def _match(self, site: ExpertsSite, renamed: dict[str, str]) -> dict[int, dict[str, _Proj]]:
-        pat = re.compile(re.escape(site.name) + r"\.(\d+)\.(\w+)\.(qweight|weight|bias)$")
-        parts = {**dict.fromkeys(_GATE, "gate"), **dict.fromkeys(_UP, "up"), **dict.fromkeys(_DOWN, "down")}
         per: dict[int, dict[str, _Proj]] = {}
-        for mem_name, key in renamed.items():
-            m = pat.match(mem_name)
-            if m is None:
-                continue
-            e, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-            part = parts.get(proj)
-            if part is None:
-                raise UnsupportedModelError(f"unknown expert tensor {key} (expected w1/w2/w3 or *_proj)")
-            entry = per.setdefault(e, {}).setdefault(part, _Proj())
-            if kind == "qweight":
-                entry.prefix = key.removesuffix(".qweight")
-                self.claimed.update(f"{entry.prefix}.{t}" for t in GPTQ_TENSORS)
-            elif kind == "weight":
-                entry.weight = key
-            else:
-                entry.bias = key
-            self.claimed.add(key)
+        for e, parts in match_per_expert(site.name, renamed, ("qweight", "weight", "bias")).items():
+            for part, kinds in parts.items():
+                prefix = kinds["qweight"].removesuffix(".qweight") if "qweight" in kinds else None
+                per.setdefault(e, {})[part] = _Proj(prefix, kinds.get("weight"), kinds.get("bias"))
+                if prefix is not None:
+                    self.claimed.update(f"{prefix}.{t}" for t in GPTQ_TENSORS)
+                self.claimed.update(kinds.values())
         missing = [e for e in range(site.num_experts) if "down" not in per.get(e, {})]
         if missing:
             raise UnsupportedModelError(f"{site.name}: GPTQ checkpoint lacks experts {missing[:8]}")
@@ -455,7 +111,7 @@ class GptqExperts:
         g_idx = f"{prefix}.g_idx"
         if g_idx not in self.files.key_to_file:
             return self.config.bits
-        return _bits_of(
+        return bits_of(
             self.files.info(f"{prefix}.qweight").shape[0], self.files.info(g_idx).shape[0], self.config
         )
 
@@ -465,7 +121,7 @@ class GptqExperts:
         total = 0
         for proj in self.keys[layer][0].values():
             if proj.prefix is not None:
-                total += _quantized_nbytes(self.files, proj.prefix, self._bits(proj.prefix))
+                total += quantized_nbytes(self.files, proj.prefix, self._bits(proj.prefix))
             elif proj.weight is not None:
                 total += (
                     self.files.info(proj.weight).nbytes // self.files.info(proj.weight).dtype.itemsize * size
@@ -482,11 +138,11 @@ class GptqExperts:
         w = ExpertWeights(down=down, down_bias=down_bias)
         if "gate" in projs:
             (gate, gate_bias), (up, up_bias) = self._proj(projs["gate"]), self._proj(projs["up"])
-            w.gate_up = _join_rows(gate, up, site.is_concatenated)
+            w.gate_up = join_gate_up(gate, up, site.is_concatenated)
             if isinstance(w.gate_up, torch.Tensor):
                 w.gate_up = w.gate_up.to(self.dtype)
             if gate_bias is not None and up_bias is not None:
-                w.gate_up_bias = _join_rows(gate_bias, up_bias, site.is_concatenated)
+                w.gate_up_bias = join_gate_up(gate_bias, up_bias, site.is_concatenated)
         else:
             w.up, w.up_bias = self._proj(projs["up"])
         return w
@@ -517,8 +173,6 @@ def load_gptq_dense(
         CheckpointError: a tensor's shape does not match the model, or a quantized tensor has no linear.
         UnsupportedModelError: act-order or a group size moe-local cannot express.
     """
-    from moe_local.loading.families import find_expert_sites
-    from moe_local.loading.loader import read_dense_tensor  # (loader imports this module)
     from moe_local.quant import QuantLinear
 
     config = read_gptq_config(files.folder)
@@ -538,16 +192,13 @@ def load_gptq_dense(
         state[name] = t
         total += t.numel() * t.element_size()
     for mod_name, prefix in quantized.items():
-        try:
-            linear = lm.get_submodule(mod_name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
+        linear = linear_named(lm, mod_name)
+        if linear is None:
             raise CheckpointError(f"{prefix}.qweight is not the weight of a linear layer of this model")
         tensors = {
             t: files.read(f"{prefix}.{t}") for t in GPTQ_TENSORS if f"{prefix}.{t}" in files.key_to_file
         }
-        bits = _bits_of(tensors["qweight"].shape[0], linear.in_features, config)
+        bits = bits_of(tensors["qweight"].shape[0], linear.in_features, config)
         qt = gptq_to_quantized(tensors, bits, config.version, prefix)
         if qt.shape != (linear.out_features, linear.in_features):
             raise CheckpointError(
@@ -556,42 +207,7 @@ def load_gptq_dense(
             )
         bias_key = renamed.get(f"{mod_name}.bias")
         bias = files.read(bias_key).to(dtype) if bias_key is not None else None
-        parent_name, _, attr = mod_name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, attr, QuantLinear(qt, bias))
+        lm.set_submodule(mod_name, QuantLinear(qt, bias))
         total += qt.nbytes + (bias.numel() * bias.element_size() if bias is not None else 0)
     lm.load_state_dict(state, strict=False, assign=True)
     return total
-
-
-def load_gptq(
-    model: str | Path,
-    options: LoadOptions | None = None,
-    *,
-    tokenizer: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> LoadedModel:
-    """Load a GPTQ MoE checkpoint the way ``moe_local.loading.loader.load`` loads others.
-
-    Experts come from ``GptqExperts`` (each one a ``QuantizedTensor`` gate_up and down), GPTQ dense
-    linears become ``QuantLinear``; everything else (stores, budgets, prefetch, ties) is the loader's.
-
-    Args:
-        model: the GPTQ checkpoint folder (or a cached hub id).
-        options: a ``LoadOptions`` (defaults: CPU, all experts in RAM).
-        tokenizer: also load the tokenizer.
-        progress: called as ``progress(description, done, total)`` while loading experts.
-
-    Returns:
-        The ``LoadedModel``.
-
-    Raises:
-        MoeLocalError: the folder, its files, its GPTQ layout or the family cannot be loaded.
-    """
-    from moe_local.loading.loader import load
-    from moe_local.loading.resolve import resolve_model_path
-
-    path = resolve_model_path(model, download=bool(options and options.download))
-    if not is_gptq_checkpoint(path):
-        raise CheckpointError(f"{path} is not a GPTQ checkpoint (no quant_method gptq in config.json)")
-    return load(path, options, tokenizer=tokenizer, progress=progress)

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from moe_local.errors import CheckpointError, ExpertBlobError
+from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import Slot, checksum, tensor_checksum, unpack_blob
+from moe_local.format.dense import linear_named
 from moe_local.format.manifest import DENSE_FILE
-from moe_local.loading.families import ExpertsSite
-from moe_local.loading.paths import file_inside
-from moe_local.loading.safetensors_io import SafetensorsFile, pread_into
+from moe_local.format.paths import file_inside
+from moe_local.format.safetensors_io import SafetensorsFile, pread_into
+from moe_local.format.source import ExpertSource
 
 _log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _check_entry(folder: Path, layer: int, entry: dict) -> list[Slot]:
     return slots
 
 
-class BlobExperts:
+class BlobExperts(ExpertSource):
     """Reads expert (layer, e) of a moe-local folder with one read, verified by CRC-32 on first read.
 
     Args:
@@ -80,9 +82,8 @@ class BlobExperts:
     def __init__(
         self, folder: Path, manifest: dict, sites: list[ExpertsSite], dtype: torch.dtype, drop_cache: bool
     ) -> None:
+        super().__init__(dtype, drop_cache)
         self.folder = folder
-        self.dtype = dtype
-        self.drop_cache = drop_cache
         self.layers: dict[int, dict] = {}
         self.slots: dict[int, list[Slot]] = {}
         self.qtypes: dict[int, dict[str, object]] = {}
@@ -191,11 +192,8 @@ def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) 
             total += kept[name].numel() * kept[name].element_size()
     for name in quantized:
         mod_name = name.removesuffix(".weight")
-        try:
-            linear = lm.get_submodule(mod_name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, nn.Linear):
+        linear = linear_named(lm, mod_name)
+        if linear is None:
             raise CheckpointError(f"manifest quantizes {name}, which is not a linear weight of this model")
         prefix = f"{name}."
         tensors = {k.removeprefix(prefix): read(k) for k in f.tensors if k.startswith(prefix)}
@@ -204,9 +202,7 @@ def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) 
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{folder / DENSE_FILE}: {name} does not match its scheme ({exc})") from exc
         bias = kept.pop(f"{mod_name}.bias", None)
-        parent_name, _, attr = mod_name.rpartition(".")
-        parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, attr, make_linear_module(qt, bias))
+        lm.set_submodule(mod_name, make_linear_module(qt, bias))
         total += qt.nbytes
     lm.load_state_dict(kept, strict=False, assign=True)
     return total

@@ -1,8 +1,9 @@
 """``load``: a checkpoint folder -> a transformers model whose experts sit behind an ExpertStore.
 
-Dense weights (attention, norms, embeddings, routers, shared experts) are read tensor by
-tensor into the model built on meta; every layer's experts module is swapped for
-OffloadedExperts over a store, so peak memory is the dense part plus what the store keeps.
+``open_checkpoint`` reads the config and builds the model on meta; the dense weights
+(attention, norms, embeddings, routers, shared experts) are read tensor by tensor into it; every
+layer's experts module is swapped for OffloadedExperts over a store, so peak memory is the dense
+part plus what the store keeps.
 """
 
 from __future__ import annotations
@@ -16,32 +17,18 @@ from pathlib import Path
 import torch
 
 from moe_local.config import LoadOptions
-from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError, first_line
+from moe_local.errors import CheckpointError, MoeLocalError
 from moe_local.experts.cache import CachedStore
-from moe_local.experts.module import NextRouter, OffloadedExperts
+from moe_local.experts.module import NextRouter, swap_experts
+from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.store import ExpertStore, InMemoryStore
 from moe_local.experts.tiered import TieredStore
-from moe_local.format.gptq_reader import GptqExperts, is_gptq_checkpoint, load_gptq_dense
-from moe_local.format.manifest import MANIFEST, read_manifest
-from moe_local.format.reader import BlobExperts, load_dense
-from moe_local.loading import validate
-from moe_local.loading.families import (
-    EXPERT_WIDTH,
-    TESTED_FAMILIES,
-    CheckpointExperts,
-    ExpertsSite,
-    checkpoint_renamer,
-    find_expert_sites,
-    router_of,
-)
-from moe_local.loading.meta import build_on_meta
+from moe_local.format.source import ExpertSource
+from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
+from moe_local.loading.families import router_of
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.loading.safetensors_io import CheckpointFiles
 
 Progress = Callable[[str, int, int], None]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_CONFIG_MAX_BYTES = 16 << 20  # real configs are kilobytes; a huge one would only be read to be refused
 
 
 @dataclass
@@ -69,96 +56,6 @@ class LoadedModel:
         return self.path.name
 
 
-def load_config(path: Path):
-    """Read and check config.json, turning every problem into one clear line.
-
-    The checks (``moe_local.loading.validate``) run before transformers sees the file and again on
-    the config it builds, so every command refuses a broken or hostile config before building
-    anything, and never runs code from the folder.
-
-    Raises:
-        CheckpointError: the file is unreadable, or a value is wrong (the message names it).
-        UnsupportedModelError: the family is unknown to transformers, or needs the folder's own code.
-    """
-    file = path / "config.json"
-    raw = _read_config_json(file)
-    model_type = raw.get("model_type")
-    if not model_type:
-        raise UnsupportedModelError(f"{file} has no model_type")
-    if not isinstance(model_type, str):
-        raise CheckpointError(f"{file}: model_type = {model_type!r} must be a string")
-    validate.check_raw(raw, file)
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if validate.needs_remote_code(raw, CONFIG_MAPPING):
-        raise UnsupportedModelError(validate.REMOTE_CODE)
-    if model_type not in CONFIG_MAPPING:
-        raise UnsupportedModelError(
-            f"unknown model_type {model_type!r}: this transformers does not define that family"
-        )
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except StrictDataclassError as exc:  # transformers' own field checks: the cause names the field
-        cause = exc.__cause__ or exc
-        raise CheckpointError(f"{file}: {first_line(cause)}") from exc
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{file}: transformers rejects it: {first_line(exc)}") from exc
-    validate.check_config(config, file, TESTED_FAMILIES, EXPERT_WIDTH)
-    return config
-
-
-def _read_config_json(file: Path) -> dict:
-    try:
-        if file.stat().st_size > _CONFIG_MAX_BYTES:
-            raise CheckpointError(f"{file} is {file.stat().st_size:,} bytes; a model config is a few KB")
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({first_line(exc)})") from exc
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file} is not a JSON object")
-    return raw
-
-
-def resolve_dtype(option: str, config, device: str, quantized: bool = False) -> torch.dtype:
-    """Pick the compute dtype: an explicit choice, else the checkpoint's.
-
-    On CPU "auto" is float32 for unquantized checkpoints (half-precision matmuls are slow on
-    many CPUs) and bfloat16 for moe-local folders: the CPU int4 kernel that runs 2/3/4-bit
-    weights takes bf16 activations, and without it every call dequantizes (measured 4x slower
-    decode on the demo model).
-    """
-    if option != "auto":
-        if option not in _DTYPES:
-            raise MoeLocalError(f"unknown dtype {option!r}; choose auto, {', '.join(_DTYPES)}")
-        return _DTYPES[option]
-    if device.startswith("cpu"):
-        return torch.bfloat16 if quantized else torch.float32
-    ckpt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(ckpt, str):
-        ckpt = _DTYPES.get(ckpt)
-    return ckpt if isinstance(ckpt, torch.dtype) else torch.bfloat16
-
-
-def load_tokenizer(path: Path):
-    """Load the folder's tokenizer, or fail with one line saying what is missing."""
-    from transformers import AutoTokenizer
-
-    if not any((path / f).exists() for f in _TOKENIZER_FILES):
-        raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json or tokenizer.model)")
-    try:
-        # trust_remote_code=False: an auto_map is ignored where transformers has the class, an
-        # error where it has not; never the interactive prompt, never the folder's code
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # tokenizer back-ends raise many types; one line is what a user needs
-        if validate.tokenizer_needs_code(path):
-            raise UnsupportedModelError(validate.TOKENIZER_REMOTE_CODE) from exc
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from exc
-
-
 def load(
     model: str | Path,
     options: LoadOptions | None = None,
@@ -181,40 +78,16 @@ def load(
         MoeLocalError: the folder, its files or the family cannot be loaded (one clear line).
     """
     options = options or LoadOptions()
-    path = resolve_model_path(model, download=options.download)
-    if options.offload_dir is not None:
-        from moe_local.loading.offload_dir import stage_experts
-
-        load_config(path)  # refuse a bad config before staging gigabytes
-        path = stage_experts(path, options.offload_dir, progress)
-    quantized = (path / MANIFEST).exists()
-    manifest = read_manifest(path) if quantized else None
-    config = load_config(path)
-    dtype = resolve_dtype(options.dtype, config, options.device, quantized)
-    files = None if quantized else CheckpointFiles(path)
-    tok = load_tokenizer(path) if tokenizer else None
-    lm = build_on_meta(config, dtype)
-
-    sites = find_expert_sites(lm)
     budgeted = options.expert_memory is not None
-    if manifest is not None:
-        experts = BlobExperts(path, manifest, sites, dtype, drop_cache=budgeted)
-        dense_bytes = load_dense(lm, path, manifest, dtype)
-    else:
-        rename = checkpoint_renamer(lm)
-        renamed = {rename(k): k for k in files.names()}
-        if is_gptq_checkpoint(path):
-            experts = GptqExperts(path, files, sites, renamed, dtype, drop_cache=budgeted)
-            dense_bytes = load_gptq_dense(lm, files, renamed, dtype)
-        else:
-            experts = CheckpointExperts(files, sites, renamed, dtype, drop_cache=budgeted)
-            dense_bytes = _load_dense(lm, files, renamed, experts.claimed, dtype, progress)
-    store = _make_store(experts, sites, options, progress)
-    for site in sites:
-        parent_name, _, attr = site.name.rpartition(".")
-        parent = lm.get_submodule(parent_name)
-        setattr(parent, attr, OffloadedExperts(getattr(parent, attr), site.layer, store))
-    if isinstance(store, CachedStore | TieredStore) and options.prefetch:
+    ckpt = open_checkpoint(
+        model, dtype=options.dtype, device=options.device, drop_cache=budgeted, download=options.download
+    )
+    tok = ckpt.tokenizer() if tokenizer else None
+    lm, sites, config = ckpt.meta, ckpt.sites, ckpt.config
+    dense_bytes = ckpt.load_dense(progress)
+    store = _make_store(ckpt.experts, sites, options, progress)
+    swap_experts(lm, sites, store)
+    if store.reads_ahead and options.prefetch:
         _wire_prefetch(lm, sites, config)
         if isinstance(store, CachedStore) and torch.device(options.device).type == "cpu":
             _leave_a_core_for_reads()
@@ -225,41 +98,28 @@ def load(
     lm.to(options.device)
     context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
-    loaded = LoadedModel(lm, tok, store, path, options, sites, context, dense_bytes, eos)
+    loaded = LoadedModel(lm, tok, store, ckpt.path, options, sites, context, dense_bytes, eos)
     if isinstance(store, TieredStore) and options.cpu_compute == "auto" and sites:
         _calibrate_cost(loaded, store, sites)
     return loaded
 
 
-def read_dense_tensor(files: CheckpointFiles, key: str, target: torch.Tensor, dtype) -> torch.Tensor:
-    """Read checkpoint tensor ``key`` for the (meta) parameter ``target``: shape checked, floats cast.
+def load_gptq(
+    model: str | Path,
+    options: LoadOptions | None = None,
+    *,
+    tokenizer: bool = True,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """``load``, refusing anything but a GPTQ checkpoint.
 
     Raises:
-        CheckpointError: the shape differs from what the config implies.
+        CheckpointError: ``model`` is not a GPTQ checkpoint.
     """
-    t = files.read(key)
-    if tuple(t.shape) != tuple(target.shape):
-        raise CheckpointError(f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}")
-    if target.is_floating_point() and not t.is_floating_point():
-        raise CheckpointError(f"{key} is stored as {t.dtype}; a weight of this model must be floating point")
-    if t.is_floating_point() and target.is_floating_point():
-        t = t.to(target.dtype if target.dtype.is_floating_point else dtype)
-    return t
-
-
-def _load_dense(lm, files: CheckpointFiles, renamed, claimed: set[str], dtype, progress) -> int:
-    """Read every non-expert weight into the meta model; return their bytes."""
-    wanted = lm.state_dict(keep_vars=True)
-    dense = {name: key for name, key in renamed.items() if key not in claimed and name in wanted}
-    total, state = 0, {}
-    for i, (name, key) in enumerate(dense.items()):
-        t = read_dense_tensor(files, key, wanted[name], dtype)
-        state[name] = t
-        total += t.numel() * t.element_size()
-        if progress:
-            progress("dense weights", i + 1, len(dense))
-    lm.load_state_dict(state, strict=False, assign=True)
-    return total
+    path = resolve_model_path(model, download=bool(options and options.download))
+    if checkpoint_kind(path) != GPTQ:
+        raise CheckpointError(f"{path} is not a GPTQ checkpoint (no quant_method gptq in config.json)")
+    return load(path, options, tokenizer=tokenizer, progress=progress)
 
 
 def _leave_a_core_for_reads() -> None:
@@ -271,17 +131,14 @@ def _leave_a_core_for_reads() -> None:
     decodes 6.7-7.1 tokens/s against 5.0-5.6 with 2. ``MOE_LOCAL_THREADS`` overrides this.
     """
     from moe_local import env
-    from moe_local.format.workers import worker_count
 
     if not env.THREADS.get():
-        cores = worker_count()
+        cores = env.usable_cores()
         if cores > 1 and torch.get_num_threads() > cores - 1:
             torch.set_num_threads(cores - 1)
 
 
-def _make_store(
-    experts: CheckpointExperts | BlobExperts, sites, options: LoadOptions, progress
-) -> ExpertStore:
+def _make_store(experts: ExpertSource, sites, options: LoadOptions, progress) -> ExpertStore:
     device = torch.device(options.device)
     if options.expert_memory is not None:
         need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
@@ -293,9 +150,7 @@ def _make_store(
         if device.type != "cpu" or options.host_memory is not None:
             if options.cpu_compute not in ("auto", "on", "off"):
                 raise MoeLocalError(f"cpu_compute must be auto, on or off, not {options.cpu_compute!r}")
-            host = (
-                options.host_memory if options.host_memory is not None else _all_experts_bytes(experts, sites)
-            )
+            host = options.host_memory if options.host_memory is not None else experts.total_nbytes(sites)
             return TieredStore(
                 experts.read,
                 device,
@@ -316,10 +171,6 @@ def _make_store(
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)
-
-
-def _all_experts_bytes(experts, sites) -> int:
-    return sum(experts.expert_nbytes(s.layer) * s.num_experts for s in sites)
 
 
 def _calibrate_cost(lm, store: TieredStore, sites) -> None:

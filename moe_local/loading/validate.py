@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from moe_local.config import human_bytes
 from moe_local.errors import CheckpointError, first_line
+from moe_local.units import human_bytes
 
 REMOTE_CODE = (
     "this checkpoint needs its own Python code (auto_map); moe-local does not run code from model folders"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.quant import kernels
+from moe_local.quant.base import QuantizedWeight, check_shape
 from moe_local.quant.pack import packed_size, unpack_codes
 from moe_local.quant.rtn import row_chunks
 from moe_local.quant.schemes import QType
@@ -23,7 +23,7 @@ TENSOR_NAMES: tuple[str, ...] = ("packed", "scales", "zeros")
 
 
 @dataclass(eq=False)
-class QuantizedTensor:
+class QuantizedTensor(QuantizedWeight):
     """A weight ``[O, I]`` stored as packed codes plus per-group fp16 scale and zero.
 
     ``W_hat = (q - zero) * scale`` per group of ``qtype.group_size`` weights along ``I``.
@@ -46,9 +46,7 @@ class QuantizedTensor:
     def __post_init__(self) -> None:
         if not isinstance(self.qtype, QType):
             raise ValueError(f"qtype must be a QType, got {type(self.qtype).__name__}")
-        if len(self.shape) != 2 or any(not isinstance(d, numbers.Integral) or d <= 0 for d in self.shape):
-            raise ValueError(f"shape must be two positive ints (out, in), got {self.shape!r}")
-        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.shape = check_shape(self.shape)
         o, i = self.shape
         if i % self.qtype.group_size:
             raise ValueError(f"in features I={i} is not divisible by group size {self.qtype.group_size}")
@@ -69,14 +67,14 @@ class QuantizedTensor:
         return f"QuantizedTensor(shape={self.shape}, qtype={self.qtype}, device={self.device})"
 
     @property
+    def scheme(self) -> QType:
+        """The scheme, ``qtype``."""
+        return self.qtype
+
+    @property
     def device(self) -> torch.device:
         """The device the tensors live on."""
         return self.packed.device
-
-    @property
-    def nbytes(self) -> int:
-        """Total storage bytes of codes, scales and zeros (excludes any kernel cache)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name the stored tensors for serialization.
@@ -88,14 +86,14 @@ class QuantizedTensor:
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], qtype: QType
+        cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], scheme: QType
     ) -> QuantizedTensor:
         """Rebuild a ``QuantizedTensor`` from ``tensors()`` output.
 
         Args:
             tensors: mapping with exactly the keys ``packed``, ``scales``, ``zeros``.
             shape: ``(O, I)``.
-            qtype: the scheme the tensors were made with.
+            scheme: the ``QType`` the tensors were made with.
 
         Returns:
             The quantized tensor (sharing memory with ``tensors``).
@@ -105,22 +103,7 @@ class QuantizedTensor:
         """
         if set(tensors) != set(TENSOR_NAMES):
             raise ValueError(f"expected tensors {sorted(TENSOR_NAMES)}, got {sorted(tensors)}")
-        return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), qtype)
-
-    def to(self, device: torch.device | str) -> QuantizedTensor:
-        """Return a copy on ``device`` (``self`` when already there); kernel caches are not carried over.
-
-        Args:
-            device: the target device.
-
-        Returns:
-            The quantized tensor on ``device``.
-        """
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        moved = {name: t.to(device) for name, t in self.tensors().items()}
-        return QuantizedTensor.from_tensors(moved, self.shape, self.qtype)
+        return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), scheme)
 
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize output rows ``[start, end)``.
@@ -171,15 +154,6 @@ class QuantizedTensor:
             self._kernel[dtype] = kernels.int4_scale_bias(self.scales, self.zeros, self.qtype.bits, dtype)
         return self._kernel["weight"], self._kernel[dtype]
 
-    @property
-    def kernel_cache_nbytes(self) -> int:
-        """Bytes held by the int4-kernel cache that ``linear`` builds (0 before any kernel call)."""
-        return sum(t.numel() * t.element_size() for t in self._kernel.values())
-
-    def clear_kernel_cache(self) -> None:
-        """Drop the int4-kernel copy of the weight built by ``linear`` (about ``O * I / 2`` bytes)."""
-        self._kernel.clear()
-
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, *, use_kernel: bool | None = None
     ) -> torch.Tensor:
@@ -204,14 +178,8 @@ class QuantizedTensor:
         Raises:
             ValueError: when ``x`` is not a float tensor with last dim ``I`` or ``bias`` is not ``[O]``.
         """
+        self._check_linear_args(x, bias)
         o, i = self.shape
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be a floating-point tensor, got {got}")
-        if x.dim() == 0 or x.shape[-1] != i:
-            raise ValueError(f"x must have last dim {i} (in features), got shape {tuple(x.shape)}")
-        if bias is not None and tuple(bias.shape) != (o,):
-            raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, i)
         if x2.shape[0] == 0:

@@ -17,6 +17,7 @@ is encoded as those characters, never as the control token, so no client can for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ def serve(
     load_options: LoadOptions | None = None,
     model_name: str | None = None,
     log_level: str = "info",
+    prepare: Callable[[], tuple[str | Path, LoadOptions]] | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API until interrupted.
 
@@ -48,6 +50,8 @@ def serve(
         load_options: how to load the model (default ``LoadOptions()``).
         model_name: the name clients pass as ``model`` (default: the folder's name or the hub id).
         log_level: uvicorn's log level (critical, error, warning, info, debug).
+        prepare: a step run in the background before the load, returning the folder to load and
+            its options (the CLI plans the expert budget and stages ``--offload-dir`` there).
 
     Raises:
         MoeLocalError: an invalid port, host, log level or API key, or a port that cannot be bound
@@ -67,7 +71,7 @@ def serve(
     log_level = check_log_level(log_level)
     check_api_key(api_key)
     check_listen(host, port)  # before the model loads: a typo should not cost a minute of loading
-    engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name)
+    engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name, prepare=prepare)
     app = create_app(engine, api_key=api_key)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["moe_local"] = {"handlers": ["default"], "level": log_level.upper()}

@@ -40,6 +40,8 @@ class Engine:
         options: how to load it.
         max_queue: most requests waiting (not counting the running one); more answer 429.
         model_name: the name clients use (default: the folder's name, or the hub id).
+        prepare: run first in the loading thread, returning the folder to load and its options
+            (the CLI's planner and ``--offload-dir`` staging), so the port answers meanwhile.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Engine:
         *,
         max_queue: int = 16,
         model_name: str | None = None,
+        prepare: Callable[[], tuple[str | Path, LoadOptions]] | None = None,
     ) -> None:
         if max_queue < 1:
             raise MoeLocalError("max_queue must be at least 1")
@@ -72,6 +75,7 @@ class Engine:
         self._current: Job | None = None
         self._thread: threading.Thread | None = None
         self.on_load_error: Callable[[], None] | None = None  # e.g. tell the HTTP server to stop
+        self._prepare = prepare
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -121,7 +125,10 @@ class Engine:
         threads = env.threads()
         if threads:
             torch.set_num_threads(threads)
-        lm = load(self.model, self.options)
+        target = self.model
+        if self._prepare is not None:  # planning and staging count as loading: /health says 503
+            target, self.options = self._prepare()
+        lm = load(target, self.options)
         if lm.tokenizer is None:
             raise MoeLocalError(f"{self.model} has no tokenizer; the server needs one")
         self._tokenizer = copy.deepcopy(lm.tokenizer)

@@ -75,10 +75,10 @@ def test_tiered_store_token_identical(deep_mixtral, reference, cpu_compute, fast
 
 
 def test_offloaded_cpu_load_leaves_a_core_for_reads(tiny_mixtral, monkeypatch):
-    import moe_local.format.workers as workers
+    from moe_local import env
 
     monkeypatch.delenv("MOE_LOCAL_THREADS", raising=False)
-    monkeypatch.setattr(workers, "worker_count", lambda: 4)
+    monkeypatch.setattr(env, "usable_cores", lambda: 4)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(4)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.errors import CheckpointError, ExpertBlobError, MoeLocalError
-from moe_local.format.writer import quantize_checkpoint
+from moe_local.format.safetensors_io import SafetensorsFile
 from moe_local.loading.loader import load
-from moe_local.loading.safetensors_io import SafetensorsFile
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli
 

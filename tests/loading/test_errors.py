@@ -105,7 +105,8 @@ def test_context_zero_refused(capsys, tiny_mixtral, command):
 
 
 def test_expert_memory_beyond_this_machine_refused(capsys, tiny_mixtral):
-    from moe_local.config import human_bytes, machine_memory
+    from moe_local.config import machine_memory
+    from moe_local.units import human_bytes
 
     code, _, err = run_cli(capsys, "generate", str(tiny_mixtral), "hi", "--expert-memory", "999999999TiB")
     ram, _ = machine_memory()
@@ -121,8 +122,9 @@ def test_size_too_long_to_be_a_number(capsys, tiny_mixtral):
 def test_load_options_refuse_what_cannot_load():
     import torch
 
-    from moe_local.config import LoadOptions, parse_size
+    from moe_local.config import LoadOptions
     from moe_local.errors import MoeLocalError
+    from moe_local.units import parse_size
 
     for bad, match in [
         (dict(context=0), "context must be >= 1"),

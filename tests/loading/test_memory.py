@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from moe_local.config import LoadOptions, SamplingParams
     from moe_local.generation import generate
-    from moe_local.loading.loader import load, build_on_meta, load_config
+    from moe_local.loading.checkpoint import load_config
+    from moe_local.loading.loader import load
+    from moe_local.loading.meta import build_on_meta
     from moe_local.tiny import make_tokenizer
     import transformers, tokenizers
     folder, budget = sys.argv[1], int(sys.argv[2])

@@ -1,4 +1,4 @@
-"""bitsandbytes weight types: BnbType names, BnbTensor accuracy, serialization, BnbLinear."""
+"""bitsandbytes weight types: BnbType names, BnbTensor accuracy, serialization, QuantLinear over them."""
 
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from moe_local.quant import bnb as bnb_mod  # noqa: E402
-from moe_local.quant.bnb import (  # noqa: E402
+from moe_local.quant import QuantLinear, bnb_backend, bnb_tensor  # noqa: E402
+from moe_local.quant.bnb import quantize_bnb  # noqa: E402
+from moe_local.quant.bnb_backend import (  # noqa: E402
     BitsandbytesNotInstalledError,
-    BnbLinear,
-    BnbTensor,
-    BnbType,
+    bitsandbytes_available,
     pack_4bit_for_cpu,
-    parse_bnb_type,
-    quantize_bnb,
 )
+from moe_local.quant.bnb_tensor import BnbTensor  # noqa: E402
+from moe_local.quant.bnb_type import BnbType, parse_bnb_type  # noqa: E402
 
 N_OUT, N_IN = 256, 512
 KINDS = ("nf4", "fp4", "int8")
@@ -160,7 +159,7 @@ def test_dequantize_dtypes(qweights) -> None:
 def test_quantize_matches_bitsandbytes(monkeypatch, btype: str) -> None:
     bt = parse_bnb_type(btype)
     w = _w(96, 200)  # 200 % 64 != 0: row chunks still have to start on block boundaries
-    monkeypatch.setattr(bnb_mod, "QUANT_CHUNK_ELEMS", 4000)  # several chunks
+    monkeypatch.setattr(bnb_tensor, "QUANT_CHUNK_ELEMS", 4000)  # several chunks
     qt = quantize_bnb(w, bt)
     q, state = bnbf.quantize_4bit(
         w, blocksize=bt.blocksize, quant_type=bt.kind, compress_statistics=bt.double_quant
@@ -177,7 +176,7 @@ def test_quantize_matches_bitsandbytes(monkeypatch, btype: str) -> None:
 
 def test_int8_matches_bitsandbytes(monkeypatch) -> None:
     w = _w(96, 200)
-    monkeypatch.setattr(bnb_mod, "QUANT_CHUNK_ELEMS", 4000)
+    monkeypatch.setattr(bnb_tensor, "QUANT_CHUNK_ELEMS", 4000)
     t = quantize_bnb(w, "int8").tensors()
     cb, scb, _ = bnbf.int8_vectorwise_quant(w.half())
     assert torch.equal(t["weight"], cb) and torch.equal(t["SCB"], scb)
@@ -270,12 +269,12 @@ def test_shapes_without_cpu_kernel(btype: str) -> None:
 def test_kernel_cache_and_token_threshold(monkeypatch) -> None:
     qt = quantize_bnb(_w(64, 128), "nf4")
     x = _x(6, i=128)
-    monkeypatch.setattr(bnb_mod, "KERNEL_MAX_TOKENS", 4)
+    monkeypatch.setattr(bnb_tensor, "KERNEL_MAX_TOKENS", 4)
     generic = qt.linear(x)  # 6 rows > 4: dequantize_4bit + matmul, no cache
     assert qt.kernel_cache_nbytes == 0
     assert _rel(generic, x @ qt.dequantize().T) < 1e-5
     forced = qt.linear(x, use_kernel=True)
-    if bnb_mod._cpu_4bit_packer() is not None:
+    if bnb_backend.cpu_4bit_packer() is not None:
         assert qt.kernel_cache_nbytes == 64 * 128 // 2 + 2 * 64 * 128 // 64
     assert _rel(forced, generic) < KERNEL_VS_DEQ["nf4"]
     qt.clear_kernel_cache()
@@ -327,14 +326,14 @@ def test_quantize_rejects() -> None:
         quantize_bnb(_w(4, 64), "nf5")
 
 
-# --- BnbLinear --------------------------------------------------------------------------------
+# --- QuantLinear over a BnbTensor ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bnb_linear(kind: str) -> None:
+def test_quant_linear_bnb(kind: str) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(N_IN, N_OUT)
-    layer = BnbLinear.from_linear(lin, kind)
+    layer = QuantLinear.from_linear(lin, kind)
     x = _x(2, 3)
     with torch.no_grad():
         ref = lin(x)
@@ -342,7 +341,7 @@ def test_bnb_linear(kind: str) -> None:
     assert _rel(layer(x), ref) < VS_DENSE[kind]
     assert kind in repr(layer)
 
-    fresh = BnbLinear(quantize_bnb(torch.zeros(N_OUT, N_IN), kind), torch.zeros(N_OUT))
+    fresh = QuantLinear(quantize_bnb(torch.zeros(N_OUT, N_IN), kind), torch.zeros(N_OUT))
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh(x), layer(x))
 
@@ -354,11 +353,11 @@ def test_bnb_linear(kind: str) -> None:
     assert y.dtype == torch.bfloat16 and _rel(y, ref) < VS_DENSE[kind] + BF16_EXTRA
 
 
-def test_bnb_linear_rejects() -> None:
+def test_quant_linear_bnb_rejects() -> None:
     with pytest.raises(ValueError):
-        BnbLinear.from_linear(nn.Conv1d(2, 2, 1), "nf4")  # type: ignore[arg-type]
+        QuantLinear.from_linear(nn.Conv1d(2, 2, 1), "nf4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bias"):
-        BnbLinear(quantize_bnb(_w(32, 64), "nf4"), torch.zeros(31))
+        QuantLinear(quantize_bnb(_w(32, 64), "nf4"), torch.zeros(31))
 
 
 # --- optional dependency ----------------------------------------------------------------------
@@ -371,7 +370,7 @@ def test_missing_bitsandbytes_error(monkeypatch) -> None:
         quantize_bnb(_w(32, 64), "nf4")
     assert str(info.value) == "bitsandbytes is not installed: pip install bitsandbytes"
     assert isinstance(info.value, ImportError) and isinstance(info.value, ValueError)
-    assert not bnb_mod.bitsandbytes_available()
+    assert not bitsandbytes_available()
 
 
 def test_import_is_lazy() -> None:

@@ -30,10 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_local.errors import MoeLocalError
-from moe_local.format.gptq_reader import GPTQ_BITS, is_gptq_checkpoint, pack_rows, qzeros_to_v1
-from moe_local.format.manifest import MANIFEST
-from moe_local.format.outdir import (
+from moe_local.convert.outdir import (
     check_not_source,
     check_output,
     check_partial,
@@ -42,12 +39,14 @@ from moe_local.format.outdir import (
     os_error_line,
     publish,
 )
-from moe_local.loading.families import CheckpointExperts, ExpertsSite, checkpoint_renamer, find_expert_sites
-from moe_local.loading.loader import load_config
-from moe_local.loading.meta import build_on_meta
-from moe_local.loading.paths import file_inside
+from moe_local.convert.source import open_source
+from moe_local.errors import MoeLocalError
+from moe_local.experts.sites import ExpertsSite
+from moe_local.format.gptq_layout import GPTQ_BITS, pack_rows, qzeros_to_v1
+from moe_local.format.hf_experts import HfExperts
+from moe_local.format.paths import file_inside
+from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.loading.safetensors_io import CheckpointFiles
 
 Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
 _COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -128,7 +127,7 @@ def gptq_tensors(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch
 
 def quantization_config(bits: int, group_size: int) -> dict:
     """The ``quantization_config`` written to config.json and quantize_config.json."""
-    from moe_local import __version__
+    from moe_local._version import __version__
 
     return {
         "bits": bits,
@@ -191,7 +190,7 @@ class _Source:
     path: Path
     files: CheckpointFiles
     sites: list[ExpertsSite]
-    experts: CheckpointExperts
+    experts: HfExperts
     dense: dict[str, str]  # in-memory name -> checkpoint key, non-expert tensors
     quantized: set[str]  # in-memory names of the dense weights written as GPTQ
 
@@ -270,19 +269,12 @@ def export_gptq(
 
 
 def _open_source(path: Path) -> _Source:
-    if is_gptq_checkpoint(path) or (path / MANIFEST).exists():
-        raise MoeLocalError(f"{path} is already quantized; export from the original checkpoint")
-    config = load_config(path)
-    files = CheckpointFiles(path)
-    meta = build_on_meta(config, torch.float32)
-    sites = find_expert_sites(meta)
-    rename = checkpoint_renamer(meta)
-    renamed = {rename(k): k for k in files.names()}
-    experts = CheckpointExperts(files, sites, renamed, None, drop_cache=True)
+    ckpt = open_source(path, "export")
+    files, sites, experts = ckpt.files, ckpt.sites, ckpt.experts
     if any(experts.keys[s.layer].fused for s in sites):
         raise MoeLocalError("--format gptq does not support fused experts yet")
-    linears = _quantizable_linears(meta)
-    dense = {n: k for n, k in renamed.items() if k not in experts.claimed}
+    linears = _quantizable_linears(ckpt.meta)
+    dense = ckpt.dense_keys()
     quantized = {n for n in dense if n.endswith(".weight") and n.removesuffix(".weight") in linears}
     return _Source(path, files, sites, experts, dense, quantized)
 
@@ -294,7 +286,7 @@ def _write(
 
     ``module_names``: name tensors by transformers' modules (GPTQModel) instead of as on disk.
     """
-    from moe_local.format.outdir import save_safetensors
+    from moe_local.convert.outdir import save_safetensors
 
     layers = source.layers()
     shards = [f"model-{n + 1:05d}-of-{len(layers):05d}.safetensors" for n in range(len(layers))]

@@ -7,16 +7,17 @@ import json
 import torch
 
 from moe_local.config import LoadOptions
-from moe_local.format.writer import quantize_checkpoint
+from moe_local.convert.staging import prepare, staged_path
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.loading.loader import load
-from moe_local.loading.offload_dir import staged_path
 from moe_local.recipes import load_recipe
 from tests.helpers import run_cli
 
 IDS = torch.arange(3, 19)[None]
 
 
-def _logits(path, **options):
+def _logits(path, offload_dir=None, **options):
+    path = prepare(path, offload_dir)  # the step a command runs before load with --offload-dir
     with torch.no_grad():
         return load(path, LoadOptions(dtype="float32", **options)).model(IDS).logits
 

@@ -1,6 +1,6 @@
 """Commands that write a folder never delete what moe-local did not write.
 
-Rule under test (moe_local/format/outdir.py): OUT is never SRC, never contains SRC, never lies
+Rule under test (moe_local/convert/outdir.py): OUT is never SRC, never contains SRC, never lies
 inside SRC; ``--overwrite`` replaces only a moe-local output (marker or manifest) or an empty
 folder; a work folder ``OUT.partial`` is removed only when moe-local made it.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from moe_local.convert.outdir import MARKER
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.errors import MoeLocalError
-from moe_local.format.outdir import MARKER
-from moe_local.format.writer import quantize_checkpoint
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moe_local.config import LoadOptions, SamplingParams
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.errors import ExpertBlobError, MoeLocalError
 from moe_local.format.blob import ALIGN
-from moe_local.format.writer import quantize_checkpoint
 from moe_local.generation import generate
 from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe

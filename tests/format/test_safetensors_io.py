@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe_local.errors import CheckpointError
-from moe_local.loading.safetensors_io import CheckpointFiles, SafetensorsFile
+from moe_local.format.safetensors_io import CheckpointFiles, SafetensorsFile
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8])

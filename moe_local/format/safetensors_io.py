@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import CheckpointError
-from moe_local.loading.paths import file_inside
+from moe_local.format.paths import file_inside
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

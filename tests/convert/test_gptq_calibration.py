@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_local.format.calibration import LayerCalibration
-from moe_local.format.writer import quantize_checkpoint
+from moe_local.convert.calibration import LayerCalibration
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli

@@ -20,11 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_local.errors import MoeLocalError
-from moe_local.experts.weights import ExpertWeights
-from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up, tensor_checksum
-from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
-from moe_local.format.outdir import (
+from moe_local.convert.outdir import (
     check_not_source,
     check_output,
     check_partial,
@@ -34,13 +30,16 @@ from moe_local.format.outdir import (
     publish,
     save_safetensors,
 )
-from moe_local.format.workers import ordered_map
-from moe_local.loading.families import CheckpointExperts, checkpoint_renamer, find_expert_sites
-from moe_local.loading.loader import load_config
-from moe_local.loading.meta import build_on_meta
-from moe_local.loading.paths import file_inside
+from moe_local.convert.source import open_source
+from moe_local.convert.workers import ordered_map
+from moe_local.errors import MoeLocalError
+from moe_local.experts.weights import ExpertWeights
+from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up, tensor_checksum
+from moe_local.format.hf_experts import HfExperts
+from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moe_local.format.paths import file_inside
+from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.loading.safetensors_io import CheckpointFiles
 from moe_local.recipes import Recipe
 
 Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
@@ -173,15 +172,10 @@ def quantize_checkpoint(
         check_not_source(out, [src_path])
     else:  # before any work: a refused OUT should not cost a calibration pass
         check_output(out, [src_path], overwrite=overwrite)
-    config = load_config(src_path)
-    files = CheckpointFiles(src_path)
-    meta = build_on_meta(config, torch.float32)
-    sites = find_expert_sites(meta)
-    rename = checkpoint_renamer(meta)
-    renamed = {rename(k): k for k in files.names()}
-    experts = CheckpointExperts(files, sites, renamed, None, drop_cache=True)
+    ckpt = open_source(src_path, "quantize")
+    config, files, meta, sites, experts = ckpt.config, ckpt.files, ckpt.meta, ckpt.sites, ckpt.experts
     linear_weights = {f"{n}.weight" for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
-    dense = {n: k for n, k in renamed.items() if k not in experts.claimed}
+    dense = ckpt.dense_keys()
     report = QuantizeReport(out, dry_run=dry_run)
 
     # planning checks every scheme against every shape before anything is written
@@ -199,7 +193,7 @@ def quantize_checkpoint(
     if any(_is_gptq(r.scheme) for r in recipe.rules):
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
-        from moe_local.format.calibration import collect_calibration
+        from moe_local.convert.calibration import collect_calibration
 
         if progress:
             progress("calibration", 0, 1, 0)
@@ -391,7 +385,7 @@ def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:
     return {n: getattr(w, n) for n in names if getattr(w, n) is not None}
 
 
-def _write_layer(partial: Path, report, recipe, experts: CheckpointExperts, site, progress, cal_args) -> dict:
+def _write_layer(partial: Path, report, recipe, experts: HfExperts, site, progress, cal_args) -> dict:
     record = partial / "progress" / f"layer-{site.layer:04d}.json"
     if record.exists():
         return json.loads(record.read_text())

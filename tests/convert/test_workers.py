@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from moe_local.format.workers import ordered_map
-from moe_local.format.writer import quantize_checkpoint
+from moe_local.convert.workers import ordered_map
+from moe_local.convert.writer import quantize_checkpoint
 from moe_local.recipes import load_recipe
 
 

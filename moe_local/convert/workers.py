@@ -10,7 +10,6 @@ torch releases the GIL inside its ops.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,20 +19,10 @@ T = TypeVar("T")
 
 
 def worker_count() -> int:
-    """Workers for quantizing: ``MOE_LOCAL_THREADS`` when set, else the cores this process may use.
-
-    Returns:
-        At least 1.
-    """
+    """Workers for quantizing: one per usable core (``moe_local.env.usable_cores``)."""
     from moe_local import env
 
-    asked = env.threads()
-    if asked:
-        return asked
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return env.usable_cores()
 
 
 @contextlib.contextmanager

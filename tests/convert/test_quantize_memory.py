@@ -15,8 +15,9 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, psutil, torch
     torch.set_num_threads(1)
-    from moe_local.format.writer import quantize_checkpoint
-    from moe_local.loading.loader import build_on_meta, load_config
+    from moe_local.convert.writer import quantize_checkpoint
+    from moe_local.loading.checkpoint import load_config
+    from moe_local.loading.meta import build_on_meta
     from moe_local.quant import quantize, QType
     from moe_local.recipes import load_recipe
     from pathlib import Path

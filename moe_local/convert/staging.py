@@ -14,9 +14,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from moe_local.convert.outdir import check_not_source, clear_partial, os_error_line, publish, write_marker
 from moe_local.errors import MoeLocalError
 from moe_local.format.manifest import MANIFEST
-from moe_local.format.outdir import check_not_source, clear_partial, os_error_line, publish, write_marker
 
 Progress = Callable[..., None]
 
@@ -39,6 +39,40 @@ def staged_path(src: Path, offload_dir: Path) -> Path:
     return Path(offload_dir) / f"{src.name}-{digest.hexdigest()[:12]}"
 
 
+def prepare(
+    model: str | Path,
+    offload_dir: str | Path | None,
+    *,
+    download: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Resolve MODEL and, with an offload directory, stage its experts there first.
+
+    The step a command runs before ``moe_local.loading.loader.load`` when the user gave
+    ``--offload-dir`` (loading itself never writes anything).
+
+    Args:
+        model: a checkpoint folder or a cached hub id.
+        offload_dir: the offload directory, or None to use the model where it is.
+        download: allow fetching a hub id that is not cached.
+        progress: called as ``progress(stage, done, total[, nbytes])`` while staging.
+
+    Returns:
+        The folder to load: the model's own, or its staged copy.
+
+    Raises:
+        MoeLocalError: the model cannot be found, its config is bad, or staging fails.
+    """
+    from moe_local.loading.checkpoint import load_config
+    from moe_local.loading.resolve import resolve_model_path
+
+    path = resolve_model_path(model, download=download)
+    if offload_dir is None:
+        return path
+    load_config(path)  # refuse a bad config before staging gigabytes
+    return stage_experts(path, offload_dir, progress)
+
+
 def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None = None) -> Path:
     """Return a moe-local copy of ``src`` in ``offload_dir``, writing it the first time.
 
@@ -53,7 +87,7 @@ def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None 
     Raises:
         MoeLocalError: the folder cannot be created or written, or ``src`` is a GPTQ checkpoint.
     """
-    from moe_local.format.gptq_reader import is_gptq_checkpoint
+    from moe_local.format.gptq_layout import is_gptq_checkpoint
 
     offload_dir = Path(offload_dir).expanduser()
     target = staged_path(src, offload_dir)
@@ -85,7 +119,7 @@ def _copy_folder(src: Path, target: Path) -> None:
 
 
 def _rewrite_as_blobs(src: Path, target: Path, progress: Progress | None) -> None:
-    from moe_local.format.writer import quantize_checkpoint
+    from moe_local.convert.writer import quantize_checkpoint
     from moe_local.recipes import Recipe, Rule
 
     keep_all = Recipe("keep", "every tensor as it is", (Rule("*", None, 0),))

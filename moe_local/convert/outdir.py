@@ -136,7 +136,7 @@ def make_partial(partial: Path, kind: str) -> None:
 
 def write_marker(folder: Path, kind: str) -> None:
     """Write the marker that says moe-local made ``folder`` (and what kind of output it is)."""
-    from moe_local import __version__
+    from moe_local._version import __version__
 
     record = {"written_by": f"moe-local {__version__}", "kind": kind, "created": int(time.time())}
     (folder / MARKER).write_text(json.dumps(record) + "\n")
