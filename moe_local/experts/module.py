@@ -136,7 +136,14 @@ class OffloadedExperts(nn.Module):
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, K]
         wts = top_k_weights.reshape(x.shape[0], -1)  # [T, K]
         out = torch.zeros_like(x)  # [T, H]
-        needed = [e for e in torch.unique(idx).tolist() if 0 <= e < self.num_experts]
+        # one stable sort groups the (token, slot) pairs by expert, tokens in order within each
+        flat = idx.reshape(-1)  # [T*K]
+        pos = torch.argsort(flat, stable=True)  # [T*K]
+        ids, counts = torch.unique_consecutive(flat[pos], return_counts=True)
+        spans, start = {}, 0
+        for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
+            spans[e], start = pos[start : start + n], start + n
+        needed = [e for e in spans if 0 <= e < self.num_experts]
         if self.trace is not None:
             self.trace.append(needed)
         self.store.check_guess(self.layer, set(needed))
@@ -144,14 +151,15 @@ class OffloadedExperts(nn.Module):
             guess = self.next_router.guess(x)
             self.store.note_guess(self.next_router.layer, guess)
             self.store.prefetch(self.next_router.layer, guess)
+        k, w_flat = idx.shape[1], wts.reshape(-1)  # [T*K] weights in the order of ``flat``
         for e in self.store.order(self.layer, needed):
-            tok, kpos = torch.where(idx == e)  # [n], [n]
+            tok = spans[e] // k  # [n] tokens routed to e (each once: a token's k experts differ)
             host_w = self.store.compute_on_host(self.layer, e, len(tok))
             if host_w is not None:  # cheaper to compute where the weights lie than to move them
                 y = self.expert_forward(x[tok].to("cpu"), host_w).to(x.device)
             else:
                 y = self.expert_forward(x[tok], self.store.get(self.layer, e))  # [n, H]
-            y = y * wts[tok, kpos, None].to(y.dtype)
+            y = y * w_flat[spans[e], None].to(y.dtype)
             out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)
 
