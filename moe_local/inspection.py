@@ -88,6 +88,8 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         dense_bytes = sum(files.info(k).nbytes for k in files.names()) - expert_bytes
         one_expert = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
         dtypes = tuple(sorted({str(files.info(k).dtype).removeprefix("torch.") for k in files.names()}))
+        if getattr(files, "method", None):  # published quantized (fp8, mxfp4): read as the dtypes above
+            dtypes = (*dtypes, f"stored {files.method}")
         if kind == GPTQ:
             dtypes = (f"gptq int{experts.config.bits}",) if isinstance(experts, GptqExperts) else ("gptq",)
     if not sites:

@@ -4,6 +4,8 @@ Opening a folder means: its config read and checked (``validate``, never the fol
 model built on meta in the compute dtype, its experts modules found (``ExpertsSite``), the
 checkpoint's key renames applied, and the ``ExpertSource`` of its format chosen: a Hugging Face
 checkpoint (``HfExperts``), a GPTQ one (``GptqExperts``) or a moe-local folder (``BlobExperts``).
+A Hugging Face checkpoint its publisher quantized (``quant_method`` ``fp8`` or ``mxfp4``) is read
+through ``DequantizedFiles``: every reader sees the unquantized tensors, dequantized as read.
 ``Checkpoint.load_dense`` then fills the dense part of the meta model; nothing else is read
 until an expert is asked for.
 """
@@ -21,10 +23,12 @@ from torch import nn
 from moe_local.errors import CheckpointError, MoeLocalError, UnsupportedModelError, first_line
 from moe_local.experts.sites import ExpertsSite, find_expert_sites
 from moe_local.format.dense import load_hf_dense, read_dense_tensor
+from moe_local.format.fp8 import FP8_METHOD, DequantizedFiles, Fp8Config, fp8_files
 from moe_local.format.gptq_layout import is_gptq_checkpoint
 from moe_local.format.gptq_reader import GptqExperts, load_gptq_dense
 from moe_local.format.hf_experts import HfExperts
 from moe_local.format.manifest import MANIFEST, read_manifest
+from moe_local.format.mxfp4 import MXFP4_METHOD, mxfp4_files
 from moe_local.format.reader import BlobExperts, load_dense
 from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.format.source import ExpertSource
@@ -53,7 +57,8 @@ class Checkpoint:
         meta: the model, parameters on meta until ``load_dense``.
         sites: its experts modules in layer order.
         experts: the format's expert reader.
-        files: the safetensors files (None for a moe-local folder, whose dense file the reader opens).
+        files: the safetensors files (None for a moe-local folder, whose dense file the reader opens);
+            for an fp8 or mxfp4 checkpoint, a ``DequantizedFiles`` view of them.
         manifest: the moe-local manifest (None otherwise).
         renamed: in-memory name -> checkpoint key for every key (empty for a moe-local folder).
     """
@@ -65,7 +70,7 @@ class Checkpoint:
     meta: nn.Module
     sites: list[ExpertsSite]
     experts: ExpertSource
-    files: CheckpointFiles | None = None
+    files: CheckpointFiles | DequantizedFiles | None = None
     manifest: dict | None = None
     renamed: dict[str, str] = field(default_factory=dict)
 
@@ -122,7 +127,8 @@ def open_checkpoint(
         device: the device the model will run on (``"auto"`` dtype depends on it).
         expert_dtype: dtype Hugging Face experts are cast to as they are read: ``"compute"`` (the
             compute dtype) or None (as stored: what quantize reads). GPTQ and moe-local experts
-            always give unquantized parts in the compute dtype.
+            always give unquantized parts in the compute dtype. An fp8 or mxfp4 checkpoint's
+            tensors are dequantized to this dtype (bfloat16 for None), dense ones too.
         drop_cache: the expert reader evicts what it reads from the page cache.
         download: allow fetching a hub id that is not cached.
 
@@ -141,14 +147,53 @@ def open_checkpoint(
         experts: ExpertSource = BlobExperts(path, manifest, sites, dtype, drop_cache=drop_cache)
         return Checkpoint(path, kind, config, dtype, meta, sites, experts, manifest=manifest)
     files = CheckpointFiles(path)
+    cast = dtype if expert_dtype == "compute" else expert_dtype
+    if kind == HF:
+        files = publisher_files(files, config, path, cast)
     rename = checkpoint_renamer(meta)
     renamed = {rename(k): k for k in files.names()}
     if kind == GPTQ:
         experts = GptqExperts(path, files, sites, renamed, dtype, drop_cache=drop_cache)
     else:
-        cast = dtype if expert_dtype == "compute" else expert_dtype
         experts = HfExperts(files, sites, renamed, cast, drop_cache=drop_cache)
     return Checkpoint(path, kind, config, dtype, meta, sites, experts, files=files, renamed=renamed)
+
+
+def publisher_files(
+    files: CheckpointFiles, config, path: Path, dtype: torch.dtype | None
+) -> CheckpointFiles | DequantizedFiles:
+    """The files as readers should see them: dequantizing ones when the publisher quantized them.
+
+    Args:
+        files: the checkpoint's safetensors files.
+        config: its (checked) config; ``quantization_config`` says how the publisher stored it.
+        path: the folder, for messages.
+        dtype: what quantized tensors become (None: bfloat16, the dtype those checkpoints are
+            published from and what transformers dequantizes them to; float32 would double the
+            memory of every tensor quantize keeps, for digits 4-bit codes cannot hold).
+
+    Raises:
+        CheckpointError: a malformed quantization_config, or a scale that does not fit its weight.
+        UnsupportedModelError: a quant_method moe-local does not read.
+    """
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return files
+    if not isinstance(q, dict):
+        q = q.to_dict() if hasattr(q, "to_dict") else {}
+    method = q.get("quant_method")
+    if method is None:  # an empty or method-less entry describes no stored quantization
+        return files
+    where = f"{path / 'config.json'}: quantization_config"
+    dtype = dtype or torch.bfloat16
+    if method == FP8_METHOD:
+        return fp8_files(files, Fp8Config.from_dict(q, where), dtype)
+    if method == MXFP4_METHOD:
+        return mxfp4_files(files, dtype)
+    raise UnsupportedModelError(
+        f"{where} has quant_method {method!r}; moe-local reads fp8, mxfp4 and gptq checkpoints "
+        "and unquantized ones"
+    )
 
 
 def load_config(path: Path):
