@@ -82,17 +82,16 @@ def generate_step(
     Yields:
         (token, log-probabilities [V] of the processed logits).
     """
-    from transformers import DynamicCache
-
     model = lm.model
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    keyword, cache = cache_keyword(model), new_cache(model)
     seen = list(prompt_ids)
     ids = torch.tensor(seen, dtype=torch.long, device=device)  # [P]
     with torch.inference_mode():
         for start in range(0, len(seen), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK][None]
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=chunk, **{keyword: cache}, use_cache=True, logits_to_keep=1)
+            cache = _returned_cache(out, cache)
         while True:
             logits = out.logits[0, -1].float().cpu()  # [V]
             for proc in processors:
@@ -101,7 +100,42 @@ def generate_step(
             yield token, torch.log_softmax(logits, dim=-1)
             seen.append(token)
             step = torch.tensor([[token]], dtype=torch.long, device=device)
-            out = model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=step, **{keyword: cache}, use_cache=True, logits_to_keep=1)
+            cache = _returned_cache(out, cache)
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` (transformers 5.24 on), else ``past_key_values``.
+
+    Newer releases still accept the old name but log a deprecation line on every call.
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model):
+    """The cache transformers' own ``generate`` would start from: a ``DynamicCache`` of the text config.
+
+    Families with their own cache class (MiniMax's linear attention) build it on the first forward
+    when given None, as ``generate`` lets them; the returned one is then passed back.
+    """
+    from transformers import DynamicCache
+
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return DynamicCache(config=text)
+
+
+def _returned_cache(out, cache):
+    if cache is not None:
+        return cache
+    returned = getattr(out, "cache", None)
+    return returned if returned is not None else getattr(out, "past_key_values", None)
 
 
 def stream_generate(

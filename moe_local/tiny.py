@@ -67,12 +67,114 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(family: str, **overrides):
-    """Return a tiny transformers config of ``family`` (see ``FAMILIES``)."""
-    from transformers import AutoConfig
+    """Return a tiny transformers config of ``family``.
 
-    if family not in FAMILIES:
-        raise MoeLocalError(f"no tiny config for {family!r}; choose one of {', '.join(FAMILIES)}")
-    return AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
+    The tested families (``FAMILIES``) have hand-picked sizes; any other model type of the installed
+    transformers gets its defaults shrunk by ``shrunk_config_fields``.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if family in FAMILIES:
+        return AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
+    if family not in CONFIG_MAPPING:
+        raise MoeLocalError(f"no tiny config for {family!r}: this transformers does not define it")
+    cls = CONFIG_MAPPING[family]
+    return cls(**{**shrunk_config_fields(cls().to_dict()), **overrides})
+
+
+# Size fields set on any family's defaults (where the family has them) to make a tiny model.
+_SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 16,
+    "expert_ffn_hidden_size": 16,
+    "ffn_hidden_size": 64,
+    "shared_expert_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "shared_intermediate_size": 32,
+    "dense_intermediate_size": 64,
+    "intermediate_size_mlp": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "num_experts_per_token": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "top_k_experts": 2,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "o_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "qk_head_dim": 8,
+    "v_head_dim": 8,
+    "n_group": 2,
+    "topk_group": 1,
+    "num_expert_group": 2,
+    "index_head_dim": 8,
+    "index_n_heads": 2,
+    "index_topk": 8,
+    "sliding_window": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 8,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_head_dim": 8,
+    "linear_num_heads": 4,
+    "first_k_dense_replace": 1,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+    "pad_token_id": 258,
+}
+
+
+_MOE_SWITCHES = ("enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size", "moe_topk")
+
+
+def shrunk_config_fields(defaults: dict) -> dict:
+    """Fields that make a family's default config tiny: ``_SMALL`` sizes and a few layers.
+
+    Per-layer lists (``layer_types``, ``mlp_layer_types``, ...) keep one layer of each kind they
+    name, so a hybrid family keeps every kind of layer (and its MoE layers) in a few layers.
+    """
+    out = {
+        k: v
+        for k, v in _SMALL.items()
+        if isinstance(defaults.get(k), int) and not isinstance(defaults[k], bool)
+    }
+    for k in _MOE_SWITCHES:  # families whose MoE block is off by default (Gemma 4): on, sized
+        if k in defaults and defaults[k] in (None, False, 1):
+            out[k] = True if k == "enable_moe_block" else _SMALL[k]
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in defaults and k not in out:
+            out[k] = _SMALL[k]
+    n = defaults.get("num_hidden_layers")
+    if not isinstance(n, int):
+        return out
+    lists = {k: v for k, v in defaults.items() if isinstance(v, list) and len(v) == n and n > 2}
+    keep = {0, 1} if n >= 2 else {0}
+    for values in lists.values():
+        first: dict[str, int] = {}
+        for i, v in enumerate(values):
+            first.setdefault(repr(v), i)
+        keep |= set(first.values())
+    layers = sorted(keep)
+    out["num_hidden_layers"] = len(layers)
+    for k, values in lists.items():
+        out[k] = [values[i] for i in layers]
+    return out
 
 
 def make_tokenizer():

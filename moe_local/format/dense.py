@@ -19,7 +19,15 @@ def read_dense_tensor(files: CheckpointFiles, key: str, target: torch.Tensor, dt
     Raises:
         CheckpointError: the shape differs from what the config implies.
     """
-    t = files.read(key)
+    return checked_dense(key, files.read(key), target, dtype)
+
+
+def checked_dense(key: str, t: torch.Tensor, target: torch.Tensor, dtype) -> torch.Tensor:
+    """``t`` (from checkpoint ``key``) for the (meta) parameter ``target``: shape checked, floats cast.
+
+    Raises:
+        CheckpointError: the shape differs from what the config implies.
+    """
     if tuple(t.shape) != tuple(target.shape):
         raise CheckpointError(f"{key} has shape {tuple(t.shape)}; the config implies {tuple(target.shape)}")
     if target.is_floating_point() and not t.is_floating_point():
@@ -45,6 +53,7 @@ def load_hf_dense(
     claimed: set[str],
     dtype: torch.dtype,
     progress: Progress | None = None,
+    converted: dict | None = None,
 ) -> int:
     """Read every non-expert weight into the meta model; return their bytes.
 
@@ -55,6 +64,8 @@ def load_hf_dense(
         claimed: checkpoint keys that hold experts (left to the expert source).
         dtype: compute dtype for float tensors.
         progress: called as ``progress("dense weights", done, total)``.
+        converted: weights transformers merges or splits from checkpoint tensors
+            (``moe_local.loading.families.DenseConversion`` by first in-memory name).
     """
     wanted = lm.state_dict(keep_vars=True)
     dense = {name: key for name, key in renamed.items() if key not in claimed and name in wanted}
@@ -65,5 +76,15 @@ def load_hf_dense(
         total += t.numel() * t.element_size()
         if progress:
             progress("dense weights", i + 1, len(dense))
+    for name, conversion in (converted or {}).items():
+        made = conversion.convert(name, files.read, lm)
+        for target_name, t in made.items():
+            if target_name not in wanted:
+                raise CheckpointError(
+                    f"{conversion.sources[0][1]} converts to {target_name}, which the model lacks"
+                )
+            t = checked_dense(conversion.sources[0][1], t, wanted[target_name], dtype)
+            state[target_name] = t
+            total += t.numel() * t.element_size()
     lm.load_state_dict(state, strict=False, assign=True)
     return total

@@ -13,6 +13,7 @@ until an expert is asked for.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,14 @@ from moe_local.format.reader import BlobExperts, load_dense
 from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.format.source import ExpertSource
 from moe_local.loading import validate
-from moe_local.loading.families import EXPERT_WIDTH, TESTED_FAMILIES, checkpoint_renamer
+from moe_local.loading.families import (
+    EXPERT_WIDTH,
+    IN_MEMORY_EXPERTS,
+    TESTED_FAMILIES,
+    DenseConversion,
+    map_checkpoint_keys,
+    refusal,
+)
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
 
@@ -61,6 +69,8 @@ class Checkpoint:
             for an fp8 or mxfp4 checkpoint, a ``DequantizedFiles`` view of them.
         manifest: the moe-local manifest (None otherwise).
         renamed: in-memory name -> checkpoint key for every key (empty for a moe-local folder).
+        converted: dense weights transformers makes by merging or splitting checkpoint tensors
+            (``DenseConversion``), by their first in-memory name.
     """
 
     path: Path
@@ -73,6 +83,7 @@ class Checkpoint:
     files: CheckpointFiles | DequantizedFiles | None = None
     manifest: dict | None = None
     renamed: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, DenseConversion] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -96,7 +107,9 @@ class Checkpoint:
             return load_dense(self.meta, self.path, self.manifest, self.dtype)
         if self.kind == GPTQ:
             return load_gptq_dense(self.meta, self.files, self.renamed, self.dtype)
-        return load_hf_dense(self.meta, self.files, self.renamed, self.experts.claimed, self.dtype, progress)
+        return load_hf_dense(
+            self.meta, self.files, self.renamed, self.experts.claimed, self.dtype, progress, self.converted
+        )
 
     def tokenizer(self):
         """The folder's tokenizer (``load_tokenizer``)."""
@@ -140,9 +153,17 @@ def open_checkpoint(
     manifest = read_manifest(path) if kind == MOE_LOCAL else None
     config = load_config(path)
     if not isinstance(dtype, torch.dtype):
-        dtype = resolve_dtype(dtype, config, device, kind == MOE_LOCAL)
+        # a staged copy (--offload-dir) of an unquantized checkpoint computes as its source does
+        staged = isinstance(manifest, dict) and (manifest.get("staged") or {}).get("source") == "unquantized"
+        dtype = resolve_dtype(dtype, config, device, kind == MOE_LOCAL and not staged)
     meta = build_on_meta(config, dtype)
     sites = find_expert_sites(meta)
+    if not sites and getattr(config, "model_type", "") in IN_MEMORY_EXPERTS:
+        logging.getLogger(__name__).warning(
+            "%s keeps its experts outside transformers' experts interface: they stay in memory "
+            "and an expert memory budget does not apply",
+            config.model_type,
+        )
     if kind == MOE_LOCAL:
         experts: ExpertSource = BlobExperts(path, manifest, sites, dtype, drop_cache=drop_cache)
         return Checkpoint(path, kind, config, dtype, meta, sites, experts, manifest=manifest)
@@ -150,13 +171,24 @@ def open_checkpoint(
     cast = dtype if expert_dtype == "compute" else expert_dtype
     if kind == HF:
         files = publisher_files(files, config, path, cast)
-    rename = checkpoint_renamer(meta)
-    renamed = {rename(k): k for k in files.names()}
+    keymap = map_checkpoint_keys(meta, files.names())
+    renamed = keymap.renamed
     if kind == GPTQ:
         experts = GptqExperts(path, files, sites, renamed, dtype, drop_cache=drop_cache)
     else:
         experts = HfExperts(files, sites, renamed, cast, drop_cache=drop_cache)
-    return Checkpoint(path, kind, config, dtype, meta, sites, experts, files=files, renamed=renamed)
+    return Checkpoint(
+        path,
+        kind,
+        config,
+        dtype,
+        meta,
+        sites,
+        experts,
+        files=files,
+        renamed=renamed,
+        converted=keymap.converted,
+    )
 
 
 def publisher_files(
@@ -233,6 +265,9 @@ def load_config(path: Path):
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{file}: transformers rejects it: {first_line(exc)}") from exc
     validate.check_config(config, file, TESTED_FAMILIES, EXPERT_WIDTH)
+    reason = refusal(getattr(config, "model_type", model_type))
+    if reason is not None:
+        raise UnsupportedModelError(reason)
     return config
 
 

@@ -8,6 +8,10 @@ Legend: E=experts, H=hidden size.
 
 from __future__ import annotations
 
+import copy
+import functools
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -53,19 +57,218 @@ def router_of(
     return None, None
 
 
-def checkpoint_renamer(model: nn.Module):
-    """Return a function mapping a checkpoint key to the model's in-memory name (renames only)."""
+@dataclass
+class DenseConversion:
+    """Checkpoint tensors transformers merges or splits into non-expert weights on load.
+
+    Attributes:
+        converter: the family's ``WeightConverter`` (a private copy: it collects tensors).
+        sources: ``(source pattern, checkpoint key)`` of every tensor it takes, in checkpoint order.
+    """
+
+    converter: object
+    sources: list[tuple[str, str]] = field(default_factory=list)
+
+    def convert(self, name: str, read, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Read the sources with ``read(key)`` and apply the converter: in-memory name -> tensor."""
+        conv = copy.deepcopy(self.converter)
+        for pattern, key in self.sources:
+            conv.add_tensor(name, key, pattern, functools.partial(read, key))
+        return conv.convert(name, model=model, config=model.config)
+
+
+@dataclass
+class KeyMap:
+    """How a checkpoint's keys become the model's weights, by transformers' own conversion mapping.
+
+    Attributes:
+        renamed: in-memory name -> checkpoint key, for every key loaded one to one (experts
+            included: their per-expert keys keep their names for the expert readers).
+        converted: first in-memory target name -> the conversion that makes it (dense only).
+    """
+
+    renamed: dict[str, str]
+    converted: dict[str, DenseConversion]
+
+
+def _is_expert_transform(transform) -> bool:
+    return any("experts" in p for p in transform.target_patterns)
+
+
+def _key_mapper(model: nn.Module):
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter) and not _is_expert_transform(t)]
+    by_pattern: dict[str, object] = {}
+    for conv in converters:
+        for pattern in conv.source_patterns:
+            by_pattern.setdefault(pattern, conv)
     prefix = getattr(model, "base_model_prefix", "model")
-    own = set(model.state_dict().keys()) if not renamings else None
+    meta = model.state_dict()
 
-    def rename(key: str) -> str:
-        out = apply_renamings(key, renamings) if renamings else key
-        if own is not None and out not in own and f"{prefix}.{out}" in own:
-            out = f"{prefix}.{out}"
-        return out
+    def map_key(key: str) -> tuple[str, object | None, str | None]:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if pattern is None and name not in meta and key in meta:
+            # a rule too broad for this key (DeepSeek V4's ``.norm.`` -> ``.kv_norm.`` also hits
+            # the final ``model.norm``): the key already names a weight of the model, keep it
+            return key, None, None
+        return name, (None if pattern is None else by_pattern[pattern]), pattern
 
-    return rename
+    return map_key
+
+
+def map_checkpoint_keys(model: nn.Module, keys) -> KeyMap:
+    """Map checkpoint ``keys`` to ``model``'s names exactly as transformers' loader does.
+
+    Every renaming applies, then at most one converter (``rename_source_key``, with the
+    base-model prefix added or stripped as the model needs); converters that fuse experts are left
+    out, since ``HfExperts`` reads experts one by one from their own keys.
+    """
+    map_key = _key_mapper(model)
+    renamed: dict[str, str] = {}
+    converted: dict[str, DenseConversion] = {}
+    for key in keys:
+        name, conv, pattern = map_key(key)
+        if conv is None:
+            renamed[name] = key
+        else:
+            converted.setdefault(name, DenseConversion(conv)).sources.append((pattern, key))
+    return KeyMap(renamed, converted)
+
+
+def checkpoint_renamer(model: nn.Module):
+    """Return a function mapping a checkpoint key to the model's in-memory name (one-to-one keys)."""
+    map_key = _key_mapper(model)
+    return lambda key: map_key(key)[0]
+
+
+# Config fields that count the routed experts of a layer, across families.
+EXPERT_COUNT_KEYS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+)
+
+
+def _declares_experts(values: dict) -> bool:
+    for key in EXPERT_COUNT_KEYS:  # None or 1 by default still means the family has an MoE block
+        v = values.get(key, False)
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return True
+    ffn = values.get("ffn_config")  # DBRX nests its MoE fields
+    return isinstance(ffn, dict) and _declares_experts(ffn)
+
+
+def moe_model_types() -> list[str]:
+    """Every model type of the installed transformers with a causal-LM class and routed experts.
+
+    A type is MoE when its default config counts experts (``EXPERT_COUNT_KEYS``, or DBRX's
+    ``ffn_config``), directly or in its ``text_config`` (multimodal wrappers).
+    """
+    import warnings
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
+
+    found = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # default configs warn about their own token ids
+    try:
+        for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+            if model_type not in CONFIG_MAPPING:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    values = CONFIG_MAPPING[model_type]().to_dict()
+            except Exception:  # a config without usable defaults (it needs sub-configs): not listed
+                continue
+            text = values.get("text_config")
+            if _declares_experts(values) or (isinstance(text, dict) and _declares_experts(text)):
+                found.append(model_type)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return found
+
+
+# Families refused at open, with the reason (one line each): the one place that lists them.
+UNSUPPORTED = {
+    "llama4_text": "its experts are not on transformers' experts interface (fused per-layer layout)",
+    "longcat_flash": "its zero-compute experts are outside transformers' experts interface",
+    "inkling_text": "its experts are not on transformers' experts interface",
+    "inkling2_text": "its experts are not on transformers' experts interface (no gate_up weights)",
+    "inkling2_loop_text": "its experts are not on transformers' experts interface (no gate_up weights)",
+}
+# Families whose greedy tokens were measured identical to transformers' (in memory and with a
+# one-expert budget) on tiny random checkpoints, beyond TESTED_FAMILIES.
+VERIFIED_FAMILIES = (
+    "afmoe",
+    "aria_text",
+    "bailing_hybrid",
+    "beam",
+    "cohere2_moe",
+    "deepseek_v4",
+    "doge",
+    "ernie4_5_moe",
+    "exaone_moe",
+    "flex_olmo",
+    "flint",
+    "kimi_linear",
+    "minimax",
+    "minimax_m2",
+    "minimax_m3_vl_text",
+)
+# Families whose experts are not on transformers' experts interface: loaded as ordinary weights,
+# so an expert budget does not apply to them (a warning says so at load).
+IN_MEMORY_EXPERTS = ("dbrx", "doge", "jetmoe")
+
+
+def refusal(model_type: str) -> str | None:
+    """The one-line reason moe-local refuses ``model_type``, or None."""
+    reason = UNSUPPORTED.get(model_type)
+    return None if reason is None else f"family {model_type!r} is not supported: {reason}"
+
+
+def family_state(model_type: str) -> str:
+    """``exact``, ``refused: <reason>`` or ``not verified yet`` for an MoE model type."""
+    if model_type in UNSUPPORTED:
+        return f"refused: {UNSUPPORTED[model_type]}"
+    if model_type in IN_MEMORY_EXPERTS and model_type in VERIFIED_FAMILIES:
+        return "exact; experts stay in memory (no expert budget)"
+    if model_type in TESTED_FAMILIES or model_type in VERIFIED_FAMILIES:
+        return "exact"
+    return "not verified yet"
+
+
+def families_markdown() -> str:
+    """The table of every MoE model type of the installed transformers with its state (docs/FAMILIES.md)."""
+    import transformers
+
+    lines = [
+        "# MoE families",
+        "",
+        f"Every MoE model type of transformers {transformers.__version__} (`moe_model_types`), generated by",
+        "`python -m moe_local.loading.families --markdown` from `moe_local/loading/families.py`.",
+        "`exact`: greedy tokens identical to transformers' own model, in memory and with a one-expert",
+        "budget (`tests/loading/test_all_families.py`).",
+        "",
+        "| model type | state |",
+        "|---|---|",
+    ]
+    lines += [f"| {t} | {family_state(t)} |" for t in moe_model_types()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--markdown" in sys.argv[1:]:
+        print(families_markdown(), end="")
+    else:
+        for t in moe_model_types():
+            print(t, family_state(t), sep="\t")
