@@ -56,7 +56,7 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
     # GPTQ's unquantized expert parts count at fp16; parameters are the same in any dtype
     ckpt = open_checkpoint(path, dtype=torch.float16 if kind == GPTQ else torch.float32, expert_dtype=None)
     config, meta, sites, manifest, files = ckpt.config, ckpt.meta, ckpt.sites, ckpt.manifest, ckpt.files
-    quantized = manifest is not None
+    quantized = manifest is not None and (manifest.get("staged") or {}).get("source") != "unquantized"
     # parameters come from the model definition, identical for a checkpoint and its quantized folder
     expert_names = {f"{s.name}.{n}" for s in sites for n, _ in meta.get_submodule(s.name).named_parameters()}
     params = dict(meta.named_parameters())

@@ -17,6 +17,9 @@ from pathlib import Path
 from moe_local.errors import MoeLocalError
 
 RECIPE_DIR = Path(__file__).parent / "quant_recipes"
+EXPERTS_PATTERN = "*.experts.*"  # every family's expert parts are named SITE.experts.PART
+_EXPERT_PROBE = "model.layers.0.mlp.experts.gate_up"
+DEFAULT_GROUP_SIZE = 64  # the experts' group when the recipe keeps them and --group-size is not given
 PROTECTED_WORDS = ("embed", "norm", "lm_head", "router", ".gate.", "gate.weight", "shared_expert_gate")
 
 
@@ -55,14 +58,54 @@ class Recipe:
         rules = tuple(Rule(r.pattern, convert(r.scheme), r.index) for r in self.rules)
         return Recipe(f"{self.name}+{method}", self.description, rules)
 
+    def with_experts(self, bits: int | None = None, group_size: int | None = None) -> Recipe:
+        """The same rules behind a first rule that sets every expert tensor's bits and group size.
+
+        What is not given comes from the scheme the recipe gives the experts (its method too;
+        rtn in groups of ``DEFAULT_GROUP_SIZE`` when it keeps them).
+
+        Args:
+            bits: the experts' bits (``--bits``), or None for the recipe's.
+            group_size: the experts' group size (``--group-size``), or None for the recipe's.
+
+        Raises:
+            MoeLocalError: an unsupported value, experts the recipe keeps with no bits given, or
+                bitsandbytes experts (their bits and blocks are fixed).
+        """
+        from moe_local.quant import QType
+
+        if bits is None and group_size is None:
+            return self
+        base = self.scheme_for(_EXPERT_PROBE)
+        if base is not None and not hasattr(base, "group_size"):
+            raise MoeLocalError(
+                f"--bits and --group-size do not apply to bitsandbytes {base.full_name} experts "
+                "(their bits and blocks are fixed)"
+            )
+        if bits is None and base is None:
+            raise MoeLocalError(f"recipe {self.name} keeps the experts: --group-size needs --bits")
+        bits = base.bits if bits is None else bits
+        group = group_size or (base.group_size if base is not None else DEFAULT_GROUP_SIZE)
+        try:
+            scheme = QType(bits, group, base.method if base is not None else "rtn")
+        except ValueError as exc:
+            raise MoeLocalError(f"--bits {bits} --group-size {group}: {exc}") from exc
+        rules = (Rule(EXPERTS_PATTERN, scheme, 0), *self.rules)
+        return Recipe(f"{self.name}+experts-{scheme.full_name}", self.description, rules)
+
+    def describe(self) -> str:
+        """The rules in order, one line: ``*.experts.* int2-g64-hqq, ..., * keep``."""
+        return ", ".join(f"{r.pattern} {r.scheme.full_name if r.scheme else 'keep'}" for r in self.rules)
+
     def scheme_for(self, tensor: str, in_features: int | None = None):
         """Return the scheme for ``tensor`` (None: keep it as it is).
 
         Args:
             tensor: the tensor's name.
             in_features: its input width; when the rule's group size does not divide it, the
-                group steps down to the largest of 64, 32 or 16 that does (the manifest records
-                the scheme each tensor got).
+                group steps down to the largest of 64, 32 or 16 that does, and when none does
+                the tensor is kept as it is (as llama.cpp does; the manifest records the scheme
+                each tensor got, ``fallback_for`` says why).
 
         Returns:
             A ``QType``/``BnbType``, or None.
@@ -76,16 +119,30 @@ class Recipe:
                 return _fit_group(rule.scheme, in_features)
         return None
 
+    def fallback_for(self, tensor: str, in_features: int) -> object | None:
+        """The scheme a rule asked for ``tensor`` when no group size divides its width, else None.
+
+        ``scheme_for`` keeps such a tensor; this names what it would have been, for the summary.
+        """
+        asked = self.scheme_for(tensor)
+        if asked is not None and self.scheme_for(tensor, in_features) is None:
+            return asked
+        return None
+
 
 def _fit_group(scheme, in_features: int | None):
-    """``scheme`` with a group size that divides ``in_features`` (unchanged when none does)."""
+    """``scheme`` with a group size that divides ``in_features``; None (keep) when none does.
+
+    Real checkpoints have such widths (an ``o_proj`` of 252 inputs): one tensor kept in its
+    own dtype costs little, refusing the model costs the model.
+    """
     group = getattr(scheme, "group_size", None)
     if scheme is None or in_features is None or group is None or in_features % group == 0:
         return scheme
     for smaller in (64, 32, 16):
         if smaller < group and in_features % smaller == 0:
             return dataclasses.replace(scheme, group_size=smaller)
-    return scheme  # nothing divides: the writer refuses it with the numbers
+    return None
 
 
 def builtin_recipes() -> list[str]:

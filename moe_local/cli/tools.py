@@ -48,7 +48,9 @@ def inspect(model: ModelArg, *, flags: LoadFlags) -> None:
 def quantize(
     src: Annotated[str, typer.Argument(help="Hugging Face MoE checkpoint folder")],
     out: Annotated[str, typer.Argument(help="folder to create (written as OUT.partial, renamed when done)")],
-    recipe: Annotated[str, typer.Option(help="shipped recipe name or a recipe .toml file")] = "experts-4bit",
+    recipe: Annotated[
+        str | None, typer.Option(help="shipped recipe name or a recipe .toml file [default: experts-4bit]")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan, write nothing")] = False,
@@ -59,46 +61,69 @@ def quantize(
         ),
     ] = None,
     calibration: Annotated[str | None, typer.Option(help="plain-text file for --method gptq")] = None,
-    calibration_tokens: Annotated[int, typer.Option(help="most calibration tokens")] = 4096,
+    calibration_tokens: Annotated[
+        int | None, typer.Option(help="most calibration tokens [default: 4096]")
+    ] = None,
     format: Annotated[
         str, typer.Option("--format", help="moe-local (default) or gptq (a GPTQModel/vLLM checkpoint)")
     ] = "moe-local",
-    bits: Annotated[int, typer.Option(help="--format gptq: bits (2, 3, 4, 8)")] = 4,
-    group_size: Annotated[int, typer.Option(help="--format gptq: group size (16, 32, 64, 128)")] = 128,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            help="the experts' bits (2, 3, 4, 8) over the recipe's; --format gptq: all [default: 4]"
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            help="the experts' group size (16, 32, 64, 128) over the recipe's; "
+            "--format gptq: all [default: 128]"
+        ),
+    ] = None,
     gpu: Annotated[
         str | None,
         typer.Option(help="also say whether the result fits this card: rtx4090, v100-16g or v100-32g"),
     ] = None,
     gptq_names: Annotated[
-        str,
-        typer.Option(help="--format gptq: tensor names, source (vLLM, SGLang) or gptqmodel (GPTQModel)"),
-    ] = "source",
+        str | None,
+        typer.Option(
+            help="--format gptq: tensor names, source (vLLM, SGLang) or gptqmodel (GPTQModel) "
+            "[default: source]"
+        ),
+    ] = None,
 ) -> None:
     """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from moe_local.convert.writer import quantize_checkpoint
     from moe_local.progress import progress_bars
-    from moe_local.recipes import load_recipe
-    from moe_local.units import human_bytes
 
     _setup_torch()
     if format not in ("moe-local", "gptq"):
         raise MoeLocalError(f"unknown --format {format!r}; choose moe-local or gptq")
+    given = {
+        "--recipe": recipe is not None,
+        "--resume": resume,
+        "--dry-run": dry_run,
+        "--method": method is not None,
+        "--calibration": calibration is not None,
+        "--calibration-tokens": calibration_tokens is not None,
+        "--gpu": gpu is not None,
+        "--gptq-names": gptq_names is not None,
+    }
     if format == "gptq":
-        extra = resume or dry_run or bool(method or calibration)
-        _export_gptq(src, out, bits, group_size, gptq_names, overwrite, extra)
+        not_gptq = {k: v for k, v in given.items() if k != "--gptq-names"}
+        _refuse_flags(not_gptq, "it takes --bits, --group-size, --gptq-names, --overwrite", "--format gptq")
+        names = gptq_names or "source"
+        _export_gptq(src, out, 4 if bits is None else bits, group_size or 128, names, overwrite)
         return
+    _refuse_flags({"--gptq-names": given["--gptq-names"]}, "that is for --format gptq", "--format moe-local")
+    rec = _effective_recipe(recipe or "experts-4bit", method, bits, group_size)
+    if (calibration is not None or calibration_tokens is not None) and not _has_gptq(rec):
+        flag = "--calibration" if calibration is not None else "--calibration-tokens"
+        raise MoeLocalError(f"{flag} is for gptq rules: add --method gptq or use a recipe with -gptq schemes")
     from moe_local.planner import GPUS
 
     if gpu is not None and gpu not in GPUS:
         raise MoeLocalError(f"unknown --gpu {gpu!r}; choose {', '.join(GPUS)}")
-    rec = load_recipe(recipe)
-    if method is not None:
-        if method not in ("rtn", "hqq", "gptq", "nf4", "fp4", "int8"):
-            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq, gptq, nf4, fp4 or int8")
-        rec = rec.with_method(method)
     with progress_bars() as bar:
 
         def progress(stage: str, done: int, total: int, nbytes: int) -> None:
@@ -113,8 +138,43 @@ def quantize(
             dry_run=dry_run,
             progress=progress,
             calibration=calibration,
-            calibration_tokens=calibration_tokens,
+            calibration_tokens=4096 if calibration_tokens is None else calibration_tokens,
         )
+    _print_summary(report, rec, gpu)
+
+
+def _refuse_flags(given: dict[str, bool], takes: str, where: str) -> None:
+    """One line for a flag that ``where`` (the chosen format) does not take: never ignored."""
+    wrong = [flag for flag, used in given.items() if used]
+    if wrong:
+        raise MoeLocalError(f"{where} does not take {', '.join(wrong)}; {takes}")
+
+
+def _effective_recipe(name: str, method: str | None, bits: int | None, group_size: int | None):
+    """The recipe; ``--method`` over every quantized rule, ``--bits``/``--group-size`` over the experts."""
+    from moe_local.recipes import load_recipe
+
+    rec = load_recipe(name)
+    if method is not None:
+        if method not in ("rtn", "hqq", "gptq", "nf4", "fp4", "int8"):
+            raise MoeLocalError(f"unknown method {method!r}; choose rtn, hqq, gptq, nf4, fp4 or int8")
+        rec = rec.with_method(method)
+    return rec.with_experts(bits, group_size)
+
+
+def _has_gptq(rec) -> bool:
+    return any(getattr(r.scheme, "method", None) == "gptq" for r in rec.rules)
+
+
+def _print_summary(report, rec, gpu: str | None) -> None:
+    """The per-scheme table (fallbacks in rows of their own), the effective rules, the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moe_local.convert.writer import FALLBACK_ROW
+    from moe_local.units import human_bytes
+
+    dry_run = report.dry_run
     table = Table(title=("plan" if dry_run else "quantized") + f" with recipe {rec.name}")
     for col in ("scheme", "tensors", "before", "after", "bits/weight", "rel. error"):
         table.add_column(col)
@@ -130,6 +190,11 @@ def quantize(
             err,
         )
     Console().print(table)
+    fallback = FALLBACK_ROW.split("{")[0]
+    for row in report.rows.values():
+        if row.scheme.startswith(fallback):
+            typer.echo(f"{row.scheme}: {row.tensors} tensors kept: no group size divides their width")
+    typer.echo(f"rules: {rec.describe()}")
     if report.tokens_per_expert:
         typer.echo(
             f"calibration: {report.calibration_tokens} tokens; tokens routed to each expert, by layer:"
@@ -184,16 +249,10 @@ def _fits_line(report, gpu: str) -> str:
     return f"does not fit {gpu}: the dense part alone is {human_bytes(report.dense_bytes_out)}"
 
 
-def _export_gptq(
-    src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool, extra: bool
-) -> None:
+def _export_gptq(src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool) -> None:
     from moe_local.convert.gptq_export import export_gptq
     from moe_local.progress import progress_bars
 
-    if extra:
-        raise MoeLocalError(
-            "--format gptq takes --bits and --group-size; not --resume, --dry-run or --method"
-        )
     with progress_bars() as bar:
         path = export_gptq(src, out, bits, group_size, names=names, overwrite=overwrite, progress=bar)
     typer.echo(f"wrote a GPTQ checkpoint (int{bits}, groups of {group_size}) to {path}")

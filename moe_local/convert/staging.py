@@ -5,6 +5,10 @@ whatever disk it was downloaded to. Staging rewrites it once into a moe-local fo
 offload directory (an NVMe, say): each expert one 4096-aligned, checksummed blob in the
 checkpoint's own dtype (nothing is quantized), the dense part in safetensors. A moe-local folder
 is copied as it is. Later loads find the staged copy by the source's path, file sizes and times.
+
+Staging never changes numerics: a rewritten copy's manifest carries a ``staged`` entry (an
+unquantized source, and its dtype), so a load with dtype "auto" computes in what the source
+would (``is_staged_copy``), not in the bfloat16 quantized folders get on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from moe_local.convert.outdir import check_not_source, clear_partial, os_error_line, publish, write_marker
 from moe_local.errors import MoeLocalError
-from moe_local.format.manifest import MANIFEST
+from moe_local.format.manifest import MANIFEST, read_manifest
 
 Progress = Callable[..., None]
 
@@ -96,8 +100,8 @@ def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None 
         offload_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoeLocalError(f"cannot use --offload-dir {offload_dir}: {exc.strerror}") from exc
-    if (target / MANIFEST).is_file():
-        return target
+    if (target / MANIFEST).is_file() and ((src / MANIFEST).is_file() or is_staged_copy(target)):
+        return target  # (a rewrite from before staged copies recorded their source is redone)
     if is_gptq_checkpoint(src):
         raise MoeLocalError("--offload-dir does not stage GPTQ checkpoints; quantize the source instead")
     try:
@@ -108,6 +112,22 @@ def stage_experts(src: Path, offload_dir: str | Path, progress: Progress | None 
     except OSError as exc:
         raise MoeLocalError(f"cannot stage experts: {os_error_line(offload_dir, exc)}") from exc
     return target
+
+
+def is_staged_copy(folder: Path) -> bool:
+    """True when ``folder`` is a staged copy of an unquantized checkpoint (it computes as one).
+
+    Args:
+        folder: a moe-local folder.
+
+    Returns:
+        Whether its manifest has the ``staged`` entry ``stage_experts`` writes.
+    """
+    try:
+        staged = read_manifest(folder).get("staged")
+    except MoeLocalError:
+        return False
+    return isinstance(staged, dict) and staged.get("source") == "unquantized"
 
 
 def _copy_folder(src: Path, target: Path) -> None:
@@ -123,4 +143,4 @@ def _rewrite_as_blobs(src: Path, target: Path, progress: Progress | None) -> Non
     from moe_local.recipes import Recipe, Rule
 
     keep_all = Recipe("keep", "every tensor as it is", (Rule("*", None, 0),))
-    quantize_checkpoint(src, target, keep_all, overwrite=True, progress=progress)
+    quantize_checkpoint(src, target, keep_all, overwrite=True, progress=progress, staged=True)

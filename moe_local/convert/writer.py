@@ -47,6 +47,7 @@ _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
          "added_tokens.json")  # fmt: skip
 _PARTS = ("gate_up", "up", "down")
+FALLBACK_ROW = "keep (for {})"  # the summary row of tensors kept because no group size fits them
 
 
 @dataclass
@@ -144,6 +145,7 @@ def quantize_checkpoint(
     calibration: str | Path | None = None,
     calibration_tokens: int = 4096,
     min_expert_tokens: int = 64,
+    staged: bool = False,
 ) -> QuantizeReport:
     """Quantize SRC into a moe-local folder OUT following ``recipe``.
 
@@ -158,12 +160,15 @@ def quantize_checkpoint(
         calibration: plain-text file for GPTQ rules.
         calibration_tokens: most calibration tokens.
         min_expert_tokens: GPTQ tops up experts routed fewer tokens than this with their best scorers.
+        staged: OUT is an ``--offload-dir`` copy (a keep-all recipe): its manifest says so, with
+            the source's dtype, so that it computes as the source does.
 
     Returns:
-        The report: per scheme, tensors, parameters, bytes before/after and mean relative error.
+        The report: per scheme, tensors, parameters, bytes before/after and mean relative error;
+        a tensor no group size fits is kept, in a row that says which scheme it was asked for.
 
     Raises:
-        MoeLocalError: bad SRC, existing OUT, a scheme that does not fit a tensor, a full disk.
+        MoeLocalError: bad SRC, existing OUT, a full disk.
     """
     t0 = time.perf_counter()
     src_path = resolve_model_path(src)
@@ -189,7 +194,11 @@ def quantize_checkpoint(
     run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens)
     _check_start(partial, overwrite, resume, run)
     cal = None
-    gptq_dense = {n for n in dense if n in linear_weights and _is_gptq(recipe.scheme_for(n))}  # group: any
+    gptq_dense = {
+        n
+        for n, k in dense.items()
+        if n in linear_weights and _is_gptq(recipe.scheme_for(n, files.info(k).shape[-1]))
+    }
     if any(_is_gptq(r.scheme) for r in recipe.rules):
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
@@ -224,6 +233,8 @@ def quantize_checkpoint(
             "dense_crc32": dense_sums,
             "layers": layers,
         }
+        if staged:
+            manifest["staged"] = {"source": "unquantized", "dtype": _config_dtype(config)}
         write_json_atomic(partial / MANIFEST, manifest)
         shutil.rmtree(partial / "progress")  # a finished folder carries no resume state
         publish(partial, out)
@@ -232,6 +243,25 @@ def quantize_checkpoint(
         raise MoeLocalError(os_error_line(partial, exc) + kept) from exc
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _config_dtype(config) -> str | None:
+    """The checkpoint's dtype as its config names it (``"float32"``), or None."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _choose(recipe: Recipe, name: str, width: int):
+    """The scheme for tensor ``name`` of input width ``width`` and its summary row's label.
+
+    A tensor whose width no group size divides is kept (``Recipe.scheme_for``); its row says
+    what it was asked for, so the summary shows every fallback.
+    """
+    q = recipe.scheme_for(name, width)
+    if q is not None:
+        return q, q.full_name
+    asked = recipe.fallback_for(name, width)
+    return None, "keep" if asked is None else FALLBACK_ROW.format(asked.full_name)
 
 
 def report_dense_schemes(
@@ -284,7 +314,7 @@ def _sample_digest(path: Path, size: int, samples: int = 16, span: int = 4096) -
 
 _WHAT_DIFFERS = {
     "source": "a different SRC (its index, config.json or weights differ)",
-    "recipe": "a different recipe or --method",
+    "recipe": "a different recipe or --method (or --bits, --group-size)",
     "options": "different calibration options (--calibration file or token counts)",
     "format_version": "another version of moe-local",
 }
@@ -331,19 +361,20 @@ def _start(partial: Path, run: dict) -> None:
 def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
     for name, key in dense.items():
         info = files.info(key)
-        q = recipe.scheme_for(name, info.shape[-1]) if name in linear_weights else None
+        q, label = _choose(recipe, name, info.shape[-1]) if name in linear_weights else (None, "keep")
         out_bytes = _qbytes(info.shape, q, name) if q is not None else info.nbytes
-        report.add(q.full_name if q else "keep", _numel(info.shape), info.nbytes, out_bytes)
+        report.add(label, _numel(info.shape), info.nbytes, out_bytes)
         report.dense_bytes_out += out_bytes
     for site in sites:
         parts = experts.part_shapes(site.layer)  # headers only: no expert is read to plan
         for _ in range(site.num_experts):
             for part, (shape, dtype) in parts.items():
-                q = recipe.scheme_for(f"{site.name}.{part}", shape[-1]) if part in _PARTS else None
+                name = f"{site.name}.{part}"
+                q, label = _choose(recipe, name, shape[-1]) if part in _PARTS else (None, "keep")
                 numel = _numel(shape)
                 nbytes = numel * dtype.itemsize
-                out_bytes = _qbytes(shape, q, f"{site.name}.{part}") if q else nbytes
-                report.add(q.full_name if q else "keep", numel, nbytes, out_bytes)
+                out_bytes = _qbytes(shape, q, name) if q else nbytes
+                report.add(label, numel, nbytes, out_bytes)
             report.experts += 1
 
 
@@ -360,10 +391,10 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
     done_bytes = 0
     for i, (name, key) in enumerate(dense.items()):
         w = files.read(key, drop_cache=True)
-        q = recipe.scheme_for(name, w.shape[-1]) if name in linear_weights else None
+        q, label = _choose(recipe, name, w.shape[-1]) if name in linear_weights else (None, "keep")
         if q is None:
             tensors[name] = w
-            report.add("keep", w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
+            report.add(label, w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
             report.dense_bytes_out += w.numel() * w.element_size()
         else:
             qt = _quantize(w, q, name, cal.dense.get(name) if cal else None)
@@ -437,12 +468,12 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
     x_in = layer_cal.tokens_for(e, min_tokens)[0] if layer_cal is not None else None  # [n, H]
     quantized_parts: dict[str, object] = {}
     for part, t in _parts(w).items():
-        q = recipe.scheme_for(f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else None
+        q, label = _choose(recipe, f"{site.name}.{part}", t.shape[-1]) if part in _PARTS else (None, "keep")
         nbytes = t.numel() * t.element_size()
         if q is None:
             blob_tensors[part] = t.contiguous()
             schemes[part] = "keep"
-            rows.append(("keep", t.numel(), nbytes, nbytes))
+            rows.append((label, t.numel(), nbytes, nbytes))
             continue
         inputs = x_in
         if part == "down" and layer_cal is not None:  # down sees the gated activations

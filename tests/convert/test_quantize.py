@@ -160,12 +160,21 @@ def test_group_size_steps_down_to_one_that_divides(tiny_mixtral, tmp_path):
     assert "int8-g128" not in report.rows
 
 
-def test_group_size_nothing_divides_is_refused(tiny_checkpoint, tmp_path, capsys):
-    odd = tiny_checkpoint("mixtral", hidden_size=40)  # 40 is a multiple of none of 128/64/32/16
+def test_group_size_nothing_divides_keeps_the_tensor(tiny_checkpoint, tmp_path, capsys):
+    # 40 is a multiple of none of 128/64/32/16: such tensors are kept (as llama.cpp does), never refused
+    odd = tiny_checkpoint("mixtral", hidden_size=40)
     capsys.readouterr()  # (building it prints a progress bar)
-    code, _, err = run_cli(capsys, "quantize", str(odd), str(tmp_path / "q"), "--recipe", "v100-int8")
-    assert_one_line_error(code, err, "not divisible")
-    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+    code, out, err = run_cli(capsys, "quantize", str(odd), str(tmp_path / "q"), "--recipe", "v100-int8")
+    assert code == 0, err
+    assert "keep (for int8-g128)" in out and "kept: no group size divides their width" in out
+    manifest = json.loads((tmp_path / "q" / "moe_local.json").read_text())
+    assert manifest["dense"]["model.layers.0.self_attn.q_proj.weight"] == "keep"
+    assert manifest["layers"]["0"]["schemes"] == {"gate_up": "keep", "down": "int8-g64"}  # down is 64 wide
+    ids = torch.arange(3, 13)[None]
+    with torch.no_grad():
+        a = load(odd).model(ids).logits
+        b = load(tmp_path / "q", LoadOptions(dtype="float32")).model(ids).logits
+    assert _cos(a, b) > 0.999
 
 
 def test_recipe_errors(tmp_path):
