@@ -58,14 +58,18 @@ def _cold_read(folder: Path) -> float:
 
 
 def _ram_copy() -> float:
-    src = torch.empty(_COPY, dtype=torch.uint8).fill_(1)
+    from moe_local.memory import available_memory
+
+    # two buffers: under a memory cap the measurement must not be what kills the process
+    size = max(16 * 2**20, min(_COPY, available_memory() // 8))
+    src = torch.empty(size, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
-    return _COPY / best
+    return size / best
 
 
 def _host_to_device() -> float | None:

@@ -4,7 +4,10 @@ After a warm-up, a prompt of ``prompt_tokens`` random token ids is prefilled and
 ``new_tokens`` are decoded greedily (EOS ignored). Reported beside the speeds: expert hit rate,
 bytes read per token from RAM and disk, time waiting on I/O, peak RSS (and GPU memory), and
 the floor: bytes read from disk / measured disk bandwidth + the time of the same step with
-every weight resident (measured when the experts fit in RAM, else estimated from bandwidth).
+every weight resident: measured with a second, all-resident copy when that copy fits beside
+the first under this process's real memory limit (its cgroup's, RLIMIT_AS, ``--cpu-memory``),
+else estimated from the measured RAM bandwidth, so a run under a cap smaller than the model
+still finishes.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.errors import MoeLocalError
+from moe_local.memory import available_memory, peak_rss, process_rss
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,7 @@ class BenchResult:
     floor_s_per_token: float
     ratio_to_floor: float
     expert_memory: int | None
-
-
-def _peak_rss() -> int:
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        return psutil.Process().memory_info().rss
+    resident_measured: bool = True  # False: the all-resident time is estimated from RAM bandwidth
 
 
 def _decode_s_per_token(lm, prompt: list[int], new_tokens: int) -> tuple[float, object]:
@@ -68,6 +64,7 @@ def bench(
     prompt_tokens: int = 512,
     new_tokens: int = 128,
     measure_resident: bool = True,
+    cpu_memory: int | None = None,
 ) -> BenchResult:
     """Benchmark ``model`` with ``options`` (budgets, device).
 
@@ -76,7 +73,10 @@ def bench(
         options: load options; ``expert_memory`` sets the expert budget.
         prompt_tokens: prompt length.
         new_tokens: tokens to decode.
-        measure_resident: also time an all-resident run for the floor when every expert fits in RAM.
+        measure_resident: also time an all-resident run for the floor when a second copy with
+            every expert resident fits beside the first (else it is estimated).
+        cpu_memory: RAM the whole process may use (``--cpu-memory``); the all-resident copy is
+            loaded only under it, as under the memory limit.
 
     Returns:
         The measurements.
@@ -107,7 +107,9 @@ def bench(
     steps = max(last.generation_tokens, 1)
     t = last.experts.total
     disk_per_token = t.bytes_from_disk / steps
-    resident = _resident_s_per_token(lm, options, model, prompt, new_tokens, measure_resident, bw)
+    budgeted = options.expert_memory is not None  # else lm is all-resident already: timed as it is
+    measure = measure_resident and budgeted and _second_copy_fits(lm, cpu_memory)
+    resident, measured = _resident_s_per_token(lm, options, model, prompt, new_tokens, measure, bw)
     floor = disk_per_token / bw.disk + resident
     s_per_token = 1 / last.generation_tps if last.generation_tps else float("inf")
     return BenchResult(
@@ -121,30 +123,50 @@ def bench(
         bytes_from_ram_per_token=t.bytes_from_ram / steps,
         bytes_from_disk_per_token=disk_per_token,
         io_wait_s_per_token=t.io_wait_s / steps,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss(),
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         disk_bandwidth=bw.disk,
         resident_s_per_token=resident,
         floor_s_per_token=floor,
         ratio_to_floor=s_per_token / floor if floor > 0 else float("inf"),
         expert_memory=options.expert_memory,
+        resident_measured=measured,
     )
 
 
-def _resident_s_per_token(lm, options, model, prompt, new_tokens, measure, bw) -> float:
-    """Time per decode token with every expert resident: measured if they fit in RAM, else estimated."""
+def _all_experts_bytes(lm) -> int:
+    """Bytes of every expert in memory, sized from expert 0 of the first layer."""
+    if not lm.sites:
+        return 0
+    return lm.store.get(lm.sites[0].layer, 0).nbytes * lm.sites[0].num_experts * len(lm.sites)
+
+
+def _second_copy_fits(lm, cpu_memory: int | None) -> bool:
+    """Whether a copy with every expert resident fits beside ``lm`` under the real memory limit.
+
+    The copy needs its dense part and every expert in memory; they must fit in 90% of what the
+    cgroup, RLIMIT_AS and the host leave free now (the rest for its activations and KV cache),
+    and in ``cpu_memory`` less what this process holds.
+    """
+    need = lm.dense_bytes + _all_experts_bytes(lm)
+    room = available_memory()
+    if cpu_memory is not None:
+        room = min(room, cpu_memory - process_rss())
+    return need < room * 0.9
+
+
+def _resident_s_per_token(lm, options, model, prompt, new_tokens, measure, bw) -> tuple[float, bool]:
+    """Time per decode token with every expert resident, and whether it was measured (else estimated)."""
     from moe_local.loading.loader import load
 
-    all_experts = sum(lm.store.get(s.layer, 0).nbytes * s.num_experts for s in lm.sites[:1]) * len(lm.sites)
-    fits = all_experts < psutil.virtual_memory().available * 0.5
     if options.expert_memory is None:
-        return _decode_s_per_token(lm, prompt[:64], min(new_tokens, 32))[0]
-    if measure and fits:
+        return _decode_s_per_token(lm, prompt[:64], min(new_tokens, 32))[0], True
+    if measure:
         resident = load(model, dataclasses.replace(options, expert_memory=None), tokenizer=False)
-        return _decode_s_per_token(resident, prompt[:64], min(new_tokens, 32))[0]
+        return _decode_s_per_token(resident, prompt[:64], min(new_tokens, 32))[0], True
     one = lm.store.get(lm.sites[0].layer, 0).nbytes if lm.sites else 0
     top_k = int(getattr(lm.model.config, "num_experts_per_tok", 1) or 1)
-    return (lm.dense_bytes + one * top_k * len(lm.sites)) / bw.ram
+    return (lm.dense_bytes + one * top_k * len(lm.sites)) / bw.ram, False
 
 
 def format_table(r: BenchResult) -> str:
@@ -163,7 +185,8 @@ def format_table(r: BenchResult) -> str:
         ("peak RSS", human_bytes(r.peak_rss_bytes) + (f", GPU {human_bytes(r.peak_gpu_bytes)}"
                                                        if r.peak_gpu_bytes else "")),
         ("floor", f"{r.floor_s_per_token * 1000:.1f} ms/token (disk {human_bytes(r.disk_bandwidth)}/s, "
-                  f"resident {r.resident_s_per_token * 1000:.1f} ms/token); "
+                  f"resident {r.resident_s_per_token * 1000:.1f} ms/token"
+                  f"{'' if r.resident_measured else ', estimated: a resident copy would not fit'}); "
                   f"measured/floor {r.ratio_to_floor:.2f}x"),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)

@@ -12,32 +12,42 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def machine_memory() -> tuple[int, int]:
-    """This machine's physical RAM and swap, in bytes."""
-    import psutil
+    """The RAM and swap this process may use, in bytes.
 
-    return int(psutil.virtual_memory().total), int(psutil.swap_memory().total)
+    RAM is ``moe_local.memory.memory_limit``: the machine's, or less where a cgroup (a
+    container's limit) or RLIMIT_AS caps this process; swap is the host's, capped by the
+    cgroup's swap limit.
+    """
+    from moe_local.memory import memory_limit, swap_limit
+
+    return memory_limit(), swap_limit()
 
 
 def check_host_budget(nbytes: int | None, what: str) -> None:
-    """Refuse a RAM budget this machine could never hold (more than its RAM and swap together).
+    """Refuse a RAM budget this process could never hold (more than its RAM and swap together).
 
     Args:
         nbytes: the budget in bytes; None passes.
         what: the option, for the message (e.g. ``--cpu-memory``).
 
     Raises:
-        MoeLocalError: the budget is negative, not an integer, or larger than RAM plus swap.
+        MoeLocalError: the budget is negative, not an integer, or larger than RAM plus swap
+            (the RAM of a cgroup limit or RLIMIT_AS where one caps this process).
     """
     if nbytes is None:
         return
     _check_bytes(nbytes, what)
     ram, swap = machine_memory()
     if nbytes > ram + swap:
+        from moe_local.memory import limiting_factor
+
         swap_text = f" and {human_bytes(swap)} of swap" if swap else " (no swap)"
-        raise MoeLocalError(
-            f"{what} {human_bytes(nbytes)} is more than this machine could hold: it has "
-            f"{human_bytes(ram)} of RAM{swap_text}"
-        )
+        cause = limiting_factor()
+        if cause == "RAM":
+            where = f"this machine could hold: it has {human_bytes(ram)} of RAM{swap_text}"
+        else:
+            where = f"this process may use: {human_bytes(ram)} of RAM ({cause}){swap_text}"
+        raise MoeLocalError(f"{what} {human_bytes(nbytes)} is more than {where}")
 
 
 def _check_bytes(nbytes: object, what: str) -> None:

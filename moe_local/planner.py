@@ -3,6 +3,12 @@
 Given a model and a device with its budgets, it says how many experts fit in fast memory,
 how many stay in RAM and how many on disk, predicts a decode speed range from measured
 bandwidths, and refuses what cannot fit with what is lacking and what would.
+
+On the CPU ``--cpu-memory`` is a ceiling for the whole process: the measured runtime
+(``moe_local.memory.runtime_overhead``: this process's RSS now, one prefill chunk's
+activations, slack), the dense part and the KV cache in the compute dtype, the experts read in
+flight and the expert budget together fit in it. Without it the ceiling is what this process
+holds now plus 85% of what it may still take (its cgroup's limit, not the host's RAM).
 """
 
 from __future__ import annotations
@@ -10,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from moe_local.config import check_host_budget
 from moe_local.errors import MoeLocalError
 from moe_local.inspection import ModelInfo
+from moe_local.memory import Overhead, activation_bytes, available_memory, memory_limit, runtime_overhead
 from moe_local.units import human_bytes
 
 GiB = 2**30
@@ -24,24 +29,35 @@ GPUS: dict[str, tuple[int, float, float]] = {
     "v100-16g": (16 * GiB, 12e9, 900e9),
     "v100-32g": (32 * GiB, 12e9, 900e9),
 }
-RUNTIME_OVERHEAD = 512 * 2**20  # allocator slack, activations, CUDA context or interpreter
+DEVICE_OVERHEAD = 512 * 2**20  # on a card: CUDA context, allocator slack, activations (not measured)
+RUNTIME_OVERHEAD = DEVICE_OVERHEAD  # the former name, for a card (host RAM is measured: runtime_overhead)
+_FLOAT_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+_KERNEL_BITS = ("int2-", "int3-", "int4-")  # schemes the CPU int4 kernel runs from a repacked copy
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Where everything goes, and the speed to expect."""
+    """Where everything goes, and the speed to expect.
+
+    Sizes are in memory, in the compute dtype ``dtype`` (a bf16 checkpoint computed in float32
+    takes twice its bytes on disk).
+    """
 
     device: str
-    fast_memory: int  # device memory (GPU) or the RAM budget (CPU)
+    fast_memory: int  # device memory (GPU) or the RAM ceiling of the whole process (CPU)
     dense_bytes: int
     kv_bytes: int
-    expert_bytes: int  # one expert, as stored
+    expert_bytes: int  # one expert, in memory
     total_experts: int
     fast_slots: int  # experts held in the fast tier
     ram_experts: int  # experts held in host RAM behind it (GPU only)
     disk_experts: int
     tokens_per_s: tuple[float, float]  # predicted decode speed range (pessimistic, optimistic)
     context: int
+    overhead: int = 0  # runtime charged to the fast tier (measured on CPU, DEVICE_OVERHEAD on a card)
+    reads_in_flight: int = 0  # experts read ahead or on a miss before the cache evicts (bytes)
+    dtype: str = "float32"  # the compute dtype the sizes are for
+    runtime: Overhead | None = None  # the host's measured runtime overhead, in parts
 
     @property
     def expert_memory(self) -> int | None:
@@ -62,6 +78,51 @@ def kv_cache_bytes(config, context: int, dtype_bytes: int) -> int:
     return 2 * layers * context * kv_heads * head_dim * dtype_bytes
 
 
+def compute_dtype(info: ModelInfo, dtype: str = "auto", device: str = "cpu") -> str:
+    """The compute dtype a load with ``dtype`` picks for ``info`` on ``device`` (``resolve_dtype``)."""
+    import torch
+
+    from moe_local.loading.checkpoint import resolve_dtype
+
+    chosen = resolve_dtype(dtype, info.config, device, info.quantized)
+    return str(chosen).removeprefix("torch.") if isinstance(chosen, torch.dtype) else "bfloat16"
+
+
+def resident_sizes(info: ModelInfo, dtype: str, device: str = "cpu") -> tuple[int, int]:
+    """Bytes in memory of the dense part and of one expert when computing in ``dtype``.
+
+    A Hugging Face checkpoint's floats are cast to ``dtype``; a moe-local folder's kept
+    tensors are 16-bit and its quantized ones stay as stored, and on the CPU in bfloat16 a
+    2/3/4-bit expert gains the int4 kernel's repacked copy of its codes (measured 2.0x: 121.5
+    MiB of experts became 240 MiB). GPTQ codes stay as stored; its 16-bit tensors are cast.
+    """
+    elem = _FLOAT_BYTES.get(dtype, 2)
+    if info.quantized:
+        kernel = device.startswith("cpu") and dtype == "bfloat16"
+        doubled = kernel and any(s.startswith(_KERNEL_BITS) for s in info.dtypes)
+        return _scale(info.dense_bytes, elem, 2), info.one_expert_bytes * (2 if doubled else 1)
+    stored = [_FLOAT_BYTES[d] for d in info.dtypes if d in _FLOAT_BYTES]
+    if not stored:  # GPTQ: codes as stored, fp16 norms, embeddings and biases cast
+        return _scale(info.dense_bytes, elem, 2), info.one_expert_bytes
+    narrowest = min(stored)  # mixed float dtypes: sized as if all were the narrowest (an upper bound)
+    return _scale(info.dense_bytes, elem, narrowest), _scale(info.one_expert_bytes, elem, narrowest)
+
+
+def _scale(nbytes: int, elem: int, stored: int) -> int:
+    return nbytes * elem // stored if elem > stored else nbytes
+
+
+def _cast_transient(info: ModelInfo, dtype: str) -> int:
+    """Bytes held twice while loading: the largest dense tensor (the embedding) read, then cast."""
+    if info.quantized or dtype not in _FLOAT_BYTES:
+        return 0
+    stored = [_FLOAT_BYTES[d] for d in info.dtypes if d in _FLOAT_BYTES]
+    if not stored or all(s == _FLOAT_BYTES[dtype] for s in stored):
+        return 0  # no cast: the tensor read is the tensor kept
+    text = info.config.get_text_config() if hasattr(info.config, "get_text_config") else info.config
+    return int(getattr(text, "vocab_size", 0) or 0) * int(getattr(text, "hidden_size", 0) or 0) * max(stored)
+
+
 def make_plan(
     info: ModelInfo,
     *,
@@ -71,7 +132,9 @@ def make_plan(
     context: int = 4096,
     disk_bw: float = 1e9,
     ram_bw: float = 20e9,
-    dtype_bytes: int = 2,
+    dtype_bytes: int | None = None,
+    dtype: str = "auto",
+    overhead: Overhead | None = None,
 ) -> Plan:
     """Place a model on a device under budgets.
 
@@ -79,11 +142,15 @@ def make_plan(
         info: the model (from ``inspect_model``).
         gpu: ``cpu`` or a name in ``GPUS``.
         gpu_memory: device memory to use (default: the card's).
-        cpu_memory: host RAM to use (default: 85% of what is available now).
+        cpu_memory: host RAM the whole process may use (default: what it holds now plus 85% of
+            what it may still take, at most its memory limit).
         context: tokens the KV cache must hold.
         disk_bw: cold read bandwidth of the model's disk, bytes/s.
         ram_bw: host memory bandwidth, bytes/s.
-        dtype_bytes: bytes per KV element.
+        dtype_bytes: bytes per KV element (default: the compute dtype's).
+        dtype: the load's dtype option; on the CPU ``"auto"`` computes a bfloat16 checkpoint in
+            float32 only when it fits whole that way, else in bfloat16 (twice the experts in RAM).
+        overhead: the host's runtime overhead (default: measured now, ``runtime_overhead``).
 
     Returns:
         The plan.
@@ -95,41 +162,98 @@ def make_plan(
     if gpu != "cpu" and gpu not in GPUS:
         raise MoeLocalError(f"unknown --gpu {gpu!r}; choose cpu, {', '.join(GPUS)}")
     _check_budgets(gpu, gpu_memory, cpu_memory, context)
-    ram = cpu_memory if cpu_memory is not None else int(psutil.virtual_memory().available * 0.85)
-    kv = kv_cache_bytes(info.config, context, dtype_bytes)
+    device = "cpu" if gpu == "cpu" else "cuda"
+    base = overhead if overhead is not None else runtime_overhead()  # the baseline now; activations below
+    if cpu_memory is not None:
+        ram = cpu_memory
+    else:  # a cgroup may not charge pages this process maps from before it joined: RSS bounds it
+        ram = min(base.baseline + int(available_memory() * 0.85), memory_limit())
+    name = compute_dtype(info, dtype, device)
+    if dtype == "auto" and gpu == "cpu" and name == "float32" and "bfloat16" in info.dtypes:
+        measured = overhead is None
+        if not _fits_whole(info, ram, base, context, dtype_bytes, "float32", measured):
+            name = "bfloat16"  # bf16 decode is as fast (measured) and holds twice the experts
+    runtime = _with_activations(info, base, context, name) if overhead is None else overhead
+    return _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, name, runtime)
+
+
+def _with_activations(info: ModelInfo, base: Overhead, context: int, name: str) -> Overhead:
+    """The measured baseline with the activations of ``context`` tokens computed in ``name``."""
+    act = activation_bytes(info.config, context, _FLOAT_BYTES.get(name, 2)) if info.config is not None else 0
+    return Overhead(base.baseline, act, base.slack)
+
+
+def _fits_whole(info, ram: int, base: Overhead, context: int, dtype_bytes, name: str, measured: bool) -> bool:
+    dense, one = resident_sizes(info, name)
+    kv = kv_cache_bytes(info.config, context, dtype_bytes or _FLOAT_BYTES.get(name, 2))
+    runtime = _with_activations(info, base, context, name) if measured else base
+    over = runtime.total + _cast_transient(info, name)
+    return ram - dense - kv - over >= info.moe_layers * info.experts_per_layer * one
+
+
+def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, name, runtime) -> Plan:
+    device = "cpu" if gpu == "cpu" else "cuda"
+    dense, one = resident_sizes(info, name, device)
+    one = max(one, 1)
+    kv = kv_cache_bytes(info.config, context, dtype_bytes or _FLOAT_BYTES.get(name, 2))
     n_experts = info.moe_layers * info.experts_per_layer
-    one = max(info.one_expert_bytes, 1)
+    # on the CPU a miss is read before the cache evicts for it, and a prefill chunk prefetches
+    # 2 x top-k experts of the next layer: measured 42 MiB over the budget for 45 MiB reserved
+    in_flight = (2 * max(info.top_k, 1) + 1) * one if gpu == "cpu" else 0
     if gpu == "cpu":
         fast, h2d, dev_bw = ram, None, ram_bw
+        over = runtime.total + _cast_transient(info, name)
+        what_over = f"{human_bytes(over)} runtime (this process now, activations, slack)"
     else:
         card, h2d, dev_bw = GPUS[gpu]
         fast = gpu_memory if gpu_memory is not None else card
-    room = fast - info.dense_bytes - kv - RUNTIME_OVERHEAD
+        over = DEVICE_OVERHEAD
+        what_over = f"{human_bytes(over)} runtime"
+    room = fast - dense - kv - over
     need = info.moe_layers * one  # one expert per layer at least
-    if room < need:
-        lack = need - room
+    if room >= n_experts * one:
+        slots, in_flight = n_experts, 0  # every expert resident: nothing streams
+    elif room - in_flight >= need:
+        slots = (room - in_flight) // one
+    else:
+        lack = need + in_flight - room
+        where = "cpu" if gpu == "cpu" else gpu
         raise MoeLocalError(
-            f"needs {human_bytes(lack)} more on {gpu}: dense part {human_bytes(info.dense_bytes)} + KV cache "
-            f"{human_bytes(kv)} for {context} tokens + {human_bytes(RUNTIME_OVERHEAD)} runtime + one expert "
-            "per layer; try a smaller --context, "
+            f"needs {human_bytes(lack)} more on {where}: dense part {human_bytes(dense)} + KV cache "
+            f"{human_bytes(kv)} for {context} tokens + {what_over} + one expert per layer and "
+            f"{human_bytes(in_flight)} of reads in flight ({name}); try a smaller --context, "
             "a lower-bit --recipe (e.g. mixtral-4090) or more memory"
         )
-    slots = min(n_experts, room // one)
     ram_experts = 0
     if gpu != "cpu":  # host RAM holds what the card does not, up to its budget
-        ram_experts = min(n_experts - slots, max(0, (ram - RUNTIME_OVERHEAD) // one))
+        ram_experts = min(n_experts - slots, max(0, (ram - runtime.total) // one))
     disk = n_experts - slots - ram_experts
     active = info.moe_layers * info.top_k * one
-    compute_s = (info.dense_bytes + active) / dev_bw
+    stored_active = info.moe_layers * info.top_k * max(info.one_expert_bytes, 1)
+    compute_s = (dense + active) / dev_bw
     tps = []
     for hit in (min(1.0, slots / max(n_experts, 1)), min(1.0, 2 * slots / max(n_experts, 1))):
-        miss = (1 - hit) * active
-        from_ram = miss * (ram_experts / max(n_experts - slots, 1)) if h2d else 0.0
-        from_disk = miss - from_ram
+        miss = 1 - hit
+        from_ram = miss * active * (ram_experts / max(n_experts - slots, 1)) if h2d else 0.0
+        from_disk = miss * stored_active * (1 - (ram_experts / max(n_experts - slots, 1) if h2d else 0.0))
         t = compute_s + (from_ram / h2d if h2d else 0.0) + from_disk / disk_bw
         tps.append(1 / t if t > 0 else float("inf"))
     return Plan(
-        gpu, fast, info.dense_bytes, kv, one, n_experts, slots, ram_experts, disk, (tps[0], tps[1]), context
+        device=gpu,
+        fast_memory=fast,
+        dense_bytes=dense,
+        kv_bytes=kv,
+        expert_bytes=one,
+        total_experts=n_experts,
+        fast_slots=slots,
+        ram_experts=ram_experts,
+        disk_experts=disk,
+        tokens_per_s=(tps[0], tps[1]),
+        context=context,
+        overhead=over,
+        reads_in_flight=in_flight,
+        dtype=name,
+        runtime=runtime,
     )
 
 
@@ -153,7 +277,7 @@ def plan_for(model: str | Path, **kwargs) -> tuple[Plan, ModelInfo]:
 
     Args:
         model: a checkpoint or moe-local folder.
-        **kwargs: ``make_plan`` options (gpu, gpu_memory, cpu_memory, context).
+        **kwargs: ``make_plan`` options (gpu, gpu_memory, cpu_memory, context, dtype).
 
     Returns:
         (plan, model info).
@@ -169,20 +293,26 @@ def plan_for(model: str | Path, **kwargs) -> tuple[Plan, ModelInfo]:
 
 
 def planned_options(model: str | Path, options, *, cpu_memory: int | None = None, context: int = 4096):
-    """Fill in an expert budget from the planner when the caller gave none.
+    """Fill in an expert budget (and, for ``dtype="auto"``, the dtype) from the planner.
 
     Args:
         model: the model folder.
         options: LoadOptions; an explicit ``expert_memory`` is kept as it is (flags override the plan).
-        cpu_memory: host RAM to plan for (default: 85% of what is available).
+        cpu_memory: host RAM the whole process may use (default: what it holds now plus 85% of
+            what it may still take).
         context: tokens the KV cache must hold.
 
     Returns:
-        (LoadOptions to load with, the plan or None when the caller's budget was used).
+        (LoadOptions to load with, the plan or None when the caller's budget was used). The
+        options say ``dtype="bfloat16"`` where ``"auto"`` would compute a bf16 checkpoint in
+        float32 that does not fit whole that way.
     """
     import dataclasses
 
     if options.expert_memory is not None:
         return options, None
-    p, _ = plan_for(model, cpu_memory=cpu_memory, context=context)
-    return dataclasses.replace(options, expert_memory=p.expert_memory), p
+    p, info = plan_for(model, cpu_memory=cpu_memory, context=context, dtype=options.dtype)
+    dtype = options.dtype
+    if dtype == "auto" and p.dtype != compute_dtype(info, "auto", options.device):
+        dtype = p.dtype
+    return dataclasses.replace(options, expert_memory=p.expert_memory, dtype=dtype), p

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from moe_local.errors import MoeLocalError
 from moe_local.inspection import inspect_model
-from moe_local.planner import RUNTIME_OVERHEAD, kv_cache_bytes, make_plan
+from moe_local.memory import Overhead, process_rss
+from moe_local.planner import kv_cache_bytes, make_plan
 from moe_local.tiny import tiny_config
 from tests.helpers import assert_one_line_error, run_cli
 
 MiB = 2**20
+FIXED = Overhead(baseline=200 * MiB, activations=3 * MiB, slack=1 * MiB)  # a runtime that does not move
+
+
+def above_this_process(mib: int) -> str:
+    """A --cpu-memory of this process's RSS now plus ``mib`` MiB (the planner counts what it holds)."""
+    return f"{(process_rss() >> 20) + mib}MiB"
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +41,77 @@ def test_plan_places_and_predicts(wide):
     info = inspect_model(wide)
     one = info.one_expert_bytes
     assert one == 3 * 256 * 1024 * 4
-    budget = info.dense_bytes + RUNTIME_OVERHEAD + 2 * MiB + 10 * one
-    p = make_plan(info, cpu_memory=budget, context=256, disk_bw=1e9, ram_bw=20e9)
+    kv = kv_cache_bytes(info.config, 256, 4)  # float32 compute: 4-byte keys and values
+    in_flight = (2 * info.top_k + 1) * one  # a miss and a prefill's prefetch of the next layer
+    budget = info.dense_bytes + kv + FIXED.total + in_flight + 10 * one
+    p = make_plan(info, cpu_memory=budget, context=256, disk_bw=1e9, ram_bw=20e9, overhead=FIXED)
     assert p.total_experts == 32 and p.fast_slots == 10 and p.disk_experts == 22
-    assert p.expert_memory == 10 * one
+    assert p.expert_memory == 10 * one and p.overhead == FIXED.total and p.reads_in_flight == in_flight
     lo, hi = p.tokens_per_s
     assert 0 < lo <= hi
-    everything = make_plan(info, cpu_memory=8 * 2**30, context=256)
+    everything = make_plan(info, cpu_memory=8 * 2**30, context=256, overhead=FIXED)
     assert everything.expert_memory is None and everything.disk_experts == 0
+    assert everything.reads_in_flight == 0  # nothing streams
     gpu = make_plan(info, gpu="rtx4090", cpu_memory=8 * 2**30, context=256)
     assert gpu.fast_slots == 32
 
 
+def test_cpu_memory_is_a_ceiling_for_the_whole_process(wide):
+    info = inspect_model(wide)
+    for extra in (110, 130, 150):  # the slack, activations and reads in flight take about 90 MiB
+        cap = process_rss() + extra * MiB
+        p = make_plan(info, cpu_memory=cap, context=256)  # the runtime measured now
+        assert 0 < p.fast_slots < p.total_experts
+        assert p.runtime.baseline >= 100 * MiB and p.runtime.activations > 0 and p.runtime.slack > 0
+        charged = p.dense_bytes + p.kv_bytes + p.overhead + p.reads_in_flight + p.expert_memory
+        assert charged <= cap, p
+        assert cap - charged < p.expert_bytes  # and the budget takes what is left
+
+
+def test_plan_measures_the_runtime_instead_of_assuming_it(wide):
+    info = inspect_model(wide)
+    before = process_rss()
+    p = make_plan(info, cpu_memory=8 * 2**30, context=256)
+    assert before - 64 * MiB <= p.runtime.baseline <= process_rss() + 64 * MiB
+    assert p.overhead == p.runtime.total
+    longer = make_plan(info, cpu_memory=8 * 2**30, context=4096, overhead=FIXED)
+    assert longer.kv_bytes == 16 * p.kv_bytes
+
+
+def test_a_bf16_checkpoint_computes_in_bf16_when_float32_does_not_fit(wide):
+    # the same shapes stored in bfloat16: half the bytes on disk, twice them in float32
+    info = inspect_model(wide)
+    bf16 = dataclasses.replace(
+        info,
+        dtypes=("bfloat16",),
+        dense_bytes=info.dense_bytes // 2,
+        one_expert_bytes=info.one_expert_bytes // 2,
+    )
+    roomy = make_plan(bf16, cpu_memory=8 * 2**30, context=256, overhead=FIXED)
+    assert roomy.dtype == "float32" and roomy.expert_bytes == info.one_expert_bytes
+    assert roomy.dense_bytes == info.dense_bytes and roomy.expert_memory is None
+    tight = FIXED.total + info.dense_bytes + 20 * info.one_expert_bytes  # fp32 would hold about 16 of 32
+    p = make_plan(bf16, cpu_memory=tight, context=256, overhead=FIXED)
+    assert p.dtype == "bfloat16" and p.expert_bytes == info.one_expert_bytes // 2
+    assert p.kv_bytes == kv_cache_bytes(info.config, 256, 2)
+    asked = make_plan(bf16, cpu_memory=tight, context=256, overhead=FIXED, dtype="float32")
+    assert asked.dtype == "float32" and asked.fast_slots < p.fast_slots  # an explicit dtype is kept
+
+
 def test_plan_refuses_with_what_is_lacking(wide):
     info = inspect_model(wide)
+    with pytest.raises(MoeLocalError, match=r"needs .* more on cpu: .* runtime"):
+        make_plan(info, cpu_memory=FIXED.total, context=256, overhead=FIXED)
     with pytest.raises(MoeLocalError, match=r"needs .* more on cpu"):
-        make_plan(info, cpu_memory=RUNTIME_OVERHEAD, context=256)
+        make_plan(info, cpu_memory=process_rss(), context=256)  # what this process holds already
     with pytest.raises(MoeLocalError, match="unknown --gpu"):
         make_plan(info, gpu="tpu")
 
 
 def test_plan_cli(capsys, wide):
-    code, out, _ = run_cli(capsys, "plan", str(wide), "--cpu-memory", "560MiB", "--context", "256")
+    code, out, _ = run_cli(
+        capsys, "plan", str(wide), "--cpu-memory", above_this_process(140), "--context", "256"
+    )
     assert code == 0
     assert "disk (read on demand)" in out and "predicted decode" in out
     code, _, err = run_cli(capsys, "plan", str(wide), "--cpu-memory", "100MiB")
@@ -70,7 +128,7 @@ def test_generate_uses_the_plan(capsys, wide):
         "--no-chat",
         "--stats",
         "--cpu-memory",
-        "540MiB",
+        above_this_process(140),
         "--context",
         "64",
     ]

@@ -125,3 +125,31 @@ def test_synth_like_a_bad_config_file_is_one_line(tmp_path, capsys, content, nee
     code, _, err = run_cli(capsys, "synth", str(tmp_path / "out"), "--like", str(like))
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cap", ["cgroup", "cpu_memory"])
+def test_bench_floor_without_a_second_copy_when_it_would_not_fit(tiny_mixtral, monkeypatch, cap):
+    import moe_local.bench as bench_mod
+    import moe_local.loading.loader as loader
+    from moe_local.memory import process_rss
+
+    loads = []
+    real_load = loader.load
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[1].expert_memory if len(args) > 1 else kwargs.get("options"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load", counting_load)
+    cpu_memory = None
+    if cap == "cgroup":  # a cgroup with nothing left: the all-resident copy would be killed
+        monkeypatch.setattr(bench_mod, "available_memory", lambda: 0)
+    else:
+        cpu_memory = process_rss()  # --cpu-memory at what the process holds already
+    options = LoadOptions(expert_memory=30 * 1024)
+    r = bench_mod.bench(tiny_mixtral, options, prompt_tokens=16, new_tokens=4, cpu_memory=cpu_memory)
+    assert loads == [30 * 1024]  # one load, the budgeted one
+    assert not r.resident_measured and r.resident_s_per_token > 0 and r.floor_s_per_token > 0
+    assert "estimated" in bench_mod.format_table(r)
+    roomy = bench_mod.bench(tiny_mixtral, options, prompt_tokens=16, new_tokens=4, cpu_memory=8 * 2**30)
+    assert roomy.resident_measured == (cap == "cpu_memory") and len(loads) == (2 if cap == "cgroup" else 3)

@@ -39,7 +39,8 @@ class LoadFlags:
         device: ``--device``: cpu, cuda or cuda:N (where the dense part computes).
         expert_memory: ``--expert-memory``: RAM for experts, e.g. ``2GiB`` (None: all in RAM).
         gpu_memory: ``--gpu-memory``: device memory for experts, with ``--device cuda``.
-        cpu_memory: ``--cpu-memory``: host RAM the planner may use (None: 85% of available).
+        cpu_memory: ``--cpu-memory``: RAM the whole process may use (None: what it holds plus 85% of
+            what its memory limit leaves).
         context: ``--context``: tokens of context to plan the KV cache for.
         policy: ``--policy``: expert cache policy, lru or lfu.
         prefetch: ``--prefetch/--no-prefetch``: read the next layer's experts ahead.
@@ -73,7 +74,7 @@ _OPTIONS: dict[str, tuple[type | Any, typer.models.OptionInfo]] = {
     ),
     "cpu_memory": (
         str | None,
-        typer.Option("--cpu-memory", help="host RAM the planner may use (default: 85% of available)"),
+        typer.Option("--cpu-memory", help="RAM the whole process may use (default: 85% of what is free)"),
     ),
     "context": (int, typer.Option("--context", help="tokens of context to plan the KV cache for")),
     "policy": (str, typer.Option("--policy", help="expert cache policy: lru or lfu")),

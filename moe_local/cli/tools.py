@@ -230,11 +230,11 @@ def trace(
 
 def _fits_line(report, gpu: str) -> str:
     """Whether the quantized model fits ``gpu`` whole, or with experts offloaded (dense part on it)."""
-    from moe_local.planner import GPUS, RUNTIME_OVERHEAD
+    from moe_local.planner import DEVICE_OVERHEAD, GPUS
     from moe_local.units import human_bytes
 
     card = GPUS[gpu][0]
-    usable = card - RUNTIME_OVERHEAD
+    usable = card - DEVICE_OVERHEAD
     total = report.bytes_out
     experts = total - report.dense_bytes_out
     if total <= usable:
@@ -286,11 +286,14 @@ def plan(
         context=flags.context,
     )
     fast = "GPU" if gpu != "cpu" else "RAM (fast tier)"
-    table = Table(title=f"{info.path.name} on {gpu}", show_header=True)
+    table = Table(title=f"{info.path.name} on {gpu} ({p.dtype})", show_header=True)
     for col in ("what", "where", "size"):
         table.add_column(col)
     table.add_row("dense part", fast, human_bytes(p.dense_bytes))
     table.add_row(f"KV cache ({p.context} tokens)", fast, human_bytes(p.kv_bytes))
+    table.add_row("runtime (measured on cpu)" if gpu == "cpu" else "runtime", fast, human_bytes(p.overhead))
+    if p.reads_in_flight:
+        table.add_row("expert reads in flight", fast, human_bytes(p.reads_in_flight))
     table.add_row(f"experts: {p.fast_slots} slots", fast, human_bytes(p.fast_slots * p.expert_bytes))
     if gpu != "cpu":
         table.add_row(f"experts: {p.ram_experts}", "host RAM", human_bytes(p.ram_experts * p.expert_bytes))
@@ -402,6 +405,7 @@ def bench(
 
     from moe_local.bench import bench as run_bench
     from moe_local.bench import format_table
+    from moe_local.units import parse_size
 
     _setup_torch()
     if json_file:
@@ -413,7 +417,13 @@ def bench(
     if prompt_tokens < 1:
         raise MoeLocalError("--prompt-tokens must be at least 1")
     target = prepare_load(flags, model, context=prompt_tokens + new_tokens + 1)
-    result = run_bench(target.path, target.options, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    result = run_bench(
+        target.path,
+        target.options,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        cpu_memory=parse_size(flags.cpu_memory),
+    )
     typer.echo(format_table(result))
     if json_file:
         Path(json_file).write_text(json.dumps(dataclasses.asdict(result), indent=1))

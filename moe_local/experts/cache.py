@@ -20,7 +20,7 @@ ExpertReader = Callable[[int, int], ExpertWeights]
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def _return_freed_experts_to_os() -> None:
+def return_freed_memory_to_os() -> None:
     """Make glibc serve large buffers with mmap, so an evicted expert's memory leaves the process.
 
     Without a fixed threshold glibc raises it after each large free and keeps expert-sized
@@ -59,7 +59,7 @@ class CachedStore(ExpertStore):
         prefetch_workers: int = 1,
     ) -> None:
         super().__init__()
-        _return_freed_experts_to_os()
+        return_freed_memory_to_os()
         self._reader = reader
         self.budget_bytes = budget_bytes
         self.policy = make_policy(policy) if isinstance(policy, str) else policy

@@ -157,14 +157,16 @@ class BlobExperts(ExpertSource):
             ) from exc
 
 
-def load_dense(lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype) -> int:
+def load_dense(
+    lm: nn.Module, folder: Path, manifest: dict, dtype: torch.dtype, *, drop_cache: bool = False
+) -> int:
     """Load the dense weights of a moe-local folder into the meta model; return their bytes.
 
     Linear weights stored quantized become ``QuantLinear`` modules in place of ``nn.Linear``.
     """
     from moe_local.quant.api import make_linear_module, rebuild
 
-    f = SafetensorsFile(file_inside(folder, DENSE_FILE, "the moe-local folder"))
+    f = SafetensorsFile(file_inside(folder, DENSE_FILE, "the moe-local folder"), drop_cache=drop_cache)
     sums: dict[str, int] | None = manifest.get("dense_crc32")
     if sums is None:
         _log.warning(

@@ -2,7 +2,10 @@
 
 Reading with pread into buffers we own keeps resident memory equal to what we keep,
 instead of leaving touched mmap pages in RSS; ``drop_cache`` also evicts the file's
-pages from the OS page cache so a RAM budget holds for the whole process.
+pages from the OS page cache so a RAM budget holds for the whole process (a cgroup charges
+the page cache it fills to its limit). It is asked per read, or for every read of a file
+(``SafetensorsFile(path, drop_cache=True)``, ``CheckpointFiles(folder, drop_cache=True)``):
+the dense part, read once, then leaves no cached copy behind either.
 """
 
 from __future__ import annotations
@@ -76,10 +79,17 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> None:
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file: its header, and reads of whole tensors or leading-dim slices."""
+    """One ``.safetensors`` file: its header, and reads of whole tensors or leading-dim slices.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Args:
+        path: the file.
+        drop_cache: the default of every read's ``drop_cache``: evict what was read from the
+            OS page cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, drop_cache: bool = False) -> None:
         self.path = Path(path)
+        self.drop_cache = drop_cache
         try:
             self.size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -135,12 +145,15 @@ class SafetensorsFile:
         """Return the tensor names in the file."""
         return list(self.tensors)
 
-    def read(self, name: str, *, drop_cache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, *, drop_cache: bool | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Read one whole tensor into a new CPU tensor (or into ``out``).
 
         Args:
             name: tensor name in this file.
-            drop_cache: evict the bytes read from the OS page cache afterwards.
+            drop_cache: evict the bytes read from the OS page cache afterwards (None: the
+                file's default).
             out: a contiguous CPU tensor of the same dtype and number of elements to read into
                 (e.g. a slice of a larger buffer, which saves a copy).
 
@@ -150,7 +163,7 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self._read_range(info.offset, info.nbytes, info.dtype, info.shape, drop_cache, out)
 
-    def read_slice(self, name: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
+    def read_slice(self, name: str, index: int, *, drop_cache: bool | None = None) -> torch.Tensor:
         """Read ``tensor[index]`` of a tensor along its first dimension (one contiguous range)."""
         info = self.tensors[name]
         if not info.shape or not 0 <= index < info.shape[0]:
@@ -164,9 +177,11 @@ class SafetensorsFile:
         nbytes: int,
         dtype: torch.dtype,
         shape: tuple[int, ...],
-        drop_cache: bool,
+        drop_cache: bool | None,
         into: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if drop_cache is None:
+            drop_cache = self.drop_cache
         if into is not None:
             size = into.numel() * into.element_size()
             if into.dtype != dtype or size != nbytes or not into.is_contiguous():
@@ -189,9 +204,14 @@ class SafetensorsFile:
 
 
 class CheckpointFiles:
-    """All safetensors files of a checkpoint folder, as one name -> file map."""
+    """All safetensors files of a checkpoint folder, as one name -> file map.
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    Args:
+        folder: the checkpoint folder.
+        drop_cache: the default of every read's ``drop_cache`` (see ``SafetensorsFile``).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, drop_cache: bool = False) -> None:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         self.files: dict[str, SafetensorsFile] = {}
@@ -205,7 +225,7 @@ class CheckpointFiles:
                 raise CheckpointError(f"{index.name} is not a valid safetensors index (bad weight_map)")
             for shard in sorted(set(weight_map.values())):
                 path = file_inside(self.folder, shard, f"{index.name}")
-                self.files[shard] = SafetensorsFile(path)
+                self.files[shard] = SafetensorsFile(path, drop_cache=drop_cache)
             for key, shard in weight_map.items():
                 if key not in self.files[shard].tensors:
                     raise CheckpointError(f"{shard} does not contain {key}, which {index.name} says it holds")
@@ -221,7 +241,9 @@ class CheckpointFiles:
                 )
                 raise CheckpointError(f"no .safetensors weights in {self.folder}{hint}")
             for p in paths:
-                f = SafetensorsFile(file_inside(self.folder, p.name, "the folder listing"))
+                f = SafetensorsFile(
+                    file_inside(self.folder, p.name, "the folder listing"), drop_cache=drop_cache
+                )
                 self.files[p.name] = f
                 for key in f.tensors:
                     self.key_to_file[key] = f
@@ -234,10 +256,12 @@ class CheckpointFiles:
         """Return where ``key`` lies."""
         return self.key_to_file[key].tensors[key]
 
-    def read(self, key: str, *, drop_cache: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read tensor ``key`` from whichever shard holds it (into ``out`` when given)."""
+    def read(
+        self, key: str, *, drop_cache: bool | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Read tensor ``key`` from whichever shard holds it (into ``out`` when given; None: its default)."""
         return self.key_to_file[key].read(key, drop_cache=drop_cache, out=out)
 
-    def read_slice(self, key: str, index: int, *, drop_cache: bool = False) -> torch.Tensor:
-        """Read ``key[index]`` along the first dimension."""
+    def read_slice(self, key: str, index: int, *, drop_cache: bool | None = None) -> torch.Tensor:
+        """Read ``key[index]`` along the first dimension (``drop_cache`` None: the file's default)."""
         return self.key_to_file[key].read_slice(key, index, drop_cache=drop_cache)

@@ -104,7 +104,8 @@ class Checkpoint:
     def load_dense(self, progress: Progress | None = None) -> int:
         """Read every dense weight into ``meta`` (quantized linears become ``QuantLinear``); return bytes."""
         if self.kind == MOE_LOCAL:
-            return load_dense(self.meta, self.path, self.manifest, self.dtype)
+            drop = self.experts.drop_cache  # a budgeted load leaves no page cache of its dense part
+            return load_dense(self.meta, self.path, self.manifest, self.dtype, drop_cache=drop)
         if self.kind == GPTQ:
             return load_gptq_dense(self.meta, self.files, self.renamed, self.dtype)
         return load_hf_dense(
@@ -167,7 +168,7 @@ def open_checkpoint(
     if kind == MOE_LOCAL:
         experts: ExpertSource = BlobExperts(path, manifest, sites, dtype, drop_cache=drop_cache)
         return Checkpoint(path, kind, config, dtype, meta, sites, experts, manifest=manifest)
-    files = CheckpointFiles(path)
+    files = CheckpointFiles(path, drop_cache=drop_cache)
     cast = dtype if expert_dtype == "compute" else expert_dtype
     if kind == HF:
         files = publisher_files(files, config, path, cast)

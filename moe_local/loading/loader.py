@@ -18,7 +18,7 @@ import torch
 
 from moe_local.config import LoadOptions
 from moe_local.errors import CheckpointError, MoeLocalError
-from moe_local.experts.cache import CachedStore
+from moe_local.experts.cache import CachedStore, return_freed_memory_to_os
 from moe_local.experts.module import NextRouter, swap_experts
 from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.store import ExpertStore, InMemoryStore
@@ -78,6 +78,9 @@ def load(
         MoeLocalError: the folder, its files or the family cannot be loaded (one clear line).
     """
     options = options or LoadOptions()
+    # a tensor read then cast frees its read buffer: served by mmap, it leaves the process
+    # (else glibc keeps the holes: 161 MiB more RSS for a 0.5 GB bf16 checkpoint in float32)
+    return_freed_memory_to_os()
     budgeted = options.expert_memory is not None
     ckpt = open_checkpoint(
         model, dtype=options.dtype, device=options.device, drop_cache=budgeted, download=options.download

@@ -29,8 +29,13 @@ TOKENS = 16
 CI_FAMILIES = ("kimi_linear", "bailing_hybrid", "deepseek_v4", "minimax", "doge", "llama4_text")
 
 
+# families whose tiny checkpoint this sweep cannot build safely (measured: dots3_note's grew to
+# 23.7 GB of RSS on a 24 GB machine); listed here so the sweep never takes the machine down
+SWEEP_SKIP = {"dots3_note": "its tiny model grows past 20 GB of RAM while being built"}
+
+
 def _families() -> list[str]:
-    everything = moe_model_types()
+    everything = [t for t in moe_model_types() if t not in SWEEP_SKIP]
     if os.environ.get("MOE_LOCAL_ALL_FAMILIES") == "1":
         return everything
     return [t for t in everything if t in CI_FAMILIES]

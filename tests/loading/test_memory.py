@@ -60,3 +60,26 @@ def test_peak_rss_under_budget_plus_dense(tmp_path):
     assert r["resident"] <= budget
     assert r["peak"] - r["base"] < budget + r["dense"] + slack, r
     assert r["peak"] - r["base"] < experts_total / 2, r
+
+
+def test_dense_reads_can_leave_the_page_cache(tiny_mixtral, monkeypatch):
+    # a cgroup charges the page cache it fills: a file opened with drop_cache evicts what it read
+    import os
+
+    from moe_local.format.safetensors_io import CheckpointFiles
+
+    dropped = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, off, n, advice: dropped.append((n, advice)), raising=False
+    )
+    plain, dropping = CheckpointFiles(tiny_mixtral), CheckpointFiles(tiny_mixtral, drop_cache=True)
+    key = next(k for k in plain.names() if "embed_tokens" in k)
+    nbytes = plain.info(key).nbytes
+    assert plain.read(key).equal(dropping.read(key))
+    assert dropped == [(nbytes, os.POSIX_FADV_DONTNEED)]  # only the dropping one, for what it read
+    dropping.read(key, drop_cache=False)  # a read may still ask otherwise
+    plain.read_slice(key, 3, drop_cache=True)
+    assert dropped == [
+        (nbytes, os.POSIX_FADV_DONTNEED),
+        (nbytes // plain.info(key).shape[0], os.POSIX_FADV_DONTNEED),
+    ]
