@@ -3,7 +3,8 @@
 A quantized weight ``[O, I]`` is a handful of named tensors plus two pieces of JSON-able metadata,
 its ``shape`` and its ``scheme`` (whose ``full_name`` the registry parses back), so every kind can
 live in the same blobs and be rebuilt with ``from_tensors``. It computes ``x @ W_hat.T + bias`` with
-``linear`` and may cache a kernel-layout copy of itself on first use (``kernel_cache_nbytes``).
+``linear`` and may build a kernel layout of itself on first use or on ``prepare_kernel``
+(``kernel_cache_nbytes``), which may replace its stored tensors in memory (``nbytes``).
 
 A ``SchemeKind`` ties one family of schemes (``QType``, ``BnbType``) to its parser, its quantizer
 and its ``QuantizedWeight`` implementation; ``moe_local.quant.registry`` holds the kinds.
@@ -140,8 +141,20 @@ class QuantizedWeight(ABC):
 
     @property
     def nbytes(self) -> int:
-        """Total bytes of the stored tensors (excludes any kernel cache)."""
-        return sum(_nbytes(t) for t in self.tensors().values())
+        """Bytes of the stored tensors this weight holds (excludes any kernel cache).
+
+        ``nbytes + kernel_cache_nbytes`` is what the weight keeps in memory: an implementation whose
+        kernel layout replaces some stored tensors counts those in ``kernel_cache_nbytes`` only.
+        """
+        return sum(_nbytes(t) for t in self.held_tensors())
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The stored tensors this weight holds now (``tensors()`` may rebuild others on demand).
+
+        Returns:
+            The tensors (not copies); all of ``tensors()`` unless a kernel layout replaced some.
+        """
+        return list(self.tensors().values())
 
     def _kernel_cache_tensors(self) -> Iterable[torch.Tensor]:
         """The tensors of the kernel cache that count towards ``kernel_cache_nbytes``."""
@@ -155,6 +168,17 @@ class QuantizedWeight(ABC):
     def clear_kernel_cache(self) -> None:
         """Drop the kernel-layout copy of the weight built by ``linear``."""
         self._kernel.clear()
+
+    def prepare_kernel(self, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Build the kernel layout ``linear`` would build on its first call with ``dtype`` inputs, now.
+
+        Args:
+            dtype: the activations' dtype.
+
+        Returns:
+            True when the weight will run on a kernel for ``dtype`` (the default: False, nothing done).
+        """
+        return False
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Self:
         """Return a copy on ``device`` (``self`` when already there); kernel caches are not carried over.

@@ -1,14 +1,21 @@
-"""``QuantizedTensor``: a group-wise quantized weight matrix, its dequantization and its matmul."""
+"""``QuantizedTensor``: a group-wise quantized weight matrix, its dequantization and its matmul.
+
+On the CPU with bf16 activations the codes run on torch's kernels: 2-, 3- and 4-bit codes on the
+int4 kernel (``kernels``), 8-bit codes on the int8 kernel (``int8_kernel``). Each needs the codes in
+its own layout; the first kernel call (or ``prepare_kernel``) converts them and the kernel layout
+becomes the ONE copy of the codes in memory: ``packed`` (and ``tensors()``, saving, moving) rebuilds
+our packing from it, exactly, when asked. Two copies are kept only where the conversion cannot be
+undone on this machine or the codes are pinned for device copies.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from moe_local.quant import kernels
+from moe_local.quant import int8_kernel, kernels
 from moe_local.quant.base import QuantizedWeight, check_shape
 from moe_local.quant.pack import packed_size, unpack_codes
 from moe_local.quant.rtn import row_chunks
@@ -20,48 +27,74 @@ from moe_local.quant.schemes import QType
 DEQUANT_CHUNK_ELEMS = 1 << 20  # weights dequantized at once by linear() (4 MiB of fp32)
 KERNEL_MAX_TOKENS = 96  # above this many rows of x, dequantize + dense matmul beats the int4 kernel
 TENSOR_NAMES: tuple[str, ...] = ("packed", "scales", "zeros")
+_INT4, _INT8 = "int4", "int8"  # _kernel keys of the codes in a kernel layout
 
 
-@dataclass(eq=False)
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy when it is a view into a larger buffer (an expert's blob) it would keep alive."""
+    return t.clone() if t.untyped_storage().nbytes() > _nbytes(t) else t
+
+
 class QuantizedTensor(QuantizedWeight):
     """A weight ``[O, I]`` stored as packed codes plus per-group fp16 scale and zero.
 
     ``W_hat = (q - zero) * scale`` per group of ``qtype.group_size`` weights along ``I``.
 
     Attributes:
-        packed: ``[O, I * bits / 8]`` uint8 codes, packed with ``pack_codes``.
         scales: ``[O, G]`` fp16.
         zeros: ``[O, G]`` fp16 (float zero points, not rounded to integers).
         shape: ``(O, I)``.
         qtype: the scheme.
     """
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    shape: tuple[int, int]
-    qtype: QType
-    _kernel: dict[Any, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        shape: tuple[int, int],
+        qtype: QType,
+    ) -> None:
+        """Check and keep the tensors (not copied).
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.qtype, QType):
-            raise ValueError(f"qtype must be a QType, got {type(self.qtype).__name__}")
-        self.shape = check_shape(self.shape)
+        Args:
+            packed: ``[O, I * bits / 8]`` uint8 codes, packed with ``pack_codes``.
+            scales: ``[O, G]`` fp16.
+            zeros: ``[O, G]`` fp16.
+            shape: ``(O, I)``.
+            qtype: the scheme.
+
+        Raises:
+            ValueError: on a scheme that is not a ``QType``, a bad shape, or tensors of the wrong
+                dtype, shape or device.
+        """
+        if not isinstance(qtype, QType):
+            raise ValueError(f"qtype must be a QType, got {type(qtype).__name__}")
+        self.shape = check_shape(shape)
+        self.qtype = qtype
         o, i = self.shape
-        if i % self.qtype.group_size:
-            raise ValueError(f"in features I={i} is not divisible by group size {self.qtype.group_size}")
+        if i % qtype.group_size:
+            raise ValueError(f"in features I={i} is not divisible by group size {qtype.group_size}")
         expected = {
-            "packed": ((o, packed_size(i, self.qtype.bits)), torch.uint8),
-            "scales": ((o, i // self.qtype.group_size), torch.float16),
-            "zeros": ((o, i // self.qtype.group_size), torch.float16),
+            "packed": (packed, (o, packed_size(i, qtype.bits)), torch.uint8),
+            "scales": (scales, (o, i // qtype.group_size), torch.float16),
+            "zeros": (zeros, (o, i // qtype.group_size), torch.float16),
         }
-        for name, (want_shape, want_dtype) in expected.items():
-            t = getattr(self, name)
+        for name, (t, want_shape, want_dtype) in expected.items():
             if not isinstance(t, torch.Tensor) or t.dtype != want_dtype or tuple(t.shape) != want_shape:
                 got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be {want_dtype} {want_shape} for {self.qtype}, got {got}")
-        if not (self.packed.device == self.scales.device == self.zeros.device):
+                raise ValueError(f"{name} must be {want_dtype} {want_shape} for {qtype}, got {got}")
+        if not (packed.device == scales.device == zeros.device):
             raise ValueError("packed, scales and zeros must be on the same device")
+        self._packed: torch.Tensor | None = packed
+        self.scales = scales
+        self.zeros = zeros
+        self._device = packed.device
+        self._kernel: dict[Any, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"QuantizedTensor(shape={self.shape}, qtype={self.qtype}, device={self.device})"
@@ -74,13 +107,34 @@ class QuantizedTensor(QuantizedWeight):
     @property
     def device(self) -> torch.device:
         """The device the tensors live on."""
-        return self.packed.device
+        return self._device
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """``[O, I * bits / 8]`` uint8 codes packed with ``pack_codes``.
+
+        Rebuilt from the kernel layout (a new tensor each time) once that holds the only copy.
+        """
+        if self._packed is not None:
+            return self._packed
+        if _INT8 in self._kernel:
+            return int8_kernel.unpack_int8_rows(self._kernel[_INT8], 0, self.shape[0])
+        return kernels.unpack_int4_weight(self._kernel[_INT4], self.qtype.bits, self.shape)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The stored tensors held now: ``scales``, ``zeros`` and ``packed`` (unless its layout replaced it).
+
+        Returns:
+            The tensors (not copies); ``nbytes`` sums them, ``kernel_cache_nbytes`` the kernel layout.
+        """
+        return [t for t in (self._packed, self.scales, self.zeros) if t is not None]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name the stored tensors for serialization.
 
         Returns:
-            ``{"packed": [O, P] uint8, "scales": [O, G] fp16, "zeros": [O, G] fp16}`` (not copies).
+            ``{"packed": [O, P] uint8, "scales": [O, G] fp16, "zeros": [O, G] fp16}`` (not copies,
+            except ``packed`` rebuilt from a kernel layout).
         """
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
 
@@ -96,7 +150,8 @@ class QuantizedTensor(QuantizedWeight):
             scheme: the ``QType`` the tensors were made with.
 
         Returns:
-            The quantized tensor (sharing memory with ``tensors``).
+            The quantized tensor (sharing memory with ``tensors`` until a kernel layout replaces
+            the codes).
 
         Raises:
             ValueError: on missing or extra keys, or tensors of the wrong dtype or shape.
@@ -104,6 +159,14 @@ class QuantizedTensor(QuantizedWeight):
         if set(tensors) != set(TENSOR_NAMES):
             raise ValueError(f"expected tensors {sorted(TENSOR_NAMES)}, got {sorted(tensors)}")
         return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), scheme)
+
+    def _codes(self, start: int, end: int) -> torch.Tensor:
+        """Codes of rows ``[start, end)``, one per byte, from wherever they are held."""
+        if self._packed is not None:
+            return unpack_codes(self._packed[start:end], self.qtype.bits, self.shape[1])
+        if _INT8 in self._kernel:
+            return int8_kernel.unpack_int8_rows(self._kernel[_INT8], start, end)
+        return kernels.unpack_int4_rows(self._kernel[_INT4], self.qtype.bits, self.shape, start, end)
 
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantize output rows ``[start, end)``.
@@ -124,8 +187,7 @@ class QuantizedTensor(QuantizedWeight):
             raise ValueError(f"row range [{start}, {end}) is outside [0, {o})")
         g = self.qtype.group_size
         rows = end - start
-        codes = unpack_codes(self.packed[start:end], self.qtype.bits, i)
-        w = codes.view(rows, i // g, g).to(torch.float32)
+        w = self._codes(start, end).view(rows, i // g, g).to(torch.float32)
         w.sub_(self.zeros[start:end, :, None].to(torch.float32)).mul_(self.scales[start:end, :, None])
         return w.view(rows, i).to(dtype)
 
@@ -140,19 +202,76 @@ class QuantizedTensor(QuantizedWeight):
         """
         return self.dequantize_rows(0, self.shape[0], dtype)
 
-    def _kernel_ok(self, x2: torch.Tensor, use_kernel: bool | None) -> bool:
-        if use_kernel is False or x2.dtype not in kernels.KERNEL_DTYPES:
-            return False
-        if use_kernel is None and x2.shape[0] > KERNEL_MAX_TOKENS:
-            return False
-        return kernels.int4_kernel_supports(self.shape, self.qtype.bits, self.qtype.group_size, self.device)
+    def _kernel_kind(self) -> str | None:
+        """Which CPU kernel this weight runs on (None: only the dequantize path)."""
+        bits, group = self.qtype.bits, self.qtype.group_size
+        if bits == 8:
+            return _INT8 if int8_kernel.int8_kernel_supports(self.device) else None
+        return _INT4 if kernels.int4_kernel_supports(self.shape, bits, group, self.device) else None
 
-    def _kernel_tensors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if "weight" not in self._kernel:
-            self._kernel["weight"] = kernels.pack_int4_weight(self.packed, self.qtype.bits, self.shape)
-        if dtype not in self._kernel:
-            self._kernel[dtype] = kernels.int4_scale_bias(self.scales, self.zeros, self.qtype.bits, dtype)
-        return self._kernel["weight"], self._kernel[dtype]
+    def _kernel_ok(self, x2: torch.Tensor, use_kernel: bool | None) -> str | None:
+        kind = self._kernel_kind()
+        if use_kernel is False or kind is None or x2.dtype not in kernels.KERNEL_DTYPES:
+            return None
+        # many rows: dequantize + matmul beats the int4 kernel; the int8 kernel won at 1 to 512 rows
+        if use_kernel is None and kind == _INT4 and x2.shape[0] > KERNEL_MAX_TOKENS:
+            return None
+        return kind
+
+    def _release_codes(self) -> None:
+        """Let the kernel layout be the one copy of the codes, when it converts back exactly."""
+        if self._packed is None or self._packed.is_pinned():
+            return  # pinned codes are what device copies read: they stay
+        if _INT4 in self._kernel and not kernels.layout_reversible():
+            return
+        # scales and zeros may be views into an expert's blob: own them, so the blob can go
+        self.scales, self.zeros = _own(self.scales), _own(self.zeros)
+        self._packed = None
+
+    def prepare_kernel(self, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Convert the codes to this machine's CPU kernel layout now, instead of on the first call.
+
+        A reader thread can call it so the first forward finds the weight ready; afterwards the
+        kernel layout is the one copy of the codes (see the module docstring).
+
+        Args:
+            dtype: the activations' dtype the weight will see.
+
+        Returns:
+            True when the weight will run on a kernel for ``dtype``; False (nothing done) otherwise.
+        """
+        kind = self._kernel_kind()
+        if kind is None or dtype not in kernels.KERNEL_DTYPES:
+            return False
+        self._kernel_tensors(kind, dtype)
+        return True
+
+    def _kernel_tensors(self, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        bits, group = self.qtype.bits, self.qtype.group_size
+        if kind not in self._kernel:
+            if kind == _INT8:
+                self._kernel[kind] = int8_kernel.pack_int8_weight(self.packed, group)
+            else:
+                self._kernel[kind] = kernels.pack_int4_weight(self.packed, bits, self.shape)
+            self._release_codes()
+        if (kind, dtype) not in self._kernel:
+            with kernels.one_thread():
+                if kind == _INT8:
+                    params = int8_kernel.int8_group_params(self.scales, self.zeros, dtype)
+                    self._kernel[(kind, dtype)], self._kernel[(kind, dtype, "zero")] = params
+                else:
+                    self._kernel[(kind, dtype)] = kernels.int4_scale_bias(
+                        self.scales, self.zeros, bits, dtype
+                    )
+        if kind == _INT8:
+            return self._kernel[kind], self._kernel[(kind, dtype)], self._kernel[(kind, dtype, "zero")]
+        return self._kernel[kind], self._kernel[(kind, dtype)]
+
+    def clear_kernel_cache(self) -> None:
+        """Drop the kernel layouts, first rebuilding the packed codes when those held the only copy."""
+        if self._packed is None:
+            self._packed = self.packed
+        self._kernel.clear()
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, *, use_kernel: bool | None = None
@@ -160,17 +279,18 @@ class QuantizedTensor(QuantizedWeight):
         """Compute ``x @ W_hat.T + bias`` without materializing all of ``W_hat`` at once.
 
         The reference path dequantizes at most ``DEQUANT_CHUNK_ELEMS`` weights at a time into
-        ``x.dtype`` and runs a dense matmul per row chunk. bf16 inputs on CPU can instead run torch's
-        int4 kernel straight from the codes; the first such call builds and caches a kernel-layout
-        copy of the codes (``O * I / 2`` bytes, see ``clear_kernel_cache``).
+        ``x.dtype`` and runs a dense matmul per row chunk. bf16 inputs on CPU can instead run a
+        kernel straight from the codes: the first such call converts them into the kernel's layout,
+        which then replaces them (see the module docstring and ``clear_kernel_cache``).
 
         Args:
             x: activations ``[..., I]`` (float dtype, same device as the weight).
             bias: optional ``[O]``, added in ``x.dtype``.
             use_kernel: None (default): the int4 kernel for 2/3/4-bit weights (2- and 3-bit codes
-                fit its 4-bit lanes; the cached copy then costs more than the codes, but the call
-                is 20-40x faster than dequantizing) and at most ``KERNEL_MAX_TOKENS`` bf16 rows;
-                True: any row count when supported; False: always the dequantize path.
+                fit its 4-bit lanes; the layout then costs 4 bits a code, but the call is 20-40x
+                faster than dequantizing) at most ``KERNEL_MAX_TOKENS`` bf16 rows, the int8 kernel
+                for 8-bit weights at any row count; True: a kernel at any row count when supported;
+                False: always the dequantize path.
 
         Returns:
             ``[..., O]`` in ``x.dtype``.
@@ -182,10 +302,13 @@ class QuantizedTensor(QuantizedWeight):
         o, i = self.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, i)
+        kind = self._kernel_ok(x2, use_kernel) if x2.shape[0] else None
         if x2.shape[0] == 0:
             out = x2.new_zeros(0, o)
-        elif self._kernel_ok(x2, use_kernel):
-            weight, scale_bias = self._kernel_tensors(x2.dtype)
+        elif kind == _INT8:
+            out = int8_kernel.int8_linear(x2, *self._kernel_tensors(kind, x2.dtype))
+        elif kind == _INT4:
+            weight, scale_bias = self._kernel_tensors(kind, x2.dtype)
             out = kernels.int4_linear(x2, weight, self.qtype.group_size, scale_bias)
         else:
             parts = [

@@ -1,0 +1,1 @@
+"""Helpers of ``benchmarks/bench_llamacpp.py``: llama.cpp build, checkpoints, runners, report."""
