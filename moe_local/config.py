@@ -23,6 +23,9 @@ def machine_memory() -> tuple[int, int]:
     return memory_limit(), swap_limit()
 
 
+_PAGE = 4096
+
+
 def check_host_budget(nbytes: int | None, what: str) -> None:
     """Refuse a RAM budget this process could never hold (more than its RAM and swap together).
 
@@ -38,7 +41,9 @@ def check_host_budget(nbytes: int | None, what: str) -> None:
         return
     _check_bytes(nbytes, what)
     ram, swap = machine_memory()
-    if nbytes > ram + swap:
+    # a cgroup limit is rounded down to whole pages by the kernel: the value a user wrote there
+    # (or a size within a page of it) is what they mean, not "more than this process may use"
+    if nbytes > ram + swap + _PAGE:
         from moe_local.memory import limiting_factor
 
         swap_text = f" and {human_bytes(swap)} of swap" if swap else " (no swap)"

@@ -227,3 +227,17 @@ def test_resident_memory_stays_under_cpu_memory(wide_checkpoints, stored):
     assert max(r["sampled"], r["peak"]) <= r["cap"], r  # VmHWM lags VmRSS by the kernel's batching
     # a bf16 checkpoint that would not fit whole in float32 computes in bf16 (twice the experts held)
     assert r["dtype"] == ("torch.float32" if stored == "float32" else "torch.bfloat16"), r
+
+
+def test_a_budget_equal_to_the_cgroup_value_written_is_accepted(monkeypatch):
+    """The kernel rounds a cgroup limit down to a page; the value the user wrote still passes."""
+    import pytest
+
+    from moe_local import config
+    from moe_local.errors import MoeLocalError
+
+    written = 568 * 2**20 + 512  # not a whole number of pages
+    monkeypatch.setattr(config, "machine_memory", lambda: (written // 4096 * 4096, 0))
+    config.check_host_budget(written, "--cpu-memory")
+    with pytest.raises(MoeLocalError, match="more than"):
+        config.check_host_budget(written + 2 * 4096, "--cpu-memory")
