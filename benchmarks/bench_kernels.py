@@ -50,6 +50,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--prepare", action="store_true", help="ttft: convert every weight after loading")
+    parser.add_argument("--decode", type=int, default=32, help="ttft: tokens decoded for the tokens/s figure")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     return parser.parse_args()
 
@@ -191,12 +192,24 @@ def _int8_variants(o: int, i: int, group: int, gen: torch.Generator) -> tuple[di
         "int8 per-channel": lambda x: torch.ops.aten._weight_int8pack_mm(x, per_channel, scale),
     }
     qt.linear(torch.zeros(1, i, dtype=torch.bfloat16))  # the automatic path's first call
+    try:  # the per-group int8 kernel also where linear() takes the nibbles (absent before it existed)
+        from moe_local.quant import int8_kernel
+
+        grouped, kept = quantize_scheme(w, f"int8-g{group}"), int8_kernel.SPLIT_MAX_WEIGHTS
+        int8_kernel.SPLIT_MAX_WEIGHTS = 0
+        grouped.linear(torch.zeros(1, i, dtype=torch.bfloat16))
+        int8_kernel.SPLIT_MAX_WEIGHTS = kept
+        calls["per-group kernel"] = lambda x: grouped.linear(x)
+    except ImportError:
+        pass
     held = {
         "dequantize": stored.nbytes,
         "bf16 copy": dense.numel() * 2,
         "linear()": weight_bytes(qt),
         "int8 per-channel": o * i + 2 * o,
     }
+    if "per-group kernel" in calls:
+        held["per-group kernel"] = weight_bytes(grouped)
     return calls, held
 
 
@@ -277,11 +290,16 @@ def mode_ttft() -> None:
         for _ in stream_generate(lm, "Hi", params):
             pass
         runs.append(time.perf_counter() - t0)
+    stamps = []
+    decode_params = SamplingParams(max_tokens=ARGS.decode + 1, temperature=0.0, ignore_eos=True)
+    for _ in stream_generate(lm, "Hi", decode_params):
+        stamps.append(time.perf_counter())
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"threads {torch.get_num_threads()}: load {loaded:.2f} s, prepare {prepared:.2f} s, first token "
-        f"{runs[0]:.2f} s, again {runs[1]:.2f} s, peak RSS {rss:.0f} MB, "
-        f"experts {lm.store.resident_bytes / 1e6:.1f} MB"
+        f"{runs[0]:.2f} s, again {runs[1]:.2f} s, decode {decode:.1f} tokens/s ({len(stamps) - 1} tokens), "
+        f"peak RSS {rss:.0f} MB, experts {lm.store.resident_bytes / 1e6:.1f} MB"
     )
 
 

@@ -34,8 +34,17 @@ THREADS = EnvVar(
 MAX_THREADS = 1024
 
 DEBUG = EnvVar("MOE_LOCAL_DEBUG", "", "1: show the traceback of unexpected errors")
+NATIVE = EnvVar(
+    "MOE_LOCAL_NATIVE",
+    "1",
+    "0: never build or use moe-local's C kernel for quantized weights on the CPU (torch's kernels instead)",
+)
 
-REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG)
+PROGRESS_SECONDS = EnvVar(
+    "MOE_LOCAL_PROGRESS_SECONDS", "10", "seconds between progress lines when stderr is not a terminal"
+)
+
+REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG, NATIVE, PROGRESS_SECONDS)
 
 
 def threads() -> int | None:

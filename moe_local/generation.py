@@ -213,6 +213,8 @@ def stream_generate(
             generation_tps=last.generation_tps,
             ttft_s=ttft,
         )
+        if detok.stopped:  # a stop string completed by the text held to the end
+            finish = "stop"
     final.finish_reason = finish
     final.experts = lm.store.stats().minus(before)
     yield final
@@ -250,41 +252,44 @@ def _top(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:
 
 
 class _Detokenizer:
-    """Incremental detokenization with stop strings: emits only text that is final."""
+    """Incremental detokenization with stop strings: emits only text that is final.
+
+    Each token costs a decode of a few tokens (``IncrementalDecoder``), and only the text not yet
+    shown (``pending``: at most a stop string's length plus the newest piece) is searched: a stop
+    string cannot start in text already shown, since any text that could begin one is held back.
+    """
 
     def __init__(self, tokenizer, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
+        from moe_local.detokenize import IncrementalDecoder
+
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
         self.stop = [s for s in stop if s]
-        self.tokens: list[int] = []
-        self.text = ""
-        self.emitted = 0
+        self.pending = ""
         self.stopped = False
 
     def add(self, token: int) -> tuple[str, bool]:
         """Add a token; return (text now safe to show, whether a stop string was hit)."""
-        self.tokens.append(token)
-        if self.tokenizer is None:
+        if self.decoder is None:
             return "", False
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", False  # an incomplete UTF-8 character: wait for its next byte
-        self.text = text
-        for s in self.stop:
-            pos = text.find(s, max(0, self.emitted - len(s)))
-            if pos != -1:
-                self.text = text[:pos]
-                self.stopped = True
-                return self._emit(len(self.text)), True
+        piece = self.decoder.step(token)
+        if not piece:
+            return "", False  # an incomplete UTF-8 character, or a skipped special token
+        text = self.pending + piece
+        hits = [pos for pos in (text.find(s) for s in self.stop) if pos != -1]
+        if hits:
+            self.pending = ""
+            self.stopped = True
+            return text[: min(hits)], True
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit(len(text) - hold), False
-
-    def _emit(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        out = self.text[self.emitted : upto]
-        self.emitted = upto
-        return out
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
 
     def flush(self) -> str:
         """Return any text held back (a partial stop string that never completed)."""
-        return self._emit(len(self.text))
+        text = self.pending + (self.decoder.flush() if self.decoder is not None else "")
+        self.pending = ""
+        hits = [pos for pos in (text.find(s) for s in self.stop) if pos != -1]
+        if hits:
+            self.stopped = True
+            return text[: min(hits)]
+        return text

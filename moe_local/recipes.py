@@ -44,18 +44,19 @@ class Recipe:
         """The same rules with every quantized scheme made with ``method``.
 
         ``rtn``, ``hqq`` and ``gptq`` keep each rule's bits and group size; the bitsandbytes
-        methods ``nf4``, ``fp4`` and ``int8`` replace the scheme (their bits are fixed).
+        methods ``nf4``, ``fp4`` and ``int8`` replace the scheme (their bits are fixed). Rules that
+        name a protected tensor (``lm_head.*``) keep their scheme: a 4-bit method never reaches them.
         """
         from moe_local.quant import BnbType, QType
 
-        def convert(scheme):
-            if scheme is None:
-                return None
+        def convert(scheme, pattern: str):
+            if scheme is None or any(w.strip(".") in pattern for w in PROTECTED_WORDS):
+                return scheme
             if method in ("nf4", "fp4", "int8"):
                 return BnbType(method)
             return QType(scheme.bits, scheme.group_size, method)
 
-        rules = tuple(Rule(r.pattern, convert(r.scheme), r.index) for r in self.rules)
+        rules = tuple(Rule(r.pattern, convert(r.scheme, r.pattern), r.index) for r in self.rules)
         return Recipe(f"{self.name}+{method}", self.description, rules)
 
     def with_experts(self, bits: int | None = None, group_size: int | None = None) -> Recipe:

@@ -1,12 +1,15 @@
 """Samplers and logits processors, made by verb-first factories.
 
 A sampler maps logits [V] to one token id; a logits processor maps (tokens so far, logits)
-to new logits. Legend: V=vocabulary size.
+to new logits. ``GuidedParams`` carries a request's own processors (a grammar mask, see
+``moe_local.grammar``) through code that only takes ``SamplingParams``; they run after the
+penalties, so a masked token stays masked. Legend: V=vocabulary size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -107,10 +110,25 @@ def make_logits_processors(
     return procs
 
 
+@dataclass(frozen=True)
+class GuidedParams(SamplingParams):
+    """``SamplingParams`` plus processors of the request's own, run last (e.g. a grammar mask).
+
+    The processors may keep state across the generation (a grammar follows the tokens sampled),
+    so one ``GuidedParams`` serves one generation.
+
+    Attributes:
+        processors: applied in order after the penalties.
+    """
+
+    processors: tuple[LogitsProcessor, ...] = ()
+
+
 def sampler_from_params(params: SamplingParams) -> tuple[Sampler, list[LogitsProcessor]]:
-    """Make the sampler and processors a request's SamplingParams ask for."""
+    """Make the sampler and processors a request's SamplingParams ask for (``GuidedParams``' last)."""
     sampler = make_sampler(params.temperature, params.top_p, params.top_k, params.min_p, params.seed)
     procs = make_logits_processors(
         params.repetition_penalty, params.presence_penalty, params.frequency_penalty
     )
+    procs.extend(getattr(params, "processors", ()))
     return sampler, procs

@@ -57,21 +57,49 @@ LIKE: dict[str, tuple[str, dict]] = {
         num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
         vocab_size=201088, sliding_window=128, max_position_embeddings=131072)),
 }  # fmt: skip
+# More known shapes, kept apart from LIKE (whose set tests pin): the families moe-local defines
+# itself (moe_local.models), with their released config.json values, and the 16x2 shape.
+MORE_LIKE: dict[str, tuple[str, dict]] = {
+    "deepseek-moe-16b": ("deepseek", dict(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
+        vocab_size=102400, max_position_embeddings=4096, rope_theta=10000.0)),
+    "skywork-moe": ("skywork_moe", dict(
+        hidden_size=4608, intermediate_size=12288, num_hidden_layers=52, num_attention_heads=36,
+        num_key_value_heads=36, num_experts=[16], num_experts_per_tok=2, moe_use_logits_norm=True,
+        moe_gate_norm_std=1.0, moe_feature_no_mul_topk=True, vocab_size=65536,
+        max_position_embeddings=8192, rope_theta=10000.0)),
+    "grok-1": ("grok-1", dict(
+        hidden_size=6144, intermediate_size=32768, num_hidden_layers=64, num_attention_heads=48,
+        num_key_value_heads=8, num_experts=8, num_experts_per_tok=2, vocab_size=131072,
+        max_position_embeddings=8192)),
+    # the "16 experts, top-2" shape: Microsoft's Phi-3.5-MoE (its own family, phimoe: Mixtral's
+    # layout with sparsemixer routing); no public checkpoint of model_type mixtral has 16 experts
+    "phi-3.5-moe-16x2": ("phimoe", dict(
+        hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=32064,
+        max_position_embeddings=131072, rope_theta=10000.0)),
+}  # fmt: skip
 Progress = Callable[[str, int, int, int], None]
 _POOL = 64 * 2**20  # random bytes that expert codes are sliced from (fast, and every expert differs)
 
 
 def synth_config(like: str, layers: int | None = None):
-    """The config of a known model (``LIKE``) or of a config.json path, optionally cut to ``layers``."""
+    """The config of a known model (``LIKE``, ``MORE_LIKE``) or of a config.json path, cut to ``layers``."""
     from transformers import AutoConfig
 
-    if like in LIKE:
-        model_type, kw = LIKE[like]
+    from moe_local.models import register_families
+
+    register_families()  # the --like families moe-local defines itself
+    known = {**LIKE, **MORE_LIKE}
+    if like in known:
+        model_type, kw = known[like]
         config = AutoConfig.for_model(model_type, **kw)
     elif Path(like).is_file():
         config = _config_from_file(Path(like))
     else:
-        raise MoeLocalError(f"unknown --like {like!r}; choose {', '.join(LIKE)} or a config.json path")
+        raise MoeLocalError(f"unknown --like {like!r}; choose {', '.join(known)} or a config.json path")
     if layers is not None:
         if layers < 1:
             raise MoeLocalError("--layers must be at least 1")
@@ -87,7 +115,9 @@ def _config_from_file(path: Path):
     from transformers import AutoConfig
 
     from moe_local.loading.validate import check_raw, check_values
+    from moe_local.models import register_families
 
+    register_families()
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -162,7 +192,7 @@ def synth(
     """Write a random checkpoint with the dimensions of ``like``.
 
     Args:
-        like: a name in ``LIKE`` or a config.json path.
+        like: a name in ``LIKE`` or ``MORE_LIKE``, or a config.json path.
         out: the folder to create.
         layers: keep only the first N layers.
         recipe: bit widths of the moe-local format (default ``experts-4bit``).

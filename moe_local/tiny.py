@@ -60,6 +60,22 @@ FAMILIES: dict[str, dict] = {
     ),
     "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
 }
+# Families moe-local defines itself (``moe_local.models``), with tiny sizes of their own fields.
+OWN_FAMILIES: dict[str, dict] = {
+    "deepseek": dict(
+        n_routed_experts=4,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+    ),
+    "skywork_moe": dict(
+        num_experts=[4], num_experts_per_tok=2, moe_use_logits_norm=True, moe_feature_no_mul_topk=True
+    ),
+    "grok-1": dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
+}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -75,6 +91,11 @@ def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from moe_local.models import register_families
+
+    register_families()  # moe-local's own families (moe_local.models) are model types too
+    if family in OWN_FAMILIES:
+        return AutoConfig.for_model(family, **{**_COMMON, **OWN_FAMILIES[family], **overrides})
     if family in FAMILIES:
         return AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     if family not in CONFIG_MAPPING:
@@ -204,7 +225,7 @@ def make_tiny_checkpoint(family: str, out: str | Path, *, seed: int = 0, **overr
     """Write a tiny random checkpoint of ``family`` to ``out`` (config, safetensors, tokenizer).
 
     Args:
-        family: a transformers model_type from ``FAMILIES``.
+        family: a model_type from ``FAMILIES`` or ``OWN_FAMILIES`` (or any MoE type transformers defines).
         out: destination folder (created).
         seed: torch seed for the random weights.
         **overrides: config fields to change (e.g. ``num_hidden_layers=4``).
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m moe_local.tiny", description=main.__doc__)
-    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("family", choices=sorted({**FAMILIES, **OWN_FAMILIES}))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     print(make_tiny_checkpoint(args.family, args.out))

@@ -23,6 +23,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from moe_local._version import __version__
+
+        typer.echo(f"moe-local {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Run large Mixture-of-Experts models locally, experts behind a cache."""
+
+
 ModelArg = Annotated[
     str, typer.Argument(help="checkpoint folder or a hub id in the local Hugging Face cache")
 ]
@@ -66,7 +85,7 @@ def main(argv: list[str] | None = None, prog_name: str | None = None) -> None:
     Raises:
         SystemExit: always; 130 (with ``error: interrupted``) when Ctrl-C stopped the command.
     """
-    from moe_local.cli import interrupt, run, tools  # noqa: F401  (run and tools register the commands)
+    from moe_local.cli import convert, hub, interrupt, run, tools  # noqa: F401  (they register commands)
 
     try:
         app(args=argv, prog_name=prog_name)

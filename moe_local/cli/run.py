@@ -178,16 +178,24 @@ def serve(
         str | None, typer.Option(help="name clients pass as model (default: folder name)")
     ] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug")] = "info",
+    cors_origin: Annotated[
+        str | None,
+        typer.Option(
+            "--cors-origin", help="let this browser origin call the server (e.g. http://localhost:3000, or *)"
+        ),
+    ] = None,
     *,
     flags: LoadFlags,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, metrics)."""
     from moe_local.server import serve as run_server
+    from moe_local.server.cors import check_cors_origin
     from moe_local.server.listen import check_api_key, check_listen, check_log_level
 
     # before the demo build or any load: a bad address should cost nothing
     check_log_level(log_level)
     check_api_key(api_key)
+    check_cors_origin(cors_origin)
     check_listen(host, port)
     options = check_flags(flags)  # a bad flag is its own line; what fails after it is the model's load
     _setup_torch()
@@ -209,6 +217,7 @@ def serve(
         model_name=model_name or _served_name(source),
         log_level=log_level,
         prepare=prepare,
+        cors_origin=cors_origin,
     )
 
 

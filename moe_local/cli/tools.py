@@ -91,6 +91,14 @@ def quantize(
             "[default: source]"
         ),
     ] = None,
+    sym: Annotated[
+        bool | None,
+        typer.Option(
+            "--sym/--asym",
+            help="--format gptq: symmetric (what vLLM's and SGLang's Marlin kernels take) or with a zero "
+            "point per group (vLLM then needs --quantization moe_wna16 --dtype float16) [default: --sym]",
+        ),
+    ] = None,
 ) -> None:
     """Quantize a MoE checkpoint into the moe-local format (streamed, a layer at a time)."""
     from moe_local.convert.writer import quantize_checkpoint
@@ -108,14 +116,19 @@ def quantize(
         "--calibration-tokens": calibration_tokens is not None,
         "--gpu": gpu is not None,
         "--gptq-names": gptq_names is not None,
+        "--sym/--asym": sym is not None,
     }
+    gptq_only = ("--gptq-names", "--sym/--asym")
     if format == "gptq":
-        not_gptq = {k: v for k, v in given.items() if k != "--gptq-names"}
-        _refuse_flags(not_gptq, "it takes --bits, --group-size, --gptq-names, --overwrite", "--format gptq")
+        not_gptq = {k: v for k, v in given.items() if k not in gptq_only}
+        takes = "it takes --bits, --group-size, --gptq-names, --sym/--asym, --overwrite"
+        _refuse_flags(not_gptq, takes, "--format gptq")
         names = gptq_names or "source"
-        _export_gptq(src, out, 4 if bits is None else bits, group_size or 128, names, overwrite)
+        _export_gptq(
+            src, out, 4 if bits is None else bits, group_size or 128, names, overwrite, sym is not False
+        )
         return
-    _refuse_flags({"--gptq-names": given["--gptq-names"]}, "that is for --format gptq", "--format moe-local")
+    _refuse_flags({k: given[k] for k in gptq_only}, "that is for --format gptq", "--format moe-local")
     rec = _effective_recipe(recipe or "experts-4bit", method, bits, group_size)
     if (calibration is not None or calibration_tokens is not None) and not _has_gptq(rec):
         flag = "--calibration" if calibration is not None else "--calibration-tokens"
@@ -249,13 +262,20 @@ def _fits_line(report, gpu: str) -> str:
     return f"does not fit {gpu}: the dense part alone is {human_bytes(report.dense_bytes_out)}"
 
 
-def _export_gptq(src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool) -> None:
-    from moe_local.convert.gptq_export import export_gptq
+def _export_gptq(
+    src: str, out: str, bits: int, group_size: int, names: str, overwrite: bool, sym: bool
+) -> None:
+    from moe_local.convert.gptq_export import export_gptq, serving_notes
     from moe_local.progress import progress_bars
 
     with progress_bars() as bar:
-        path = export_gptq(src, out, bits, group_size, names=names, overwrite=overwrite, progress=bar)
-    typer.echo(f"wrote a GPTQ checkpoint (int{bits}, groups of {group_size}) to {path}")
+        path = export_gptq(
+            src, out, bits, group_size, sym=sym, names=names, overwrite=overwrite, progress=bar
+        )
+    kind = "symmetric" if sym else "asymmetric"
+    typer.echo(f"wrote a GPTQ checkpoint (int{bits}, {kind}, groups of {group_size}) to {path}")
+    for line in serving_notes(path, bits, group_size, sym):
+        typer.echo(line)
 
 
 @app.command(epilog="Example: moe-local plan ./mixtral-q4 --gpu rtx4090 --context 8192")

@@ -1,14 +1,21 @@
 """``export_gptq``: stream a Hugging Face MoE checkpoint into a GPTQ checkpoint (vLLM, SGLang, GPTQModel).
 
-The tensors are GPTQModel's (checkpoint format ``gptq``, i.e. v1; ``sym`` false, ``desc_act`` false,
-int32 words): ``qweight``/``qzeros``/``scales``/``g_idx`` for every expert projection and every linear
-of the decoder layers (attention, shared experts, dense MLPs); routers, embeddings, norms and
+The tensors are GPTQModel's (checkpoint format ``gptq``, i.e. v1; ``desc_act`` false, int32 words;
+symmetric by default): ``qweight``/``qzeros``/``scales``/``g_idx`` for every expert projection and
+every linear of the decoder layers (attention, shared experts, dense MLPs); routers, embeddings, norms and
 ``lm_head`` are copied as they are. Each tensor keeps the name it has in the source checkpoint, which
 is what vLLM and SGLang load: ``model.layers.0.block_sparse_moe.experts.3.w1.qweight`` for Mixtral,
 ``model.layers.0.mlp.experts.3.gate_proj.qweight`` for Qwen. (GPTQModel 7.6 on transformers 5 loads by
 transformers' module names: the same as the disk names for Qwen-style families; for Mixtral it wants
 ``mlp.experts.3.gate_proj``.) config.json gains ``quantization_config``; ``quantize_config.json`` holds
 the same, as GPTQModel writes it.
+
+Symmetric (``sym: true``, the default): every zero point is ``2**(bits - 1)`` (8 at 4 bits, stored
+``zero - 1`` = 7 in each field: words of ``0x77777777``), which is what vLLM's and SGLang's Marlin
+kernels assume (their ``uint4b8``/``uint8b128`` types ignore ``qzeros``). Asymmetric (``sym: false``)
+keeps a zero per group; vLLM and SGLang then need ``--quantization moe_wna16`` for the experts
+(their Marlin path takes symmetric weights only, and their plain-GPTQ MoE fallback assumes ``sym``,
+dropping the zero points without an error) and fp16 activations. ``serving_notes`` says so.
 
 Weights are quantized round-to-nearest with INTEGER zero points in ``[1, 2**bits - 1]``: GPTQ stores
 integer zeros, and v1 stores ``zero - 1``, which for a zero of 0 would borrow from the neighbouring
@@ -63,19 +70,20 @@ _MIN_SCALE = 2.0**-24  # smallest positive fp16
 
 
 def rtn_int_zero(
-    w: torch.Tensor, bits: int, group_size: int
+    w: torch.Tensor, bits: int, group_size: int, *, sym: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest group-wise quantization with integer zero points in ``[1, 2**bits - 1]``.
 
     Each group's range is widened to include 0 (as GPTQ does); the zero is ``round(-min / step)``
-    with ``step = (max - min) / qmax``, moved up to 1 when it rounds to 0, and the scale is then the
-    smallest that keeps the group's min and max representable with that zero.
-    ``W_hat = (q - zero) * scale``, exactly what GPTQ runtimes compute.
+    with ``step = (max - min) / qmax``, moved up to 1 when it rounds to 0 (``sym``: always
+    ``2**(bits - 1)``), and the scale is then the smallest that keeps the group's min and max
+    representable with that zero. ``W_hat = (q - zero) * scale``, exactly what GPTQ runtimes compute.
 
     Args:
         w: float weight ``[O, I]``; ``I`` divisible by ``group_size``.
         bits: 2, 3, 4 or 8.
         group_size: consecutive inputs sharing a scale and zero.
+        sym: the symmetric grid ``[-2**(bits - 1), 2**(bits - 1) - 1] * scale`` of symmetric GPTQ.
 
     Returns:
         ``(codes [O, I] uint8, scales [O, G] fp16, zeros [O, G] int64)``.
@@ -97,7 +105,10 @@ def rtn_int_zero(
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError("weight contains NaN or inf values")
         step = (hi - lo) / qmax
-        zero = torch.where(step > 0, torch.round(-lo / step.clamp(min=_MIN_SCALE)), 1.0).clamp(1, qmax)
+        if sym:
+            zero = torch.full_like(step, float(1 << (bits - 1)))
+        else:
+            zero = torch.where(step > 0, torch.round(-lo / step.clamp(min=_MIN_SCALE)), 1.0).clamp(1, qmax)
         above = torch.where(zero < qmax, hi / (qmax - zero).clamp(min=1.0), 0.0)
         scale = torch.maximum(above, -lo / zero)
         scale = torch.where(scale > 0, scale, 1.0).clamp(_MIN_SCALE, 65504.0).to(torch.float16)
@@ -108,14 +119,16 @@ def rtn_int_zero(
     return codes, scales, zeros
 
 
-def gptq_tensors(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+def gptq_tensors(
+    w: torch.Tensor, bits: int, group_size: int, *, sym: bool = False
+) -> dict[str, torch.Tensor]:
     """Quantize ``w [O, I]`` with ``rtn_int_zero`` into GPTQ v1 tensors.
 
     Returns:
         ``{"qweight": int32 [I * bits / 32, O], "qzeros": int32 [G, O * bits / 32],
         "scales": fp16 [G, O], "g_idx": int32 [I]}``.
     """
-    codes, scales, zeros = rtn_int_zero(w, bits, group_size)
+    codes, scales, zeros = rtn_int_zero(w, bits, group_size, sym=sym)
     i = codes.shape[1]
     return {
         "qweight": pack_rows(codes.t(), bits),
@@ -125,7 +138,7 @@ def gptq_tensors(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch
     }
 
 
-def quantization_config(bits: int, group_size: int) -> dict:
+def quantization_config(bits: int, group_size: int, sym: bool = True) -> dict:
     """The ``quantization_config`` written to config.json and quantize_config.json."""
     from moe_local._version import __version__
 
@@ -133,7 +146,7 @@ def quantization_config(bits: int, group_size: int) -> dict:
         "bits": bits,
         "group_size": group_size,
         "desc_act": False,
-        "sym": False,
+        "sym": sym,
         "lm_head": False,
         "method": "gptq",
         "quant_method": "gptq",
@@ -142,6 +155,37 @@ def quantization_config(bits: int, group_size: int) -> dict:
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"moe-local:{__version__}", _GPTQMODEL_LAYOUT]},
     }
+
+
+def serving_notes(out: str | Path, bits: int, group_size: int, sym: bool) -> list[str]:
+    """How vLLM and SGLang serve an export: the commands, or why they cannot.
+
+    vLLM and SGLang load GPTQ MoE experts with their Marlin kernels (4 or 8 bits, symmetric only)
+    or with ``moe_wna16`` (4 bits with zero points; 8 bits only per channel). Asymmetric weights
+    reach ``moe_wna16`` only when asked for, and it computes in fp16 or bf16 (fp16 is GPTQ's).
+
+    Returns:
+        Lines to print after the export.
+    """
+    if bits not in (4, 8):
+        return [f"vLLM and SGLang serve 4- and 8-bit GPTQ MoE models; this {bits}-bit one loads in moe-local "
+                "and GPTQModel"]  # fmt: skip
+    if group_size < 32:
+        return [f"vLLM and SGLang take GPTQ groups of 32, 64 or 128; export with --group-size 32 or more "
+                f"to serve this one there (it has {group_size})"]  # fmt: skip
+    if sym:
+        return [f"serve with vLLM:   vllm serve {out}",
+                f"serve with SGLang: python -m sglang.launch_server --model-path {out}"]  # fmt: skip
+    if bits == 8:
+        return ["vLLM and SGLang serve asymmetric 8-bit GPTQ experts only per channel (moe_wna16); "
+                f"export with --sym to serve groups of {group_size}"]  # fmt: skip
+    return [
+        "asymmetric: vLLM's and SGLang's Marlin kernels take symmetric weights only, so the experts need "
+        "moe_wna16 and fp16:",
+        f"serve with vLLM:   vllm serve {out} --quantization moe_wna16 --dtype float16",
+        f"serve with SGLang: python -m sglang.launch_server --model-path {out} --quantization moe_wna16 "
+        "--dtype float16",
+    ]
 
 
 def _check_packable(name: str, shape: tuple[int, ...], bits: int, group_size: int) -> None:
@@ -210,6 +254,7 @@ def export_gptq(
     bits: int = 4,
     group_size: int = 128,
     *,
+    sym: bool = True,
     names: str = "source",
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -221,6 +266,8 @@ def export_gptq(
         out: the folder to create.
         bits: 2, 3, 4 or 8.
         group_size: 16, 32, 64 or 128 inputs per scale and zero.
+        sym: symmetric GPTQ (zero points all ``2**(bits - 1)``), what vLLM's and SGLang's Marlin
+            kernels take; False keeps a zero point per group (see ``serving_notes``).
         names: "source" keeps the checkpoint's tensor names (what vLLM and SGLang load);
             "gptqmodel" uses transformers' module names (``mlp.experts.3.gate_proj`` for Mixtral),
             which is how GPTQModel 7.6 writes and loads MoE checkpoints on transformers 5.
@@ -258,7 +305,7 @@ def export_gptq(
                 _check_packable(key, source.files.info(key).shape, bits, group_size)
     _prepare(out, partial, overwrite)
     try:
-        _write(source, partial, bits, group_size, progress, names == "gptqmodel")
+        _write(source, partial, bits, group_size, progress, names == "gptqmodel", sym)
         publish(partial, out)
     except BaseException as exc:  # nothing resumes an export: an unfinished folder is only in the way
         shutil.rmtree(partial, ignore_errors=True)
@@ -280,7 +327,13 @@ def _open_source(path: Path) -> _Source:
 
 
 def _write(
-    source: _Source, partial: Path, bits: int, group_size: int, progress: Progress | None, module_names: bool
+    source: _Source,
+    partial: Path,
+    bits: int,
+    group_size: int,
+    progress: Progress | None,
+    module_names: bool,
+    sym: bool,
 ) -> None:
     """Write the shards (one per decoder layer, one for the rest), the index and the configs.
 
@@ -297,7 +350,7 @@ def _write(
     def add(tensors: dict[str, torch.Tensor], key: str, w: torch.Tensor, quantize: bool) -> None:
         if quantize:
             prefix = key.removesuffix(".weight")
-            for t, v in _gptq(w, bits, group_size, key).items():
+            for t, v in _gptq(w, bits, group_size, key, sym).items():
                 tensors[f"{prefix}.{t}"] = v
         else:
             tensors[key] = w
@@ -327,14 +380,14 @@ def _write(
         for k, v in tensors.items():
             weight_map[k] = shard
             total_size += v.numel() * v.element_size()
-    _write_configs(source.path, partial, quantization_config(bits, group_size))
+    _write_configs(source.path, partial, quantization_config(bits, group_size, sym))
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _gptq(w: torch.Tensor, bits: int, group_size: int, key: str) -> dict[str, torch.Tensor]:
+def _gptq(w: torch.Tensor, bits: int, group_size: int, key: str, sym: bool) -> dict[str, torch.Tensor]:
     try:
-        return gptq_tensors(w, bits, group_size)
+        return gptq_tensors(w, bits, group_size, sym=sym)
     except ValueError as exc:
         raise MoeLocalError(f"cannot quantize {key} {tuple(w.shape)}: {exc}") from exc
 

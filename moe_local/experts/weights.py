@@ -61,6 +61,24 @@ class ExpertWeights:
         parts = (self.down, self.gate_up, self.up, self.gate_up_bias, self.up_bias, self.down_bias)
         return sum(weight_nbytes(p) for p in parts)
 
+    def prepare_kernel(self, dtype: torch.dtype) -> ExpertWeights:
+        """Convert the quantized parts to this CPU's kernel layout now (see ``QuantizedWeight``).
+
+        A reader calls it as the expert arrives, off the decode path (in the prefetch thread where
+        there is one), so the first forward that routes to the expert does not pay the conversion,
+        and the kernel layout is then the one copy of its codes. Dense parts are left as they are.
+
+        Args:
+            dtype: the activations' dtype the expert will see.
+
+        Returns:
+            ``self``.
+        """
+        for part in (self.gate_up, self.up, self.down):
+            if isinstance(part, QuantizedWeight):
+                part.prepare_kernel(dtype)
+        return self
+
     def to(
         self,
         device: torch.device | str | None = None,

@@ -23,6 +23,7 @@ PART_OF_PROJ = {
     "up_proj": "up",
     "w2": "down",
     "down_proj": "down",
+    "gate_up_proj": "gate_up",  # one [gate; up] tensor per expert (Yuan's w1, renamed on load)
 }
 
 
@@ -50,7 +51,8 @@ def match_per_expert(
             continue
         part = PART_OF_PROJ.get(m.group(2))
         if part is None:
-            raise UnsupportedModelError(f"unknown expert tensor {key} (expected w1/w2/w3 or *_proj)")
+            expected = "w1/w2/w3, gate_up_proj or *_proj"
+            raise UnsupportedModelError(f"unknown expert tensor {key} (expected {expected})")
         per.setdefault(int(m.group(1)), {}).setdefault(part, {})[m.group(3)] = key
     return per
 

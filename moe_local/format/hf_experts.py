@@ -185,6 +185,8 @@ class HfExperts(ExpertSource):
         w = ExpertWeights(down=src["down"], down_bias=src.get("down_bias"))
         if gate_up is not None:
             w.gate_up = gate_up
+        elif "gate_up" in src:  # stored fused per expert
+            w.gate_up, w.gate_up_bias = src["gate_up"], src.get("gate_up_bias")
         elif "gate" in src:
             w.gate_up = join_gate_up(src["gate"], src["up"], site.is_concatenated)
             if "gate_bias" in src:

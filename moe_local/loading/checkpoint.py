@@ -44,6 +44,7 @@ from moe_local.loading.families import (
 )
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
+from moe_local.models import family_of_architectures, register_families
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -243,11 +244,18 @@ def load_config(path: Path):
     file = path / "config.json"
     raw = _read_config_json(file)
     model_type = raw.get("model_type")
+    # a community port whose config.json names only its architecture (hpcai-tech/grok-1): the
+    # family moe-local defines for that architecture reads it
+    own = None if model_type else family_of_architectures(raw.get("architectures"))
+    if own is not None:
+        model_type = own.model_type
+        raw = {**raw, "model_type": model_type}
     if not model_type:
         raise UnsupportedModelError(f"{file} has no model_type")
     if not isinstance(model_type, str):
         raise CheckpointError(f"{file}: model_type = {model_type!r} must be a string")
     validate.check_raw(raw, file)
+    register_families()  # moe-local's own families first: their folders' auto_map code never runs
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -259,7 +267,10 @@ def load_config(path: Path):
             f"unknown model_type {model_type!r}: this transformers does not define that family"
         )
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if own is not None:  # its own config class: AutoConfig would need the missing model_type
+            config = own.config_class.from_pretrained(path, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except StrictDataclassError as exc:  # transformers' own field checks: the cause names the field
         cause = exc.__cause__ or exc
         raise CheckpointError(f"{file}: {first_line(cause)}") from exc

@@ -25,6 +25,11 @@ TESTED_FAMILIES = (
     "deepseek_v3",
     "gpt_oss",
     "phimoe",
+    # defined in moe-local itself (moe_local.models): transformers has no class for them
+    "deepseek",
+    "skywork_moe",
+    "grok-1",
+    "yuan",
 )
 # The config field that sizes one expert (its intermediate width I), per tested family.
 EXPERT_WIDTH = {
@@ -36,6 +41,10 @@ EXPERT_WIDTH = {
     "deepseek_v3": "moe_intermediate_size",
     "gpt_oss": "intermediate_size",
     "phimoe": "intermediate_size",
+    "deepseek": "moe_intermediate_size",
+    "skywork_moe": "intermediate_size",
+    "grok-1": "intermediate_size",
+    "yuan": "moe_intermediate_size",
 }
 
 
@@ -46,7 +55,12 @@ def router_of(
 
     Every supported family routes with a linear map of the hidden state, so the logit of expert e
     is ``x @ weight[e] + bias[e]``; the family's own scoring (softmax, sigmoid, groups) is monotone in it.
+    A family of ``moe_local.models`` that routes otherwise says so (``ROUTER = None``): no guess.
     """
+    from moe_local.models import router_kind
+
+    if router_kind(block) is None:
+        return None, None
     params = dict(block.named_parameters())
     for name, p in params.items():
         if "experts" in name or "shared" in name:
@@ -261,7 +275,29 @@ def families_markdown() -> str:
         "|---|---|",
     ]
     lines += [f"| {t} | {family_state(t)} |" for t in moe_model_types()]
+    lines += [
+        "",
+        "## Families moe-local defines itself",
+        "",
+        "Published as remote code or in another framework, with no transformers class: written in",
+        "`moe_local/models/` (one module each, registered with transformers' auto classes), proven",
+        "against an independent oracle in `tests/models/`. A folder's own `auto_map` code never runs.",
+        "",
+        "| model type | module | state |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {t} | `{fam.module.__name__}` | {family_state(t)} |" for t, fam in sorted(own_families().items())
+    ]
     return "\n".join(lines) + "\n"
+
+
+def own_families() -> dict:
+    """The families defined in ``moe_local.models``, by model type (registered with transformers)."""
+    from moe_local.models import families, register_families
+
+    register_families()
+    return families()
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ from moe_local.experts.module import NextRouter, swap_experts
 from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.store import ExpertStore, InMemoryStore
 from moe_local.experts.tiered import TieredStore
+from moe_local.experts.weights import ExpertWeights
 from moe_local.format.source import ExpertSource
 from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
 from moe_local.loading.families import router_of
 from moe_local.loading.resolve import resolve_model_path
+from moe_local.quant.linear import QuantLinear
 
 Progress = Callable[[str, int, int], None]
 
@@ -88,7 +90,7 @@ def load(
     tok = ckpt.tokenizer() if tokenizer else None
     lm, sites, config = ckpt.meta, ckpt.sites, ckpt.config
     dense_bytes = ckpt.load_dense(progress)
-    store = _make_store(ckpt.experts, sites, options, progress)
+    store = _make_store(ckpt.experts, sites, options, progress, ckpt.dtype)
     swap_experts(lm, sites, store)
     if store.reads_ahead and options.prefetch:
         _wire_prefetch(lm, sites, config)
@@ -99,6 +101,8 @@ def load(
     if leftover:
         raise CheckpointError(f"checkpoint lacks {len(leftover)} weights, e.g. {leftover[0]}")
     lm.to(options.device)
+    if torch.device(options.device).type == "cpu":
+        _prepare_dense_kernels(lm, ckpt.dtype)
     context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
     loaded = LoadedModel(lm, tok, store, ckpt.path, options, sites, context, dense_bytes, eos)
@@ -141,7 +145,33 @@ def _leave_a_core_for_reads() -> None:
             torch.set_num_threads(cores - 1)
 
 
-def _make_store(experts: ExpertSource, sites, options: LoadOptions, progress) -> ExpertStore:
+def _prepare_dense_kernels(lm: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Convert every quantized dense linear (attention, lm_head ...) to the CPU kernel layout now.
+
+    Done at load rather than in the first forward, so the time to first token does not include it;
+    the kernel layout then is the weight's one copy in RAM.
+    """
+    for module in lm.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare_kernel(dtype)
+
+
+def _read_for_cpu(read: Callable[[int, int], ExpertWeights], dtype: torch.dtype):
+    """``read``, with each expert converted to the CPU kernel layout as it arrives.
+
+    In a ``CachedStore`` the prefetch thread is the caller, so the conversion overlaps the
+    compute of the layers before; in an ``InMemoryStore`` it happens once, at load.
+    """
+
+    def read_prepared(layer: int, expert: int) -> ExpertWeights:
+        return read(layer, expert).prepare_kernel(dtype)
+
+    return read_prepared
+
+
+def _make_store(
+    experts: ExpertSource, sites, options: LoadOptions, progress, dtype: torch.dtype
+) -> ExpertStore:
     device = torch.device(options.device)
     if options.expert_memory is not None:
         need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
@@ -164,13 +194,19 @@ def _make_store(experts: ExpertSource, sites, options: LoadOptions, progress) ->
                 options.cpu_compute,
             )
         return CachedStore(
-            experts.read, options.expert_memory, policy=options.policy, prefetch_workers=workers
+            _read_for_cpu(experts.read, dtype),
+            options.expert_memory,
+            policy=options.policy,
+            prefetch_workers=workers,
         )
     all_experts = {}
     total = sum(s.num_experts for s in sites)
     for site in sites:
         for e in range(site.num_experts):
-            all_experts[(site.layer, e)] = experts.read(site.layer, e).to(device)
+            weights = experts.read(site.layer, e).to(device)
+            if device.type == "cpu":
+                weights.prepare_kernel(dtype)
+            all_experts[(site.layer, e)] = weights
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)

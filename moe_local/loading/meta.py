@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from moe_local.errors import MoeLocalError, UnsupportedModelError
 from moe_local.loading.validate import REMOTE_CODE, build_error
+from moe_local.models import register_families
 
 _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand}
 _BIG = 1 << 16  # elements: weights this size or larger are created on meta, never allocated
@@ -80,6 +81,7 @@ def build_on_meta(config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    register_families()  # the families moe-local defines itself (moe_local.models)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         auto_map = getattr(config, "auto_map", None)
         if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:

@@ -41,9 +41,19 @@ def resolve_model_path(model: str | Path, *, download: bool = False) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise MoeLocalError("huggingface_hub is needed to resolve hub ids") from exc
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    from moe_local.hub import ALLOW_PATTERNS, NEVER_PATTERNS  # the files `moe-local pull` fetches
+
     try:
-        folder = snapshot_download(text, local_files_only=not download, allow_patterns=patterns)
+        folder = snapshot_download(
+            text,
+            local_files_only=not download,
+            allow_patterns=list(ALLOW_PATTERNS),
+            ignore_patterns=list(NEVER_PATTERNS),
+        )
+    except IncompleteSnapshotError as exc:
+        raise MoeLocalError(f"{text} is only partly downloaded; run `moe-local pull {text}` again") from exc
     except LocalEntryNotFoundError as exc:
         raise MoeLocalError(
             f"{text} is neither a folder nor a model in the local Hugging Face cache; "

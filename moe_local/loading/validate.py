@@ -245,15 +245,18 @@ def implied_weights(get: Getter, tested: bool, width_field: str | None) -> tuple
 
 
 def _moe_layers(get: Getter) -> int:
-    """MoE layers of a tested family: all, less DeepSeek's first dense ones and Qwen's mlp-only ones."""
+    """MoE layers of a tested family: all, less DeepSeek's dense ones and Qwen's mlp-only ones."""
     layers = get("num_hidden_layers")
     if not _is_int(layers):
         return 1
     first = get("first_k_dense_replace") or 0
     step = get("decoder_sparse_step") or 1
+    freq = get("moe_layer_freq") or 1  # DeepSeek-MoE: layer i is MoE when i % freq == 0
     mlp_only = get("mlp_only_layers") or []
     dense = set(mlp_only) if isinstance(mlp_only, list) else set()
-    return sum(1 for i in range(layers) if i >= first and (i + 1) % step == 0 and i not in dense)
+    return sum(
+        1 for i in range(layers) if i >= first and (i + 1) % step == 0 and i % freq == 0 and i not in dense
+    )
 
 
 def weight_file_bytes(folder: Path) -> int:

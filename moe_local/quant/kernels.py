@@ -36,7 +36,7 @@ _CONVERT_ELEMS = 1 << 22  # codes widened to int32 at once by torch's conversion
 # 4-bit codes shuffled at once: the temporaries then stay in malloc's reused heap, under glibc's mmap
 # threshold (1 MiB once CachedStore sets it); fresh pages cost more than the shuffle (~4 ms/MB of
 # first-touch faults on the 2-core VM, against ~1 ms/MB for the whole conversion)
-_TEMP_BYTES = 1 << 18
+_TEMP_BYTES = 1 << 19
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
 """``moe-local serve``: an OpenAI-compatible HTTP server for one model.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions`` (both streamed with server-sent events or not), ``POST /tokenize``,
-``POST /detokenize`` and ``GET /metrics`` (Prometheus text). The model loads in the background
-after the server starts (``/health`` answers 503 until it is ready); requests queue and run one
-generation at a time. The port, host, log level and API key are checked before the model loads.
+``POST /v1/completions`` (both streamed with server-sent events or not, ``n`` choices), ``POST
+/tokenize``, ``POST /detokenize`` and ``GET /metrics`` (Prometheus text). Chat takes ``tools``
+(rendered by the model's chat template, calls parsed back into ``tool_calls``) and, with the
+optional grammar engine (``pip install 'moe-local[grammar]'``), ``response_format`` JSON and a
+forced ``tool_choice`` decoded under a grammar, valid by construction. ``/v1/embeddings`` is a
+404 naming the alternative. ``cors_origin`` lets one browser origin call the server. The model
+loads in the background after the server starts (``/health`` answers 503 until it is ready);
+requests queue and run one generation at a time. The port, host, log level, API key and CORS
+origin are checked before the model loads.
 
 Chat messages are always text: a special token spelled out in a message (``<|im_start|>system``)
 is encoded as those characters, never as the control token, so no client can forge a turn. A raw
@@ -38,6 +43,7 @@ def serve(
     model_name: str | None = None,
     log_level: str = "info",
     prepare: Callable[[], tuple[str | Path, LoadOptions]] | None = None,
+    cors_origin: str | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API until interrupted.
 
@@ -52,10 +58,12 @@ def serve(
         log_level: uvicorn's log level (critical, error, warning, info, debug).
         prepare: a step run in the background before the load, returning the folder to load and
             its options (the CLI plans the expert budget and stages ``--offload-dir`` there).
+        cors_origin: a browser origin (``http://localhost:3000``) or ``*`` allowed to call the
+            server (preflights answered); None: no CORS headers at all.
 
     Raises:
-        MoeLocalError: an invalid port, host, log level or API key, or a port that cannot be bound
-            (all found before the model loads); the model cannot be loaded (the server stops).
+        MoeLocalError: an invalid port, host, log level, API key or CORS origin, or a port that cannot
+            be bound (all found before the model loads); the model cannot be loaded (the server stops).
     """
     import copy
 
@@ -64,15 +72,17 @@ def serve(
 
     from moe_local.errors import MoeLocalError
     from moe_local.server.app import create_app
+    from moe_local.server.cors import check_cors_origin
     from moe_local.server.engine import Engine
     from moe_local.server.jobs import State
     from moe_local.server.listen import check_api_key, check_listen, check_log_level
 
     log_level = check_log_level(log_level)
     check_api_key(api_key)
+    check_cors_origin(cors_origin)
     check_listen(host, port)  # before the model loads: a typo should not cost a minute of loading
     engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name, prepare=prepare)
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, cors_origin=cors_origin)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["moe_local"] = {"handlers": ["default"], "level": log_level.upper()}
     config = uvicorn.Config(

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from moe_local.server.cors import Cors
 from moe_local.server.engine import Engine
 from moe_local.server.metrics import RequestCounter
 from moe_local.server.protocol import ApiError
@@ -148,13 +149,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(ApiError(400, str(first["msg"]), param=param))
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+def create_app(
+    engine: Engine, *, api_key: str | None = None, max_body: int = MAX_BODY, cors_origin: str | None = None
+) -> FastAPI:
     """Build the server's ASGI app around an engine (started and stopped with the app).
 
     Args:
         engine: the generation engine (its model loads when the app starts).
         api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
         max_body: largest request body in bytes; larger ones answer 413.
+        cors_origin: the browser origin (or ``*``) allowed to call the server; None: no CORS.
 
     Returns:
         The FastAPI app.
@@ -184,5 +188,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body: int = MA
     if api_key:
         app.add_middleware(ApiKeyCheck, api_key=api_key)
     app.add_middleware(ErrorBoundary)  # around the key check (its answers can fail to send too)
+    if cors_origin:  # outside the key check: preflights carry no key, and 401s need the header too
+        app.add_middleware(Cors, origin=cors_origin)
     app.add_middleware(RequestCounter, count=engine.metrics.count_request)  # outermost: counts every answer
     return app

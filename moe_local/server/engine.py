@@ -6,28 +6,35 @@ request's asyncio queue with ``call_soon_threadsafe`` and checks the request's c
 tokens, so a client that goes away stops its generation after at most one more token.
 Prompts are tokenized on the request's side with a private copy of the tokenizer (the worker's
 copy is busy detokenizing), so errors such as a prompt longer than the context are answered
-before the request queues.
+before the request queues. Grammars (``response_format``, forced tool calls) are compiled there
+too, so a schema the engine cannot take is a 400 before the request queues; the worker gives
+each generation a fresh matcher of it. A request's ``n`` choices run one after another as one job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import copy
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.errors import MoeLocalError, first_line
+from moe_local.grammar import GrammarCompiler, GrammarError, GrammarUnavailable, lark_literal
+from moe_local.sampling import GuidedParams
 from moe_local.server.jobs import Job, State, Step
 from moe_local.server.metrics import Gauges, Metrics
 from moe_local.server.protocol import ApiError
 from moe_local.server.tokens import TokenPieces
+from moe_local.server.tool_calls import HermesSyntax, ToolSyntax, syntax_for
+from moe_local.server.tools import WithTools
 
 log = logging.getLogger("moe_local.server")
 
@@ -76,6 +83,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.on_load_error: Callable[[], None] | None = None  # e.g. tell the HTTP server to stop
         self._prepare = prepare
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -157,7 +166,12 @@ class Engine:
             )
 
     def encode(
-        self, prompt: str | Sequence[int] | list[dict], *, chat: bool, special: bool = True
+        self,
+        prompt: str | Sequence[int] | list[dict],
+        *,
+        chat: bool,
+        special: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Tokenize a prompt on the request side (call it from a worker thread of the event loop).
 
@@ -169,6 +183,7 @@ class Engine:
             prompt: text, token ids, or chat messages.
             chat: apply the chat template (messages always get it).
             special: add the tokenizer's special tokens to plain text.
+            tools: function definitions handed to the chat template (``tools=``).
 
         Returns:
             The token ids.
@@ -187,7 +202,8 @@ class Engine:
                 if isinstance(prompt, str) and not chat:
                     check_unicode(prompt)
                     return list(self._tokenizer.encode(prompt, add_special_tokens=special))
-                return encode_prompt(replace(self.lm, tokenizer=self._tokenizer), prompt, chat)
+                tok = self._tokenizer if not tools else WithTools(self._tokenizer, tools)
+                return encode_prompt(replace(self.lm, tokenizer=tok), prompt, chat)
             except ChatTemplateError as exc:
                 if exc.refused:  # the template's own raise_exception(): these messages are at fault
                     raise ApiError(400, str(exc), code="chat_template_refused") from exc
@@ -195,6 +211,59 @@ class Engine:
                 raise ApiError(500, str(exc), type="server_error", code="chat_template_error") from exc
             except MoeLocalError as exc:
                 raise ApiError(400, str(exc)) from exc
+
+    def tool_syntax(self) -> ToolSyntax:
+        """The model's tool-call syntax, told by its chat template or its family.
+
+        Hermes' when the template does not read ``tools``: the tools are then described in a
+        system turn in Hermes' words (``moe_local.server.tools``), so the reply is read that way.
+        """
+        if "tools" not in self.chat_template():
+            return HermesSyntax()
+        return syntax_for(self.chat_template(), getattr(self.lm.config, "model_type", None))
+
+    def chat_template(self) -> str:
+        """The chat template's text ("" without one)."""
+        template = getattr(self._tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else str(template or "")
+
+    def grammar(self, *, schema: dict | None = None, lark: str | None = None, what: str) -> str:
+        """Compile a JSON schema or a Lark grammar for this model's tokenizer (request side).
+
+        Args:
+            schema: a JSON schema (``{"type": "object"}`` for any object).
+            lark: Lark text instead.
+            what: the request field that asked, for messages.
+
+        Raises:
+            ApiError: 400 when the grammar engine is missing or cannot take the grammar.
+        """
+        try:
+            with self._grammar_lock:
+                if self._grammar is None:
+                    with self._tok_lock:
+                        vocab = max(len(self._tokenizer), self._vocab_size())
+                        self._grammar = GrammarCompiler(self._tokenizer, vocab, self.lm.eos_token_ids)
+        except (GrammarUnavailable, GrammarError) as exc:  # no engine, or not for this tokenizer
+            raise ApiError(400, f"{what}: {exc}", param=what, code="grammar_unavailable") from exc
+        try:
+            return self._grammar.lark(lark) if lark is not None else self._grammar.json_schema(schema)
+        except GrammarError as exc:
+            raise ApiError(400, f"{what}: {exc}", param=what, code="invalid_schema") from exc
+
+    def literal(self, marker: str) -> str:
+        """How a grammar spells ``marker``: its token by id when it is one added token, else its text."""
+        added = getattr(self._tokenizer, "added_tokens_encoder", None) or {}
+        token = added.get(marker)
+        return f"<[{token}]>" if token is not None else lark_literal(marker)
+
+    def raw_skip(self, syntax: ToolSyntax) -> frozenset[int]:
+        """Added tokens (turn markers ...) that are not ``syntax``'s call markers: left out of raw text."""
+        added = getattr(self._tokenizer, "added_tokens_encoder", None) or {}
+        return frozenset(i for name, i in added.items() if name not in syntax.markers)
+
+    def _vocab_size(self) -> int:
+        return int(self.lm.model.get_input_embeddings().weight.shape[0])
 
     def check_ids(self, ids: Sequence[int]) -> list[int]:
         """Return ``ids`` as a list, or raise 400 if one is outside the vocabulary."""
@@ -224,13 +293,25 @@ class Engine:
                 code="context_length_exceeded",
             )
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *, logprobs: bool = False) -> Job:
-        """Queue a generation.
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        logprobs: bool = False,
+        n: int = 1,
+        grammar: str | None = None,
+        raw_skip: frozenset[int] | None = None,
+    ) -> Job:
+        """Queue a request of ``n`` generations.
 
         Args:
             prompt_ids: the prompt's token ids (already checked against the context).
             params: sampling and stopping options.
             logprobs: report each token's text and log-probabilities.
+            n: choices to generate (seeds ``seed``, ``seed + 1`` ...).
+            grammar: a grammar from ``grammar()`` every choice must follow.
+            raw_skip: fill each step's ``raw`` text, leaving these tokens out (None: no raw text).
 
         Returns:
             The job; iterate ``job.steps()`` for its tokens.
@@ -239,7 +320,17 @@ class Engine:
             ApiError: 429 when ``max_queue`` requests are already waiting; 503 while loading.
         """
         self.require_ready()
-        job = Job(prompt_ids, params, logprobs, asyncio.get_running_loop(), on_cancel=self._unqueue)
+        job = Job(
+            prompt_ids,
+            params,
+            logprobs,
+            asyncio.get_running_loop(),
+            n=n,
+            grammar=grammar,
+            raw=raw_skip is not None,
+            raw_skip=raw_skip or frozenset(),
+            on_cancel=self._unqueue,
+        )
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise ApiError(
@@ -292,6 +383,9 @@ class Engine:
             try:
                 if started and not job.cancelled.is_set():
                     self._run(job)
+            except GrammarError as exc:  # the engine failed mid-way: not the client's fault
+                log.error("%s", exc)
+                job.put(ApiError(500, str(exc), type="server_error"))
             except MoeLocalError as exc:
                 job.put(ApiError(400, str(exc)))
             except Exception:  # a bug must not kill the worker: log it, tell the client, go on
@@ -303,12 +397,30 @@ class Engine:
                 job.put(None)
 
     def _run(self, job: Job) -> None:
+        for index in range(job.n):
+            if job.cancelled.is_set():
+                return
+            self._run_one(job, index)
+
+    def _params_of(self, job: Job, index: int) -> SamplingParams:
+        """The choice's own parameters: its seed offset, and a fresh grammar matcher."""
+        params, seed = job.params, job.params.seed
+        if seed is not None and index:
+            seed = seed + index if seed + index < 2**63 else seed - index
+            params = replace(params, seed=seed)
+        if job.grammar is None or self._grammar is None:
+            return params
+        mask = self._grammar.processor(job.grammar, len(job.prompt_ids))
+        return GuidedParams(**{f.name: getattr(params, f.name) for f in fields(params)}, processors=(mask,))
+
+    def _run_one(self, job: Job, index: int) -> None:
         from moe_local.generation import stream_generate
 
         t0 = time.perf_counter()
         queue_s = t0 - job.queued_at
         outcome, first, tokens = "error", None, 0
-        gen = stream_generate(self.lm, job.prompt_ids, job.params, chat=False)
+        gen = stream_generate(self.lm, job.prompt_ids, self._params_of(job, index), chat=False)
+        raw = codecs.getincrementaldecoder("utf-8")("replace") if job.raw else None
         try:
             for resp in gen:
                 if first is None and resp.token is not None:
@@ -317,7 +429,11 @@ class Engine:
                     outcome = "cancelled"
                     break
                 tokens = resp.generation_tokens
-                job.put(self._step(resp, job.logprobs))
+                step = self._step(resp, job.logprobs)
+                step.index = index
+                if raw is not None:
+                    step.raw = self._raw(raw, resp.token, job.raw_skip)
+                job.put(step)
                 if resp.finish_reason is not None:
                     outcome = resp.finish_reason
         finally:
@@ -333,6 +449,14 @@ class Engine:
                 total_s=end - job.queued_at,
             )
 
+    def _raw(self, decoder: codecs.IncrementalDecoder, token: int | None, skip: frozenset[int]) -> str:
+        """The token's exact text (markers kept), decoded incrementally; the decoder's rest at the end."""
+        if token is None:
+            return decoder.decode(b"", final=True)
+        if token in skip or self._pieces is None:
+            return ""
+        return decoder.decode(self._pieces.piece(token)[1])
+
     def _step(self, resp: Any, logprobs: bool) -> Step:
         step = Step(
             text=resp.text,
@@ -343,5 +467,6 @@ class Engine:
         if logprobs and resp.token is not None and self._pieces is not None:
             step.token_text, step.token_bytes = self._pieces.piece(resp.token)
             step.logprob = resp.logprob
-            step.top = [(*self._pieces.piece(t), lp) for t, lp in resp.top_logprobs]
+            # a token a grammar forbids has log-probability -inf, which JSON cannot carry
+            step.top = [(*self._pieces.piece(t), lp) for t, lp in resp.top_logprobs if lp > float("-inf")]
         return step

@@ -37,6 +37,9 @@ class Step:
         prompt_tokens: tokens in the prompt.
         completion_tokens: tokens generated so far.
         finish_reason: None until the last step, then "stop" or "length".
+        index: which of the request's choices (``n``) the step belongs to.
+        raw: the token's exact text, markers (special tokens) kept: what tool calls are parsed
+            from (only for jobs that ask for it).
     """
 
     text: str
@@ -47,16 +50,29 @@ class Step:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    index: int = 0
+    raw: str = ""
 
 
 @dataclass(eq=False)
 class Job:
-    """A queued generation and the channel its steps come back on."""
+    """A queued request: ``n`` generations of one prompt, one after another, and their channel.
+
+    Attributes:
+        n: how many choices (each seeded ``seed + index``; a generation with no seed is random).
+        grammar: a compiled grammar every choice must follow (``moe_local.grammar``), or None.
+        raw: fill each step's ``raw`` (its exact text); ``raw_skip`` tokens (special tokens that
+            are no call marker) are left out of it.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
     logprobs: bool
     loop: asyncio.AbstractEventLoop
+    n: int = 1
+    grammar: str | None = None
+    raw: bool = False
+    raw_skip: frozenset[int] = frozenset()
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)

@@ -2,8 +2,9 @@
 
 Requests reject wrong types instead of coercing them (``"max_tokens": "8"`` is an error, as it is
 for OpenAI) and ignore fields this server does not know; fields that would change the meaning of
-a request and are not supported (``n > 1``, ``tools``, ``logit_bias`` ...) are refused clearly by
-``check_supported``. Responses follow the shapes the official ``openai`` client parses.
+a request and are not supported (``logit_bias``, ``echo`` ...) are refused clearly by
+``check_supported``; so is a constraint (``response_format``, a forced ``tool_choice``) when the
+grammar engine is not installed. Responses follow the shapes the official ``openai`` client parses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; more only costs a scan per token)
 MAX_STOP_CHARS = 512  # the detokenizer scans for each stop string after every token
 MAX_LOGPROBS = 20
+MAX_N = 8  # choices per request: each is a whole generation, queued like a request of its own
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
@@ -72,6 +74,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """Return the content as plain text.
@@ -126,8 +130,8 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def _check_common(self) -> None:
-        if self.n not in (None, 1):
-            raise ApiError(400, "n must be 1: this server makes one completion per request", param="n")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise ApiError(400, f"n must be between 1 and {MAX_N}", param="n")
         if self.logit_bias:
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -142,6 +146,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
@@ -151,12 +157,45 @@ class ChatCompletionRequest(_Sampling):
             ApiError: 400 naming the option.
         """
         self._check_common()
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        schema = self.json_schema()
+        if schema is not None and self.tool_choice not in (None, "none", "auto"):
+            raise ApiError(
+                400, "send either response_format or a forced tool_choice", param="response_format"
+            )
+        if (schema is not None or self.tool_choice not in (None, "none", "auto")) and self.ignore_eos:
+            raise ApiError(400, "ignore_eos cannot be combined with a constrained reply", param="ignore_eos")
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The schema ``response_format`` asks for: ``{}`` for any JSON object, None for free text.
+
+        Raises:
+            ApiError: 400 for an unknown type or a ``json_schema`` without a schema object.
+        """
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind != "json_schema":
+            raise ApiError(
+                400,
+                "response_format type must be 'text', 'json_object' or 'json_schema'",
+                param="response_format",
+            )
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format",
+            )
+        return schema
 
     def token_limit(self) -> int | None:
         """The most tokens to generate (``max_completion_tokens`` wins over ``max_tokens``)."""
@@ -255,11 +294,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCall(BaseModel):
+    """A call's function: its name and arguments (JSON text); in a delta, either may be absent."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(BaseModel):
+    """A tool call of the reply (``index`` only in streamed deltas)."""
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     """The generated message (or, in a chunk, its delta)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

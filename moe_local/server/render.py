@@ -1,9 +1,13 @@
 """Engine steps -> OpenAI response objects and server-sent-event chunks.
 
-``ChatRenderer`` and ``CompletionRenderer`` share one interface: ``chunks(step)`` returns the
-stream chunks a step produces, ``finish(...)`` the last ones, ``whole(steps)`` the non-streamed
-response. Every response carries ``usage``; a stream carries it in a last chunk with no choices
-when the request asked for ``stream_options.include_usage``.
+``ChatRenderer`` and ``CompletionRenderer`` share one interface: ``start()`` the first chunks,
+``chunks(step)`` the chunks a step produces (for the step's choice, ``step.index``),
+``end(index, reason)`` a choice's last ones, ``close(usage, ...)`` the stream's end, and
+``whole(choices)`` the non-streamed response. Every response carries ``usage`` (completion tokens
+summed over the choices, the prompt counted once, as OpenAI counts); a stream carries it in a last
+chunk with no choices when the request asked for ``stream_options.include_usage``. A chat renderer
+given a tool syntax parses each choice's raw text into ``tool_calls``: whole, or streamed as one
+delta per call once the call is closed.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from moe_local.server.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FunctionCall,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
+from moe_local.server.tool_calls import Call, ToolCallStream, ToolSyntax
 
 DONE = "data: [DONE]\n\n"
 
@@ -39,48 +46,90 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-def usage_of(steps: Sequence[Step], prompt_tokens: int) -> Usage:
-    """Token counts from the last step (the prompt's count when no step came)."""
-    done = steps[-1].completion_tokens if steps else 0
+def usage_of(choices: Sequence[Sequence[Step]], prompt_tokens: int) -> Usage:
+    """Token counts: each choice's last step, summed (the prompt's count alone when no step came)."""
+    done = sum(steps[-1].completion_tokens for steps in choices if steps)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
+
+
+def finish_of(steps: Sequence[Step]) -> str:
+    """A choice's finish reason ("length" when it has none)."""
+    return (steps[-1].finish_reason if steps else None) or "length"
 
 
 class _Renderer:
     prefix = "cmpl"
 
-    def __init__(self, model: str, prompt_tokens: int, logprobs: bool) -> None:
+    def __init__(self, model: str, prompt_tokens: int, logprobs: bool, n: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.logprobs = logprobs
-        self.offset = 0  # characters emitted so far (completion logprobs' text_offset)
+        self.n = n
+
+    def close(self, usage: Usage, include_usage: bool) -> list[str]:
+        """The stream's end: the usage chunk if asked for, then ``[DONE]``."""
+        return [self._usage_chunk(usage), DONE] if include_usage else [DONE]
+
+    def _usage_chunk(self, usage: Usage) -> str:
+        raise NotImplementedError
 
 
 class ChatRenderer(_Renderer):
-    """Builds ``chat.completion`` objects and ``chat.completion.chunk`` events."""
+    """Builds ``chat.completion`` objects and ``chat.completion.chunk`` events.
+
+    Args:
+        model: the served model's name.
+        prompt_tokens: tokens in the prompt.
+        logprobs: report log-probabilities.
+        n: choices.
+        syntax: the model's tool-call syntax when the request has tools (replies are parsed).
+        stop: the request's stop strings (applied to the parsed text).
+    """
 
     prefix = "chatcmpl"
+
+    def __init__(
+        self,
+        model: str,
+        prompt_tokens: int,
+        logprobs: bool,
+        n: int = 1,
+        syntax: ToolSyntax | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(model, prompt_tokens, logprobs, n)
+        self.syntax = syntax
+        self.stop = stop
+        self.streams = [ToolCallStream(syntax, stop) for _ in range(n)] if syntax is not None else []
 
     def _chunk(
         self,
         delta: AssistantMessage,
+        index: int,
         logprobs: ChatLogprobs | None = None,
         finish: str | None = None,
-        usage: Usage | None = None,
     ) -> str:
-        choices = (
-            []
-            if usage is not None
-            else [ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)]
-        )
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
         return sse(
             ChatCompletion(
                 id=self.id,
                 object="chat.completion.chunk",
                 created=self.created,
                 model=self.model,
-                choices=choices,
+                choices=[choice],
+            )
+        )
+
+    def _usage_chunk(self, usage: Usage) -> str:
+        return sse(
+            ChatCompletion(
+                id=self.id,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.model,
+                choices=[],
                 usage=usage,
             )
         )
@@ -101,39 +150,80 @@ class ChatRenderer(_Renderer):
         return ChatLogprobs(content=content)
 
     def start(self) -> list[str]:
-        """The first chunk: the assistant's role."""
-        return [self._chunk(AssistantMessage(role="assistant", content=""))]
+        """The first chunk of each choice: the assistant's role."""
+        return [self._chunk(AssistantMessage(role="assistant", content=""), i) for i in range(self.n)]
 
     def chunks(self, step: Step) -> list[str]:
-        """The chunk carrying a step's text (none when it brings no text and no logprobs)."""
-        if not step.text and step.token_text is None:
-            return []
-        return [self._chunk(AssistantMessage(content=step.text), self._logprobs([step]))]
+        """The chunks a step brings: its text (none when it brings no text and no logprobs), its calls."""
+        if self.syntax is None:
+            text, calls = step.text, []
+        else:
+            text, calls = self.streams[step.index].feed(step.raw)
+        out = []
+        if text or step.token_text is not None:
+            out.append(self._chunk(AssistantMessage(content=text), step.index, self._logprobs([step])))
+        return out + self._call_chunks(step.index, calls)
 
-    def finish(self, finish_reason: str, usage: Usage, include_usage: bool) -> list[str]:
-        """The closing chunks: the finish reason, then the usage if asked for, then ``[DONE]``."""
-        out = [self._chunk(AssistantMessage(), finish=finish_reason)]
-        if include_usage:
-            out.append(self._chunk(AssistantMessage(), usage=usage))
-        return [*out, DONE]
+    def _call_chunks(self, index: int, calls: list[tuple[str, Call]]) -> list[str]:
+        first = len(self.streams[index].calls) - len(calls) if self.streams else 0
+        return [
+            self._chunk(AssistantMessage(tool_calls=[_tool_call(call_id, call, first + k)]), index)
+            for k, (call_id, call) in enumerate(calls)
+        ]
 
-    def whole(self, steps: Sequence[Step]) -> ChatCompletion:
+    def end(self, index: int, finish_reason: str) -> list[str]:
+        """A choice's last chunks: what its parser held back, then its finish reason."""
+        out = []
+        if self.syntax is not None:
+            stream = self.streams[index]
+            text, calls = stream.finish()
+            if text:
+                out.append(self._chunk(AssistantMessage(content=text), index))
+            out += self._call_chunks(index, calls)
+            if stream.calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return [*out, self._chunk(AssistantMessage(), index, finish=finish_reason)]
+
+    def whole(self, choices: Sequence[Sequence[Step]]) -> ChatCompletion:
         """The non-streamed response."""
-        message = AssistantMessage(role="assistant", content="".join(s.text for s in steps))
-        finish = steps[-1].finish_reason if steps else "length"
-        choice = ChatChoice(message=message, logprobs=self._logprobs(steps), finish_reason=finish)
+        out = []
+        for index, steps in enumerate(choices):
+            finish = finish_of(steps)
+            message = AssistantMessage(role="assistant", content="".join(s.text for s in steps))
+            if self.syntax is not None:
+                stream = ToolCallStream(self.syntax, self.stop)
+                content, _ = stream.feed("".join(s.raw for s in steps))
+                content += stream.finish()[0]
+                calls = [_tool_call(call_id, c) for call_id, c in stream.calls]
+                message = AssistantMessage(
+                    role="assistant",
+                    content=content if content or not calls else None,
+                    tool_calls=calls or None,
+                )
+                finish = "tool_calls" if calls and finish == "stop" else finish
+            out.append(
+                ChatChoice(index=index, message=message, logprobs=self._logprobs(steps), finish_reason=finish)
+            )
         return ChatCompletion(
             id=self.id,
             object="chat.completion",
             created=self.created,
             model=self.model,
-            choices=[choice],
-            usage=usage_of(steps, self.prompt_tokens),
+            choices=out,
+            usage=usage_of(choices, self.prompt_tokens),
         )
+
+
+def _tool_call(call_id: str, call: Call, index: int | None = None) -> ToolCall:
+    return ToolCall(index=index, id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 class CompletionRenderer(_Renderer):
     """Builds ``text_completion`` objects and chunks."""
+
+    def __init__(self, model: str, prompt_tokens: int, logprobs: bool, n: int = 1) -> None:
+        super().__init__(model, prompt_tokens, logprobs, n)
+        self.offsets = [0] * n  # characters of each choice so far (logprobs' text_offset)
 
     def _logprobs(self, steps: Sequence[Step]) -> CompletionLogprobs | None:
         if not self.logprobs:
@@ -145,25 +235,18 @@ class CompletionRenderer(_Renderer):
             out.tokens.append(s.token_text)
             out.token_logprobs.append(s.logprob if s.logprob is not None else 0.0)
             out.top_logprobs.append({t: lp for t, _, lp in s.top})
-            out.text_offset.append(self.offset)
-            self.offset += len(s.token_text)
+            out.text_offset.append(self.offsets[s.index])
+            self.offsets[s.index] += len(s.token_text)
         return out
 
     def _chunk(
-        self,
-        text: str,
-        logprobs: CompletionLogprobs | None = None,
-        finish: str | None = None,
-        usage: Usage | None = None,
+        self, text: str, index: int, logprobs: CompletionLogprobs | None = None, finish: str | None = None
     ) -> str:
-        choices = (
-            []
-            if usage is not None
-            else [CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)]
-        )
-        return sse(
-            Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-        )
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
+        return sse(Completion(id=self.id, created=self.created, model=self.model, choices=[choice]))
+
+    def _usage_chunk(self, usage: Usage) -> str:
+        return sse(Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
 
     def start(self) -> list[str]:
         """Text completions start with the first token's chunk."""
@@ -173,25 +256,27 @@ class CompletionRenderer(_Renderer):
         """The chunk carrying a step's text (none when it brings no text and no logprobs)."""
         if not step.text and step.token_text is None:
             return []
-        return [self._chunk(step.text, self._logprobs([step]))]
+        return [self._chunk(step.text, step.index, self._logprobs([step]))]
 
-    def finish(self, finish_reason: str, usage: Usage, include_usage: bool) -> list[str]:
-        """The closing chunks: the finish reason, then the usage if asked for, then ``[DONE]``."""
-        out = [self._chunk("", finish=finish_reason)]
-        if include_usage:
-            out.append(self._chunk("", usage=usage))
-        return [*out, DONE]
+    def end(self, index: int, finish_reason: str) -> list[str]:
+        """A choice's last chunk: its finish reason."""
+        return [self._chunk("", index, finish=finish_reason)]
 
-    def whole(self, steps: Sequence[Step]) -> Completion:
+    def whole(self, choices: Sequence[Sequence[Step]]) -> Completion:
         """The non-streamed response."""
-        finish = steps[-1].finish_reason if steps else "length"
-        choice = CompletionChoice(
-            text="".join(s.text for s in steps), logprobs=self._logprobs(steps), finish_reason=finish
-        )
+        out = [
+            CompletionChoice(
+                index=i,
+                text="".join(s.text for s in steps),
+                logprobs=self._logprobs(steps),
+                finish_reason=finish_of(steps),
+            )
+            for i, steps in enumerate(choices)
+        ]
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[choice],
-            usage=usage_of(steps, self.prompt_tokens),
+            choices=out,
+            usage=usage_of(choices, self.prompt_tokens),
         )

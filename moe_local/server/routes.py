@@ -1,5 +1,10 @@
 """HTTP endpoints: health, models, chat and text completions, tokenize, detokenize and metrics.
 
+``/v1/embeddings`` answers 404 on purpose, naming the alternative: a generative MoE's pooled
+hidden states are not trained as embeddings (retrieval with them is poor, and a user would not
+know), and each embedding would cost a full pass through the offloaded experts, queued behind
+the chats. A small embedding model served beside this one is both better and cheaper.
+
 Bodies are read here (capped at the app's ``max_body``), parsed as strict JSON and validated with
 the pydantic models of ``protocol``; every failure becomes an ``ApiError`` answered in OpenAI's
 error shape by the app's handlers.
@@ -32,7 +37,16 @@ from moe_local.server.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from moe_local.server.render import ChatRenderer, CompletionRenderer, usage_of
+from moe_local.server.render import ChatRenderer, CompletionRenderer, finish_of, usage_of
+from moe_local.server.tool_calls import ToolSyntax
+from moe_local.server.tools import (
+    call_grammar,
+    check_tools,
+    fallback_system,
+    forced_names,
+    template_messages,
+    template_reads,
+)
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
@@ -41,6 +55,11 @@ DISCONNECT_POLL_S = 0.25
 MIN_TEMPERATURE = 1e-5
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+EMBEDDINGS_404 = (
+    "this server does not make embeddings: a chat model's hidden states are poor embeddings; serve an "
+    "embedding model beside it (e.g. llama-server --embedding, or text-embeddings-inference with "
+    "BAAI/bge-small-en-v1.5) and point the client's embeddings base_url there"
+)
 
 
 def _engine(request: Request) -> Engine:
@@ -132,14 +151,14 @@ def _params(
         raise ApiError(400, str(exc)) from exc
 
 
-async def _collect(job: Job, request: Request) -> list[Step] | None:
-    """Gather a job's steps; cancel it and return None if the client disconnects meanwhile."""
-    steps: list[Step] = []
+async def _collect(job: Job, request: Request) -> list[list[Step]] | None:
+    """Gather a job's steps per choice; cancel it and return None if the client disconnects meanwhile."""
+    choices: list[list[Step]] = [[] for _ in range(job.n)]
 
-    async def drain() -> list[Step]:
+    async def drain() -> list[list[Step]]:
         async for step in job.steps():
-            steps.append(step)
-        return steps
+            choices[step.index].append(step)
+        return choices
 
     task = asyncio.ensure_future(drain())
     try:
@@ -159,23 +178,32 @@ async def _collect(job: Job, request: Request) -> list[Step] | None:
 async def _stream(
     job: Job, renderer: ChatRenderer | CompletionRenderer, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Server-sent events of a job; stopping early (the client left) cancels the generation."""
-    steps: list[Step] = []
+    """Server-sent events of a job; stopping early (the client left) cancels the generation.
+
+    The choices come one after another; each ends with its finish reason before the next starts.
+    """
+    choices: list[list[Step]] = [[] for _ in range(job.n)]
     try:
         for chunk in renderer.start():
             yield chunk
         async for step in job.steps():
-            steps.append(step)
+            choices[step.index].append(step)
             for chunk in renderer.chunks(step):
                 yield chunk
+            if step.finish_reason is not None:
+                for chunk in renderer.end(step.index, step.finish_reason):
+                    yield chunk
     except ApiError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"
         yield "data: [DONE]\n\n"
         return
     finally:
         job.cancel()  # no-op after a normal end; stops the worker if the client went away
-    finish = steps[-1].finish_reason if steps else "length"
-    for chunk in renderer.finish(finish or "length", usage_of(steps, renderer.prompt_tokens), include_usage):
+    for index, steps in enumerate(choices):
+        if not steps or steps[-1].finish_reason is None:  # a choice that never got its last step
+            for chunk in renderer.end(index, finish_of(steps)):
+                yield chunk
+    for chunk in renderer.close(usage_of(choices, renderer.prompt_tokens), include_usage):
         yield chunk
 
 
@@ -185,17 +213,21 @@ async def _generate(
     prompt_ids: list[int],
     params: SamplingParams,
     renderer: ChatRenderer | CompletionRenderer,
+    grammar: str | None = None,
+    raw_skip: frozenset[int] | None = None,
 ) -> Response:
     engine = _engine(request)
-    job = engine.submit(prompt_ids, params, logprobs=renderer.logprobs)
+    job = engine.submit(
+        prompt_ids, params, logprobs=renderer.logprobs, n=renderer.n, grammar=grammar, raw_skip=raw_skip
+    )
     if req.stream:
         stream = _stream(job, renderer, req.include_usage())
         weakref.finalize(stream, job.cancel)  # covers a client gone before the first chunk was pulled
         return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-    steps = await _collect(job, request)
-    if steps is None:
+    choices = await _collect(job, request)
+    if choices is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(renderer.whole(steps).model_dump())
+    return JSONResponse(renderer.whole(choices).model_dump())
 
 
 @router.get("/health")
@@ -225,19 +257,53 @@ async def get_model(request: Request, model: str) -> ModelCard:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    """OpenAI chat completions, streamed or not."""
+    """OpenAI chat completions, streamed or not: tools, ``response_format`` and ``n`` included."""
     engine = _engine(request)
     req = await read_json(request, ChatCompletionRequest)
     engine.check_model(req.model)
     req.check_supported()
+    schema = req.json_schema()
     engine.require_ready()
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    ids = await run_in_threadpool(engine.encode, messages, chat=True)
+    tools = check_tools(req.tools) if req.tools and req.tool_choice != "none" else []
+    syntax = engine.tool_syntax() if tools else None
+    messages = _messages(engine, req, tools, syntax)
+    ids = await run_in_threadpool(engine.encode, messages, chat=True, tools=_template_tools(engine, tools))
     engine.check_length(len(ids), "messages")
+    grammar = None
+    forced = forced_names(req.tool_choice, tools) if syntax is not None else None
+    if forced:
+        lark = call_grammar(syntax, tools, forced, engine.literal)
+        grammar = await run_in_threadpool(engine.grammar, lark=lark, what="tool_choice")
+    elif schema is not None:
+        grammar = await run_in_threadpool(engine.grammar, schema=schema, what="response_format")
     top = req.top_logprobs or 0
     params = _params(req, req.token_limit() or engine.lm.context, top)
-    renderer = ChatRenderer(engine.name, len(ids), bool(req.logprobs))
-    return await _generate(request, req, ids, params, renderer)
+    renderer = ChatRenderer(engine.name, len(ids), bool(req.logprobs), req.n or 1, syntax, params.stop)
+    raw_skip = engine.raw_skip(syntax) if syntax is not None else None
+    return await _generate(request, req, ids, params, renderer, grammar, raw_skip)
+
+
+def _template_tools(engine: Engine, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The tools for the chat template: None when it does not read them (they are in a system turn)."""
+    return tools if tools and template_reads(engine.chat_template(), "tools") else None
+
+
+def _messages(
+    engine: Engine, req: ChatCompletionRequest, tools: list[dict[str, Any]], syntax: ToolSyntax | None
+) -> list[dict[str, Any]]:
+    """The messages for the chat template, with tool calls and results; tools described if it cannot."""
+    if syntax is None:
+        plain = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if not any(m.tool_calls or m.role == "tool" for m in req.messages):
+            return plain
+    template = engine.chat_template()
+    syntax = syntax or engine.tool_syntax()
+    messages = template_messages(
+        req.messages, syntax, calls_in_template=template_reads(template, "tool_calls")
+    )
+    if tools and not template_reads(template, "tools"):
+        messages = fallback_system(messages, tools)
+    return messages
 
 
 @router.post("/v1/completions")
@@ -255,8 +321,14 @@ async def completions(request: Request) -> Response:
     ids = await run_in_threadpool(engine.encode, req.single_prompt(), chat=False)
     engine.check_length(len(ids), "prompt")
     params = _params(req, req.max_tokens or COMPLETIONS_MAX_TOKENS, req.logprobs or 0)
-    renderer = CompletionRenderer(engine.name, len(ids), req.logprobs is not None)
+    renderer = CompletionRenderer(engine.name, len(ids), req.logprobs is not None, req.n or 1)
     return await _generate(request, req, ids, params, renderer)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    """Not served here, on purpose (see the module's notes): 404 naming the alternative."""
+    raise ApiError(404, EMBEDDINGS_404, type="not_found_error", code="embeddings_not_served")
 
 
 @router.post("/tokenize")

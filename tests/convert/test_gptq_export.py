@@ -26,6 +26,7 @@ from moe_local.format.gptq_layout import (
     pack_rows,
     qzeros_from_checkpoint,
     qzeros_to_v1,
+    unpack_rows,
 )
 from moe_local.format.gptq_reader import GptqExperts
 from moe_local.format.safetensors_io import CheckpointFiles
@@ -42,13 +43,13 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
-    """Factory: ``exported(family, bits) -> GPTQ folder`` (group size 16), cached for the module."""
+    """Factory: ``exported(family, bits) -> asymmetric GPTQ folder`` (groups of 16), cached per module."""
     made: dict[tuple[str, int], Path] = {}
 
     def make(family: str, bits: int = 4) -> Path:
         if (family, bits) not in made:
             out = tmp_path_factory.mktemp(f"gptq-{family}-{bits}") / "out"
-            made[(family, bits)] = export_gptq(tiny_checkpoint(family), out, bits, 16)
+            made[(family, bits)] = export_gptq(tiny_checkpoint(family), out, bits, 16, sym=False)
         return made[(family, bits)]
 
     return make
@@ -59,28 +60,28 @@ def _logits(lm) -> torch.Tensor:
         return lm.model(IDS).logits
 
 
-def _dequant_int_zero(w: torch.Tensor, bits: int, group_size: int = 16) -> torch.Tensor:
-    codes, scales, zeros = rtn_int_zero(w, bits, group_size)
+def _dequant_int_zero(w: torch.Tensor, bits: int, group_size: int = 16, sym: bool = False) -> torch.Tensor:
+    codes, scales, zeros = rtn_int_zero(w, bits, group_size, sym=sym)
     o, i = w.shape
     groups = codes.view(o, -1, group_size).float() - zeros.float()[..., None]
     return (groups * scales.float()[..., None]).view(o, i)
 
 
-def _int_zero_reference(src: Path, bits: int):
+def _int_zero_reference(src: Path, bits: int, sym: bool = False):
     """The fp32 source with every exported weight replaced by its RTN int-zero reconstruction."""
     from moe_local.convert.gptq_export import _quantizable_linears
 
     ref = load(src)
     for name in _quantizable_linears(ref.model):
         m = ref.model.get_submodule(name)
-        m.weight.data = _dequant_int_zero(m.weight.data, bits)
+        m.weight.data = _dequant_int_zero(m.weight.data, bits, sym=sym)
     for site in ref.sites:
         for e in range(site.num_experts):
             w = ref.store.get(site.layer, e)
             half = w.gate_up.shape[0] // 2
             parts = (w.gate_up[:half], w.gate_up[half:])
-            w.gate_up = torch.cat([_dequant_int_zero(p, bits) for p in parts])
-            w.down = _dequant_int_zero(w.down, bits)
+            w.gate_up = torch.cat([_dequant_int_zero(p, bits, sym=sym) for p in parts])
+            w.down = _dequant_int_zero(w.down, bits, sym=sym)
     return ref
 
 
@@ -245,7 +246,7 @@ def test_offloaded_equals_in_memory_and_sizes(exported):
 def test_gptqmodel_names_option(exported, tiny_mixtral, tmp_path):
     from safetensors import safe_open
 
-    out = export_gptq(tiny_mixtral, tmp_path / "g", 4, 16, names="gptqmodel")
+    out = export_gptq(tiny_mixtral, tmp_path / "g", 4, 16, sym=False, names="gptqmodel")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.0.mlp.experts.3.gate_proj.qweight" in index
     assert not any(".block_sparse_moe." in k or ".w1." in k for k in index)
@@ -281,7 +282,7 @@ def test_reader_reads_gptq_v2_and_refuses_other_formats(exported, tmp_path):
 
 def test_three_bit_end_to_end(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("mixtral", hidden_size=64, num_key_value_heads=4)
-    out = export_gptq(src, tmp_path / "g3", 3, 16)
+    out = export_gptq(src, tmp_path / "g3", 3, 16, sym=False)
     assert CheckpointFiles(out).info("model.layers.0.block_sparse_moe.experts.0.w1.qweight").shape == (6, 64)
     torch.testing.assert_close(
         _logits(load_gptq(out)), _logits(_int_zero_reference(src, 3)), atol=1e-4, rtol=1e-4
@@ -353,7 +354,9 @@ def test_gptqmodel_loads_the_export(exported, tiny_checkpoint, tmp_path):
     """
     qwen = exported("qwen2_moe")
     # GPTQModel 7.6 names Mixtral experts as transformers' unfused modules, not as on disk (which vLLM needs)
-    mixtral = export_gptq(tiny_checkpoint("mixtral"), tmp_path / "gptqmodel-names", 4, 16, names="gptqmodel")
+    mixtral = export_gptq(
+        tiny_checkpoint("mixtral"), tmp_path / "gptqmodel-names", 4, 16, sym=False, names="gptqmodel"
+    )
     torch.save(IDS, tmp_path / "ids.pt")
     # TORCHDYNAMO_DISABLE: GPTQModel torch.compiles its dequantization: seconds spent, nothing changed
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -375,3 +378,223 @@ def test_gptqmodel_loads_the_export(exported, tiny_checkpoint, tmp_path):
         ours32 = _logits(load_gptq(folder, LoadOptions(dtype="float32")))
         assert _cos(ours32, theirs) > 0.9999
         assert torch.equal(ours32.argmax(-1), theirs.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- symmetric GPTQ
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_rtn_uses_the_middle_zero_and_clips_nothing(bits):
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    w[0, :16] = w[0, :16].abs() + 0.5  # all positive: half the grid goes unused, nothing clips
+    w[2, :16] = 0.0
+    codes, scales, zeros = rtn_int_zero(w, bits, 16, sym=True)
+    assert bool((zeros == 1 << (bits - 1)).all())
+    assert int(codes.max()) <= (1 << bits) - 1 and bool((scales > 0).all())
+    groups = codes.view(32, 4, 16).float() - zeros.float()[..., None]
+    w_hat = (groups * scales.float()[..., None]).view(32, 64)
+    err = (w - w_hat).abs().view(32, 4, 16)
+    assert bool((err <= scales.float()[..., None] * 0.51).all())
+    assert torch.equal(w_hat[2, :16], torch.zeros(16))
+
+
+def test_symmetric_qzeros_are_the_v1_words_runtimes_expect():
+    """Zero 2**(bits-1) stored minus one in every field: 0x77777777 at 4 bits, as GPTQModel writes it."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
+    words = {2: 0x55555555, 4: 0x77777777, 8: 0x7F7F7F7F}
+    for bits, word in words.items():
+        q = gptq_tensors(w, bits, 32, sym=True)["qzeros"]
+        assert q.dtype == torch.int32 and bool((q == word).all()), bits
+    three = gptq_tensors(w, 3, 32, sym=True)["qzeros"]  # 32 zeros of 3 in 3 words: a repeating pattern
+    assert torch.equal(qzeros_from_checkpoint(three, 3, 1, 64), torch.full((2, 64), 4, dtype=torch.int64))
+
+
+def test_symmetric_export_is_the_default_and_loads(tiny_mixtral, tmp_path):
+    out = export_gptq(tiny_mixtral, tmp_path / "s", 4, 16)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["sym"] is True and json.loads((out / "quantize_config.json").read_text())["sym"] is True
+    lm = load_gptq(out, LoadOptions(dtype="float32"))
+    w = load(tiny_mixtral).store.get(0, 1).down
+    codes, scales, _ = rtn_int_zero(w, 4, 16, sym=True)
+    expected = ((codes.view(32, -1, 16).float() - 8) * scales.float()[..., None]).view_as(w)
+    assert torch.equal(lm.store.get(0, 1).down.dequantize(), expected)
+    reference = _logits(_int_zero_reference(tiny_mixtral, 4, sym=True))
+    torch.testing.assert_close(_logits(lm), reference, atol=1e-4, rtol=1e-4)
+    q8 = load_gptq(export_gptq(tiny_mixtral, tmp_path / "s8", 8, 16), LoadOptions(dtype="float32"))
+    assert _cos(_logits(load(tiny_mixtral)), _logits(q8)) > 0.999
+
+
+# ----------------------------------------------------------------------------- what vLLM and SGLang read
+# From vLLM's loaders (vllm/model_executor/layers/quantization/auto_gptq.py, gptq.py, moe_wna16.py;
+# SGLang's python/sglang/srt/layers/quantization/gptq.py and moe_wna16.py follow them):
+# * config: quant_method "gptq", bits, group_size, desc_act, sym, lm_head; quantize_config.json;
+#   sym and bits 4/8 with groups -1/32/64/128 -> the Marlin path (linears and experts), which
+#   takes the zero as 2**(bits-1) (uint4b8 / uint8b128) and never reads qzeros' values.
+# * every quantized linear (attention, shared experts, dense MLPs) creates qweight int32
+#   [I / pack, O], g_idx int32 [I], qzeros int32 [G, O / pack], scales [G, O] (fp16 under fp16).
+# * experts map ``experts.{e}.{w1|w3|gate_proj|up_proj}.X`` into ``w13_X`` and
+#   ``experts.{e}.{w2|down_proj}.X`` into ``w2_X``. Marlin (transposed) takes them as they are:
+#   w13_qweight [E, H / pack, 2 * N] int32, w13_scales [E, H / group, 2 * N], w13_qzeros
+#   [E, H / group, 2 * N / pack], w13_g_idx [E, H]; w2_* with H and N swapped.
+# * moe_wna16 (asymmetric, --quantization moe_wna16): qweight.T viewed as uint8 -> w13_qweight
+#   [E, 2 * N, H * bits / 8]; scales.T -> [E, 2 * N, H / group]; 4-bit qzeros viewed as uint8,
+#   each nibble + 1, transposed -> w13_qzeros [E, 2 * N / 2, H / group]; g_idx is skipped. Routers,
+#   ``shared_expert_gate``, norms, embeddings and lm_head: ``.weight`` in float.
+
+
+def _vllm_linear_reads(in_f: int, out_f: int, bits: int, group: int) -> dict:
+    """What a GPTQ linear's create_weights registers (name -> (shape, dtype)) for ``[out_f, in_f]``."""
+    pack, g = 32 // bits, in_f // group
+    return {
+        "qweight": ((in_f // pack, out_f), torch.int32),
+        "g_idx": ((in_f,), torch.int32),
+        "qzeros": ((g, out_f // pack), torch.int32),
+        "scales": ((g, out_f), torch.float16),
+    }
+
+
+def _wna16_int4_zeros(qzeros: torch.Tensor) -> torch.Tensor:
+    """moe_wna16's reading of v1 4-bit qzeros: bytes, each nibble plus one, back in bytes (uint8 [G, O/2])."""
+    b = qzeros.contiguous().view(torch.uint8)
+    lo, hi = (b & 0xF) + 1, (b >> 4) + 1
+    return lo + hi * 16
+
+
+def _nibbles(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, C] -> codes [R, 2C], low nibble first (how moe_wna16's kernel reads a byte)."""
+    return torch.stack([b & 0xF, b >> 4], dim=-1).view(b.shape[0], -1).to(torch.int64)
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym-marlin", "asym-moe_wna16"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_every_tensor_vllm_and_sglang_read(tiny_checkpoint, tmp_path, family, sym):
+    from safetensors import safe_open
+
+    bits, group = 4, 32
+    overrides = (
+        {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {}
+    )
+    src = tiny_checkpoint(family, **overrides)
+    out = export_gptq(src, tmp_path / "g", bits, group, sym=sym)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["desc_act"], q["sym"], q["lm_head"]) == (
+        "gptq", bits, group, False, sym, False)  # fmt: skip
+    assert q["checkpoint_format"] == "gptq" and not q.get("is_marlin_format")  # not pre-packed Marlin
+    assert json.loads((out / "quantize_config.json").read_text()) == q
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    src_files, files = CheckpointFiles(src), CheckpointFiles(out)
+    assert set(index) == set(files.names())
+    quantized = re.compile(
+        r"\.(self_attn\.[qkvo]_proj|experts\.\d+\.(w[123]|gate_proj|up_proj|down_proj)"
+        r"|shared_expert\.(gate|up|down)_proj|mlp\.(gate|up|down)_proj)\.weight$"
+    )
+    linears = 0
+    for key in src_files.names():
+        if quantized.search(key):  # a linear vLLM builds with the GPTQ method: its four tensors
+            out_f, in_f = src_files.info(key).shape
+            prefix = key.removesuffix(".weight")
+            for name, (shape, dtype) in _vllm_linear_reads(in_f, out_f, bits, group).items():
+                info = files.info(f"{prefix}.{name}")
+                assert (tuple(info.shape), info.dtype) == (shape, dtype), f"{prefix}.{name}"
+            assert key not in index
+            linears += 1
+        else:  # routers, shared_expert_gate, norms, embeddings, lm_head: read as they are
+            assert key in index and files.info(key).dtype == src_files.info(key).dtype, key
+            assert tuple(files.info(key).shape) == tuple(src_files.info(key).shape)
+    assert linears > 0 and not [k for k in index if re.search(r"\.(gate|shared_expert_gate)\.q", k)]
+
+    # the experts of layer 0 as vLLM fuses them, checked against create_weights' shapes and values
+    ref = load_gptq(out, LoadOptions(dtype="float32"))
+    site = ref.sites[0]
+    config = json.loads((src / "config.json").read_text())
+    hidden = config["hidden_size"]
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    experts = config.get("num_local_experts") or config["num_experts"]
+    experts_prefix = {
+        "mixtral": "model.layers.0.block_sparse_moe.experts",
+        "qwen2_moe": "model.layers.0.mlp.experts",
+    }[family]
+    parts = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    pack = 32 // bits
+
+    def read(e: int, part: str, name: str) -> torch.Tensor:
+        key = f"{experts_prefix}.{e}.{part}.{name}"
+        with safe_open(str(out / index[key]), "pt") as f:
+            return f.get_tensor(key)
+
+    for e in range(experts):
+        w13 = {
+            name: torch.cat([read(e, p, name) for p in parts[:2]], dim=-1)
+            for name in ("qweight", "qzeros", "scales")
+        }
+        w2 = {name: read(e, parts[2], name) for name in ("qweight", "qzeros", "scales")}
+        want = ref.store.get(site.layer, e)
+        if sym:  # Marlin: transposed, as stored; the zero is 8 whatever qzeros holds
+            assert tuple(w13["qweight"].shape) == (hidden // pack, 2 * inter)
+            assert tuple(w13["scales"].shape) == (hidden // group, 2 * inter)
+            assert tuple(w13["qzeros"].shape) == (hidden // group, 2 * inter // pack)
+            assert tuple(w2["qweight"].shape) == (inter // pack, hidden)
+            assert tuple(w2["scales"].shape) == (inter // group, hidden)
+            assert tuple(w2["qzeros"].shape) == (inter // group, hidden // pack)
+            for t, w in ((w13, want.gate_up), (w2, want.down)):
+                codes = unpack_rows(t["qweight"], bits).t().float()  # [O, I]
+                scale = t["scales"].t().float().repeat_interleave(group, dim=1)
+                assert torch.equal((codes - 8) * scale, w.dequantize().float())
+        else:  # moe_wna16: qweight.T as bytes, scales.T, qzeros nibbles + 1
+            qw13 = w13["qweight"].t().contiguous().view(torch.uint8)
+            qw2 = w2["qweight"].t().contiguous().view(torch.uint8)
+            assert tuple(qw13.shape) == (2 * inter, hidden // (8 // bits))
+            assert tuple(qw2.shape) == (hidden, inter // (8 // bits))
+            z13 = torch.cat([_wna16_int4_zeros(read(e, p, "qzeros")).t() for p in parts[:2]])
+            z2 = _wna16_int4_zeros(w2["qzeros"]).t()
+            assert tuple(z13.shape) == (2 * inter // 2, hidden // group)
+            assert tuple(z2.shape) == (hidden // 2, inter // group)
+            assert tuple(w13["scales"].t().shape) == (2 * inter, hidden // group)
+            for qw, z, s, w in ((qw13, z13, w13["scales"], want.gate_up), (qw2, z2, w2["scales"], want.down)):
+                codes = _nibbles(qw).float()  # [O, I]
+                zeros = _nibbles(z.t().contiguous()).t().float().repeat_interleave(group, dim=1)  # [O, I]
+                scale = s.t().float().repeat_interleave(group, dim=1)
+                assert torch.equal((codes - zeros) * scale, w.dequantize().float())
+
+
+def test_serving_notes():
+    from moe_local.convert.gptq_export import serving_notes
+
+    sym = serving_notes("out", 4, 128, True)
+    assert sym == [
+        "serve with vLLM:   vllm serve out",
+        "serve with SGLang: python -m sglang.launch_server --model-path out",
+    ]
+    asym = "\n".join(serving_notes("out", 4, 128, False))
+    assert "vllm serve out --quantization moe_wna16 --dtype float16" in asym
+    assert "--model-path out --quantization moe_wna16 --dtype float16" in asym
+    assert "per channel" in serving_notes("out", 8, 128, False)[0]
+    assert "4- and 8-bit" in serving_notes("out", 3, 128, True)[0]
+    assert "groups of 32, 64 or 128" in serving_notes("out", 4, 16, True)[0]
+
+
+def test_cli_sym_and_asym(tiny_mixtral, tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, run_cli
+
+    code, out, err = run_cli(
+        capsys, "quantize", str(tiny_mixtral), str(tmp_path / "s"), "--format", "gptq", "--group-size", "32"
+    )
+    assert code == 0, err
+    assert "symmetric" in out and "vllm serve" in out and "moe_wna16" not in out
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["sym"] is True
+    code, out, err = run_cli(
+        capsys,
+        "quantize",
+        str(tiny_mixtral),
+        str(tmp_path / "a"),
+        "--format",
+        "gptq",
+        "--group-size",
+        "32",
+        "--asym",
+    )
+    assert code == 0, err
+    assert "asymmetric" in out and "--quantization moe_wna16 --dtype float16" in out
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["sym"] is False
+    code, _, err = run_cli(capsys, "quantize", str(tiny_mixtral), str(tmp_path / "m"), "--asym")
+    assert_one_line_error(code, err, "--format moe-local does not take --sym/--asym")

@@ -5,12 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_local.quant import QType, QuantizedTensor, QuantLinear, int8_kernel, kernels, pack_codes, quantize
+from moe_local.quant import (
+    QType,
+    QuantizedTensor,
+    QuantLinear,
+    int8_kernel,
+    kernels,
+    native,
+    pack_codes,
+    quantize,
+)
 from moe_local.quant.pack import unpack_codes
 
 HAS_INT4 = kernels.int4_kernel_available() and kernels.layout_reversible()
 HAS_INT8 = int8_kernel.int8_kernel_available()
 BF16_REL = 1e-2  # as in test_quant_tensor: bf16 weights/scales and output against an fp32 reference
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about torch's kernels and their layouts: moe-local's own one (``native``,
+    which reads the stored codes and converts nothing) is tested in test_native.py."""
+    monkeypatch.setattr(native, "available", lambda: False)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,10 +75,13 @@ def test_int4_layout_converts_back_exactly(bits: int, o: int) -> None:
         assert torch.equal(kernels.unpack_int4_rows(layout, bits, (o, i), start, end), codes[start:end])
 
 
-@pytest.mark.parametrize("bits", [4, 3, 2, 8])
-def test_first_kernel_call_leaves_one_copy(bits: int) -> None:
-    if not (HAS_INT8 if bits == 8 else HAS_INT4):
+@pytest.mark.parametrize("kind", ["4", "3", "2", "8-split", "8-group"])
+def test_first_kernel_call_leaves_one_copy(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    bits = int(kind[0])
+    if not (HAS_INT4 if kind != "8-group" else HAS_INT8):
         pytest.skip("no CPU kernel for these bits in this torch")
+    if kind == "8-group":
+        monkeypatch.setattr(int8_kernel, "SPLIT_MAX_WEIGHTS", 0)  # as for a large weight
     qt, blob = _blob_backed(bits)
     packed, scales, zeros = (t.clone() for t in qt.tensors().values())
     ref = qt.dequantize()
@@ -73,16 +92,18 @@ def test_first_kernel_call_leaves_one_copy(bits: int) -> None:
     assert sum(held.values()) == qt.nbytes + qt.kernel_cache_nbytes
     o, i = qt.shape
     groups = o * i // 64
-    codes = o * i if bits == 8 else o * i // 2  # the kernel layout: 8 or 4 bits a code, once
-    params = groups * (2 + 4) if bits == 8 else groups * 2 * 2  # bf16 scale + fp32 zero term / bf16 (s, b)
+    codes = o * i if bits == 8 else o * i // 2  # the kernel layouts: 8 or 4 bits a code, once
+    # per group: bf16 (s, b) for the int4 kernel, twice for the nibbles, bf16 scale + fp32 zero term
+    params = {"8-split": 8, "8-group": 2 + 4}.get(kind, 4) * groups
     assert qt.nbytes == scales.nbytes + zeros.nbytes and qt.kernel_cache_nbytes == codes + params
     # converting back is exact: the saved tensors, the reference path and dequantize are unchanged
     assert all(torch.equal(a, b) for a, b in zip(qt.tensors().values(), (packed, scales, zeros), strict=True))
     assert torch.equal(qt.dequantize(), ref)
+    for start, end in [(0, 1), (5, 70), (130, 144)]:
+        assert torch.equal(qt.dequantize_rows(start, end), ref[start:end])
     x = _x(120)
-    assert torch.equal(
-        qt.linear(x, use_kernel=False), quantize_like(packed, scales, zeros, qt).linear(x, use_kernel=False)
-    )
+    fresh = quantize_like(packed, scales, zeros, qt)
+    assert torch.equal(qt.linear(x, use_kernel=False), fresh.linear(x, use_kernel=False))
     qt.clear_kernel_cache()
     assert qt.kernel_cache_nbytes == 0 and torch.equal(qt.packed, packed)
 
@@ -107,24 +128,34 @@ def test_int4_numerics_bit_identical_to_torch_conversion(bits: int) -> None:
         expected = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, 64, scale_bias)
         assert torch.equal(qt.linear(x), expected)
     # the reference path reads codes back from the layout for more rows than the kernel takes
+    # (and runs bf16 rows as a float32 matmul)
     x = _x(200)
-    assert torch.equal(qt.linear(x), torch.nn.functional.linear(x, qt.dequantize(torch.bfloat16)))
+    expected = torch.nn.functional.linear(x.float(), qt.dequantize(torch.float32)).to(torch.bfloat16)
+    assert torch.equal(qt.linear(x), expected)
 
 
 @pytest.mark.skipif(not HAS_INT8, reason="this torch has no CPU int8 weight matmul")
 @pytest.mark.parametrize("group", [16, 64, 128])
 @pytest.mark.parametrize("m", [1, 5, 200])
-def test_int8_kernel_close_to_reference(group: int, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("split_max", [0, 1 << 21])  # large weights: per group; small ones: nibbles
+def test_8bit_kernels_close_to_reference(
+    group: int, m: int, split_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
-    real = int8_kernel.int8_linear
-    monkeypatch.setattr(int8_kernel, "int8_linear", lambda *a: calls.append(1) or real(*a))
+    for name in ("int8_linear", "split_linear"):
+        real = getattr(int8_kernel, name)
+        monkeypatch.setattr(
+            int8_kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    monkeypatch.setattr(int8_kernel, "SPLIT_MAX_WEIGHTS", split_max)
     qt = quantize(torch.randn(80, 256, generator=torch.Generator().manual_seed(group)), QType(8, group))
     x = _x(m)
     ref = x.float() @ qt.dequantize().T
     y = qt.linear(x)
-    assert calls and y.dtype == torch.bfloat16 and _rel(y, ref) < BF16_REL
+    assert y.dtype == torch.bfloat16 and _rel(y, ref) < BF16_REL
     assert _rel(qt.linear(x, use_kernel=False), ref) < BF16_REL
-    assert len(calls) == 1
+    nibbles = split_max and HAS_INT4 and group != 16  # the int4 kernel takes groups of 32 to 256
+    assert calls == ["split_linear" if nibbles else "int8_linear"]
 
 
 @pytest.mark.skipif(not HAS_INT4, reason="no reversible CPU int4 layout in this torch")
@@ -181,9 +212,11 @@ def test_quant_linear_holds_one_copy_and_saves_the_codes() -> None:
 
 @pytest.mark.skipif(not HAS_INT8, reason="this torch has no CPU int8 weight matmul")
 def test_int8_kernel_same_numbers_in_row_chunks_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8_kernel, "SPLIT_MAX_WEIGHTS", 0)  # the per-group kernel
     qt = quantize(torch.randn(200, 256, generator=torch.Generator().manual_seed(3)), QType(8, 64))
     x = _x(9)
     y = qt.linear(x)
+    assert int8_kernel.int8_kernel_available() and "int8" in qt._kernel
     monkeypatch.setattr(int8_kernel, "_PARTIAL_BYTES", 9 * 2 * 64)  # 64 output rows per call
     monkeypatch.setattr(int8_kernel, "_THREADED_MACS", 0)  # torch's threads for every call
     assert torch.equal(qt.linear(x), y)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moe_local.quant.tensor as qtensor_mod
-from moe_local.quant import QType, QuantizedTensor, bits_per_weight, kernels, pack_codes, quantize
+from moe_local.quant import QType, QuantizedTensor, bits_per_weight, kernels, native, pack_codes, quantize
 
 N_OUT, N_IN = 256, 512
 ALL_BITS = (8, 4, 3, 2)
@@ -62,6 +62,7 @@ def test_linear_bf16_matches_dequantized(bits: int, use_kernel: bool | None, lea
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
 def test_kernel_is_used_for_2_to_4bit_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "available", lambda: False)  # torch's kernel (native: test_native.py)
     calls = []
     real = kernels.int4_linear
 
@@ -89,7 +90,8 @@ def test_kernel_is_used_for_2_to_4bit_bf16(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
-def test_kernel_matches_reference_path_large_row_count() -> None:
+def test_kernel_matches_reference_path_large_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "available", lambda: False)  # torch's kernel (native: test_native.py)
     qt = _qt(4, group=128, o=320)
     x = _x(200).to(torch.bfloat16)  # above KERNEL_MAX_TOKENS: auto takes the reference path
     ref = qt.linear(x.float())

@@ -4,11 +4,14 @@ Two servers start in parallel once per session (loading takes most of the time):
 (default options, a custom model name, logging at info level so tests can read its one-line
 notices) and ``key_server`` (an API key, ``max_queue=1`` and a 48-token context, for auth,
 queue-full and fuzz tests whose generations must stay short). Neither may log a traceback.
+``tools_server`` (started on first use) serves a tiny model whose chat template renders tools the
+way Qwen's does (``<tool_call>`` JSON), with a 2048-token context and ``--cors-origin``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +28,27 @@ from tests.server.harness import free_port
 STARTUP_TIMEOUT_S = 120.0
 MODEL_NAME = "tiny-moe"
 API_KEY = "test-key-123"
+CORS_ORIGIN = "http://localhost:3000"
+# Qwen2.5's way with tools, shortened: the tiny tokenizer spends a token per byte
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
+    "Tools:\n<tools>{% for t in tools %}\n{{ t.function | tojson }}{% endfor %}\n</tools>\n"
+    'Call one: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|>\n'
+    "{%- elif messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and loop.first %}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{%- elif m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # what a server must never log, whatever clients do: tracebacks, unhandled errors, ASGI misuse
 LOG_ALARMS = ("Traceback", "unhandled error", "Exception in ASGI application", "ASGI callable")
 
@@ -158,3 +182,30 @@ def server(servers) -> Server:
 def key_server(servers) -> Server:
     """The server with an API key, max_queue=1 and a 48-token context."""
     return servers[1]
+
+
+def tools_checkpoint(folder: Path, tmp: Path) -> Path:
+    """A copy of a tiny checkpoint whose chat template renders tools (``TOOLS_TEMPLATE``)."""
+    from transformers import AutoTokenizer
+
+    out = tmp / "tiny-tools"
+    shutil.copytree(folder, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = TOOLS_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tools_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    """A server of a tiny model with a tool-rendering template, a 2048-token context and CORS on."""
+    tmp = tmp_path_factory.mktemp("tools")
+    model = tools_checkpoint(tiny_checkpoint("mixtral", max_position_embeddings=2048), tmp)
+    server = _start(model, tmp / "tools.log", "tiny-tools", "--cors-origin", CORS_ORIGIN, log_level="info")
+    try:
+        _wait_ready(server, time.monotonic() + STARTUP_TIMEOUT_S)
+        yield server
+    finally:
+        _stop(server)
+    if server.alarms():
+        pytest.fail(f"the server logged a traceback or an error of its own:\n{server.log_text()}")

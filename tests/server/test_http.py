@@ -54,9 +54,13 @@ def test_malformed_json_is_400(server, raw):
         ({"stop": 5}, "stop"),
         ({"seed": 2**70}, "seed"),
         ({"stream": "yes"}, "stream"),
-        ({"n": 3}, "n"),
+        ({"n": 9}, "n"),  # n choices are served up to MAX_N (8)
+        ({"n": 0}, "n"),
         ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(server, change, param):

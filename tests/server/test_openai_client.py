@@ -153,7 +153,7 @@ def test_errors_reach_the_client_as_openai_errors(server):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)
     assert "no-such-model" in err.value.message
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=2, n=2)
+        client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=2, n=9)
     assert err.value.body["param"] == "n"
     with server.http() as http:
         n = http.post("/tokenize", json={"prompt": "a" * 300}).json()["count"]

@@ -62,6 +62,7 @@ def test_a_port_out_of_range_fails_before_loading(tmp_path):
         ({"log_level": "loud"}, "unknown log level 'loud'; choose one of critical"),
         ({"api_key": " key"}, "the API key must be printable ASCII"),
         ({"api_key": "k\u00e9y"}, "the API key must be printable ASCII"),
+        ({"cors_origin": "localhost:3000/app"}, "--cors-origin 'localhost:3000/app' is not an origin"),
     ],
 )
 def test_serve_checks_its_arguments_before_loading(tmp_path, kwargs, message):
@@ -76,3 +77,22 @@ def test_a_port_in_use_fails_before_loading(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(MoeLocalError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             serve(tmp_path / "no-such-model", port=port)
+
+
+def test_a_bad_cors_origin_fails_before_loading(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_local.server",
+            str(tmp_path / "no-such-model"),
+            "--cors-origin",
+            "http://a/b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --cors-origin 'http://a/b' is not an origin")

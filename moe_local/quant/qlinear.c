@@ -1,0 +1,227 @@
+/* moe-local's CPU kernel for group-wise quantized weights: y = x @ W_hat^T.
+ *
+ * Reads the codes in moe-local's own packing (moe_local/quant/pack.py), so the stored codes are the
+ * one copy in RAM: nothing is converted at load. W_hat = (q - zero) * scale per group of `group`
+ * weights along I, scale and zero fp16 [O, G].
+ *
+ * The activations are quantized per chunk to int8 (as llama.cpp's Q8_0 does) and the codes are
+ * multiplied with them as integers (AVX2 maddubs: 32 multiply-adds per instruction), one float
+ * multiply-add per chunk:
+ *
+ *     sum_j (q_j - z) s x_j  =  s * (dx * sum_j q_j xq_j  -  z * sum_j x_j)
+ *
+ * where dx is the chunk's activation scale and sum_j x_j the group's sum of the rounded activations.
+ *
+ * A chunk is 32 bytes of codes: 64 4-bit codes (byte k = c[2k] | c[2k+1] << 4), 128 2-bit codes
+ * (byte k = c[4k] | c[4k+1] << 2 | ...), or 32 8-bit codes. Its codes split into P = 8 / bits
+ * "planes" of 32 values (plane p holds codes P*k + p), and the activations are laid out the same way
+ * once per call, so no code is ever moved. 8-bit codes run signed (q - 128) with the sign trick,
+ * since maddubs multiplies an unsigned byte by a signed one and 255 * 127 * 2 would saturate.
+ *
+ * Shapes: x [M, I] float32, y [M, O] float32, codes [O, I * bits / 8] uint8, scales/zeros [O, G].
+ * Built at first use by moe_local/quant/native.py with the machine's C compiler (-mavx2 -mfma -mf16c).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CHUNK_BYTES 32
+
+int moe_local_qlinear_abi(void) { return 1; }
+
+/* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale. */
+static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, float *dx, float *sumx) {
+    const int planes = 8 / bits;
+    const int per_chunk = CHUNK_BYTES * planes;
+    const int chunks = I / per_chunk;
+    const int chunks_per_group = group / per_chunk;
+    for (int c = 0; c < chunks; c++) {
+        const float *xc = x + (size_t)c * per_chunk;
+        float amax = 0.0f;
+        for (int j = 0; j < per_chunk; j++) amax = fmaxf(amax, fabsf(xc[j]));
+        const float d = amax / 127.0f;
+        const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+        dx[c] = d;
+        int8_t *out = xq + (size_t)c * per_chunk;
+        int total = 0;
+        for (int k = 0; k < CHUNK_BYTES; k++)
+            for (int p = 0; p < planes; p++) {
+                const int q = (int)lrintf(xc[planes * k + p] * inv);
+                out[p * CHUNK_BYTES + k] = (int8_t)q;
+                total += q;
+            }
+        /* the zero term uses the same rounded activations as the dot, so the two stay consistent:
+           sum_j (q_j - z) xq_j, not sum_j q_j xq_j - z sum_j x_j (z near 128 would amplify the rounding) */
+        const int g = c / chunks_per_group;
+        if (c % chunks_per_group == 0) sumx[g] = 0.0f;
+        sumx[g] += d * (float)total;
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* The P planes of one 32-byte chunk of codes, as unsigned bytes (8 bits: signed q - 128). */
+static inline __attribute__((always_inline)) void chunk_planes(const uint8_t *w, const int bits, __m256i *planes) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)w);
+    if (bits == 4) {
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        planes[0] = _mm256_and_si256(bytes, mask);
+        planes[1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    } else if (bits == 2) {
+        const __m256i mask = _mm256_set1_epi8(0x03);
+        planes[0] = _mm256_and_si256(bytes, mask);
+        planes[1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 2), mask);
+        planes[2] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+        planes[3] = _mm256_and_si256(_mm256_srli_epi16(bytes, 6), mask);
+    } else {
+        planes[0] = _mm256_xor_si256(bytes, _mm256_set1_epi8((char)0x80));
+    }
+}
+
+/* Integer dot of one chunk's planes with one token's activations: 8 int32 partial sums. */
+static inline __attribute__((always_inline)) __m256i chunk_dot(const __m256i *planes, const int8_t *xq,
+                                                                const int bits) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc16;
+    if (bits == 8) { /* signed codes q - 128, |q - 128| <= 128 and |xq| <= 127: pairs <= 32512 */
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), planes[0]);
+        acc16 = _mm256_maddubs_epi16(_mm256_abs_epi8(planes[0]), xs);
+    } else { /* 4 bits: 2 planes, pairs <= 2 * 15 * 127; 2 bits: 4 planes, pairs <= 2 * 3 * 127 */
+        acc16 = _mm256_maddubs_epi16(planes[0], _mm256_loadu_si256((const __m256i *)xq));
+        for (int p = 1; p < 8 / bits; p++)
+            acc16 = _mm256_add_epi16(
+                acc16, _mm256_maddubs_epi16(planes[p], _mm256_loadu_si256((const __m256i *)(xq + 32 * p))));
+    }
+    return _mm256_madd_epi16(acc16, ones);
+}
+
+/* One output row for NT tokens (1 to 4; each chunk's codes are unpacked once for all of them).
+ * `bits` and `NT` are constants in each caller, so the branches and loops fold away. */
+static inline __attribute__((always_inline)) void row_dot(const uint8_t *codes, const uint16_t *scales,
+                                                          const uint16_t *zeros, int I, const int bits, int group,
+                                                          const int8_t *xq, const float *dx, const float *sumx,
+                                                          const int NT, float *y, int y_stride) {
+    const int per_chunk = CHUNK_BYTES * (8 / bits);
+    const int chunks_per_group = group / per_chunk;
+    const int groups = I / group, chunks = I / per_chunk;
+    /* 8-bit codes ran as q - 128: sum (q - z) x = sum (q - 128) x - (z - 128) sum x */
+    const float shift = bits == 8 ? 128.0f : 0.0f;
+    float zterm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    {
+        __m256 zacc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int g = 0;
+        for (; g + 8 <= groups; g += 8) { /* the zero term, 8 groups at a time */
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + g)));
+            const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zeros + g)));
+            const __m256 sz = _mm256_mul_ps(s, _mm256_sub_ps(z, _mm256_set1_ps(shift)));
+            for (int t = 0; t < NT; t++)
+                zacc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sumx + (size_t)t * groups + g), zacc[t]);
+        }
+        for (int t = 0; t < NT; t++) zterm[t] = hsum(zacc[t]);
+        for (; g < groups; g++) {
+            const float sz = _cvtsh_ss(scales[g]) * (_cvtsh_ss(zeros[g]) - shift);
+            for (int t = 0; t < NT; t++) zterm[t] += sz * sumx[(size_t)t * groups + g];
+        }
+    }
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int c = 0;
+    for (int g = 0; g < groups; g++) {
+        const float s = _cvtsh_ss(scales[g]);
+        for (int k = 0; k < chunks_per_group; k++, c++) {
+            __m256i planes[4];
+            chunk_planes(codes + (size_t)c * CHUNK_BYTES, bits, planes);
+            for (int t = 0; t < NT; t++) {
+                const __m256i dot = chunk_dot(planes, xq + (size_t)t * I + (size_t)c * per_chunk, bits);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * dx[(size_t)t * chunks + c]),
+                                         acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * y_stride] = hsum(acc[t]) - zterm[t];
+}
+
+/* All rows, tokens 4 at a time, for one code width. */
+#define ROWS_NT(BITS, NT)                                                                                  \
+    row_dot(w, s, z, I, BITS, group, xq + (size_t)m * I, dx + (size_t)m * chunks, sumx + (size_t)m * groups, \
+            NT, y + (size_t)m * O + o, O)
+#define ROWS(BITS)                                                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                   \
+    for (int o = 0; o < O; o++) {                                                                        \
+        const uint8_t *w = codes + (size_t)o * row_bytes;                                                 \
+        const uint16_t *s = scales + (size_t)o * groups, *z = zeros + (size_t)o * groups;                \
+        int m = 0;                                                                                        \
+        for (; m + 4 <= M; m += 4) ROWS_NT(BITS, 4);                                                      \
+        switch (M - m) {                                                                                  \
+            case 3: ROWS_NT(BITS, 3); break;                                                              \
+            case 2: ROWS_NT(BITS, 2); break;                                                              \
+            case 1: ROWS_NT(BITS, 1); break;                                                              \
+        }                                                                                                 \
+    }
+
+/* y[M, O] = x[M, I] @ W_hat^T. Returns 0, or -1 when a temporary buffer cannot be allocated. */
+int moe_local_qlinear(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int O, int I,
+                      int bits, int group, const float *x, int M, float *y, int threads) {
+    const int planes = 8 / bits;
+    const int chunks = I / (CHUNK_BYTES * planes);
+    const int groups = I / group;
+    const size_t row_bytes = (size_t)I * bits / 8;
+    int8_t *xq = malloc((size_t)M * I);
+    float *dx = malloc(sizeof(float) * (size_t)M * chunks);
+    float *sumx = malloc(sizeof(float) * (size_t)M * groups);
+    if (!xq || !dx || !sumx) {
+        free(xq), free(dx), free(sumx);
+        return -1;
+    }
+    for (int m = 0; m < M; m++)
+        quantize_x(x + (size_t)m * I, I, bits, group, xq + (size_t)m * I, dx + (size_t)m * chunks,
+                   sumx + (size_t)m * groups);
+    if (bits == 4) {
+        ROWS(4)
+    } else if (bits == 8) {
+        ROWS(8)
+    } else {
+        ROWS(2)
+    }
+    free(xq), free(dx), free(sumx);
+    return 0;
+}
+
+/* W_hat rows [start, end) as float32 [end - start, I]: the prefill path's dequantization (many tokens
+ * then run as one float32 matmul, which on AVX2 is several times faster than bf16's). */
+void moe_local_dequantize(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int I, int bits,
+                          int group, int start, int end, float *out, int threads) {
+    const int groups = I / group;
+    const size_t row_bytes = (size_t)I * bits / 8;
+    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int r = start; r < end; r++) {
+        const uint8_t *w = codes + (size_t)r * row_bytes;
+        float *o = out + (size_t)(r - start) * I;
+        for (int g = 0; g < groups; g++) {
+            /* (q - z) * s in float32, rounded as torch's reference path rounds it: bit-identical */
+            const float s = _cvtsh_ss(scales[(size_t)r * groups + g]);
+            const float z = _cvtsh_ss(zeros[(size_t)r * groups + g]);
+            const uint8_t *wg = w + (size_t)g * group / per_byte;
+            float *og = o + (size_t)g * group;
+            if (bits == 8) {
+                for (int j = 0; j < group; j++) og[j] = ((float)wg[j] - z) * s;
+            } else if (bits == 4) {
+                for (int j = 0; j < group / 2; j++) {
+                    og[2 * j] = ((float)(wg[j] & 15) - z) * s;
+                    og[2 * j + 1] = ((float)(wg[j] >> 4) - z) * s;
+                }
+            } else {
+                for (int j = 0; j < group / per_byte; j++)
+                    for (int p = 0; p < per_byte; p++) og[per_byte * j + p] = ((float)((wg[j] >> (bits * p)) & mask) - z) * s;
+            }
+        }
+    }
+}
