@@ -72,3 +72,48 @@ def test_eval_checks_the_text_before_loading(tiny_mixtral, tmp_path, capsys, mon
         text.write_text("  \n")
     code, _, err = run_cli(capsys, "eval", str(tiny_mixtral), "--text", str(text))
     assert_one_line_error(code, err, "--text", str(text))
+
+
+def test_second_half_scores_what_llama_perplexity_scores(tiny_lm):
+    ids = tiny_lm.tokenizer.encode(TEXT)
+    context = 64
+    res = perplexity(tiny_lm, TEXT, context=context, score="second-half")
+    nll, n = 0.0, 0
+    first = context // 2
+    with torch.no_grad():
+        for s in range(0, len(ids) - context + 1, context):  # full windows only
+            w = torch.tensor([ids[s : s + context]])
+            logp = torch.log_softmax(tiny_lm.model(w).logits[0, first:-1], -1)
+            nll -= float(logp.gather(1, w[0, first + 1 :, None]).sum())
+            n += context - 1 - first
+    assert res.tokens == n == (len(ids) // context) * 31 and res.score == "second-half"
+    assert math.isclose(res.perplexity, math.exp(nll / n), rel_tol=1e-4)
+
+
+def test_second_half_window_nll_drops_the_tail(tiny_lm):
+    from moe_local.evaluate import window_nll
+
+    ids = torch.arange(3, 3 + 37) % 200  # 4 windows of 8 and a tail of 5
+    one = window_nll(tiny_lm.model, ids, 8, score="second-half")
+    two = window_nll(tiny_lm.model, ids, 8, batch=3, score="second-half")
+    assert one[1] == two[1] == 4 * 3  # predictions of tokens 5, 6, 7 of each window
+    assert abs(one[0] - two[0]) < 1e-3 * abs(one[0])
+
+
+def test_second_half_needs_a_full_window(tiny_lm):
+    from moe_local.errors import MoeLocalError
+
+    with pytest.raises(MoeLocalError, match="full windows"):
+        perplexity(tiny_lm, TEXT, context=64, max_tokens=40, score="second-half")
+    with pytest.raises(MoeLocalError, match="--score"):
+        perplexity(tiny_lm, TEXT, context=64, score="half")
+
+
+def test_eval_cli_score(capsys, tiny_mixtral, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    args = ("eval", str(tiny_mixtral), "--text", str(text), "--context", "64")
+    code, out, _ = run_cli(capsys, *args, "--score", "second-half")
+    assert code == 0 and out.startswith("perplexity: ") and "second half" in out
+    code, _, err = run_cli(capsys, *args, "--score", "middle")
+    assert_one_line_error(code, err, "--score")

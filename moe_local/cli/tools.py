@@ -340,6 +340,13 @@ def eval_(
         int, typer.Option(help="window length; windows do not overlap (stride = context)")
     ] = 512,
     max_tokens: Annotated[int | None, typer.Option(help="score at most this many tokens")] = None,
+    score: Annotated[
+        str,
+        typer.Option(
+            help="all: every token of a window but its first; second-half: only the tokens after "
+            "the window's middle, full windows only (what llama-perplexity -c CONTEXT scores)"
+        ),
+    ] = "all",
     *,
     flags: LoadFlags,
 ) -> None:
@@ -347,10 +354,11 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
-    from moe_local.evaluate import perplexity, read_text_file
+    from moe_local.evaluate import check_score, perplexity, read_text_file
     from moe_local.loading.loader import load
 
     _setup_torch()
+    check_score(score)
     corpus = read_text_file(text)  # before any model loads: a wrong path should not cost a load
     if max_tokens is not None and max_tokens < 2:
         raise MoeLocalError(f"--max-tokens must be at least 2 (a token scores the next), not {max_tokens}")
@@ -360,14 +368,16 @@ def eval_(
     for model in models:
         target = prepare_load(flags, model, context=context)
         lm = load(target.path, target.options)
-        results.append(perplexity(lm, corpus, context=context, max_tokens=max_tokens))
+        results.append(perplexity(lm, corpus, context=context, max_tokens=max_tokens, score=score))
         del lm
     if len(results) == 1:
         r = results[0]
         typer.echo(f"perplexity: {r.perplexity:.4f}")
-        typer.echo(f"tokens: {r.tokens} in windows of {r.context}, {r.tokens_per_s:.1f} tokens/s")
+        half = ", second half of each" if r.score == "second-half" else ""
+        typer.echo(f"tokens: {r.tokens} in windows of {r.context}{half}, {r.tokens_per_s:.1f} tokens/s")
         return
-    table = Table(title=f"perplexity on {text} (windows of {results[0].context})")
+    half = ", second half of each" if score == "second-half" else ""
+    table = Table(title=f"perplexity on {text} (windows of {results[0].context}{half})")
     for col in ("model", "perplexity", "tokens", "tokens/s", "expert hit rate"):
         table.add_column(col)
     for r in results:

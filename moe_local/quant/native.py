@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 1
+_ABI = 2
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 THREADED_MACS = 1 << 21
@@ -100,6 +100,9 @@ def _library() -> ctypes.CDLL | None:
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32]
     fn.restype = i32
+    fn16 = lib.moe_local_qlinear_bf16
+    fn16.argtypes = fn.argtypes
+    fn16.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
@@ -150,7 +153,7 @@ def qlinear(
         group_size: weights per group (see ``supports``).
 
     Returns:
-        ``[M, O]`` float32.
+        ``[M, O]``: bfloat16 for bfloat16 ``x2`` (rounded as ``Tensor.to`` rounds), else float32.
 
     Raises:
         MemoryError: the kernel's temporaries (``M * I`` bytes and two small arrays) cannot be allocated.
@@ -160,11 +163,13 @@ def qlinear(
         raise RuntimeError("the native kernel is not available (check native.available() first)")
     o, i = shape
     m = x2.shape[0]
-    x = x2.to(torch.float32).contiguous()
-    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
-    out = torch.empty(m, o, dtype=torch.float32)
+    bf16 = x2.dtype == torch.bfloat16
+    x = x2.contiguous() if bf16 else x2.to(torch.float32).contiguous()
+    out = torch.empty(m, o, dtype=torch.bfloat16 if bf16 else torch.float32)
     threads = torch.get_num_threads() if m * o * i >= THREADED_MACS else 1
-    rc = lib.moe_local_qlinear(
+    call = lib.moe_local_qlinear_bf16 if bf16 else lib.moe_local_qlinear
+    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()  # no-ops as read
+    rc = call(
         packed.data_ptr(),
         scales.data_ptr(),
         zeros.data_ptr(),

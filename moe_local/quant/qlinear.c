@@ -29,7 +29,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 1; }
+int moe_local_qlinear_abi(void) { return 2; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale. */
 static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, float *dx, float *sumx) {
@@ -224,4 +224,34 @@ void moe_local_dequantize(const uint8_t *codes, const uint16_t *scales, const ui
             }
         }
     }
+}
+
+/* bf16 round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* moe_local_qlinear with bf16 activations in and out (what a bf16 model computes in): the two
+ * conversions run here instead of as two more torch calls per weight and token. */
+int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int O, int I,
+                           int bits, int group, const uint16_t *x, int M, uint16_t *y, int threads) {
+    float *xf = malloc(sizeof(float) * (size_t)M * I);
+    float *yf = malloc(sizeof(float) * (size_t)M * O);
+    if (!xf || !yf) {
+        free(xf), free(yf);
+        return -1;
+    }
+    for (size_t k = 0; k < (size_t)M * I; k++) {
+        const uint32_t u = (uint32_t)x[k] << 16;
+        memcpy(xf + k, &u, sizeof u);
+    }
+    const int rc = moe_local_qlinear(codes, scales, zeros, O, I, bits, group, xf, M, yf, threads);
+    if (rc == 0)
+        for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+    free(xf), free(yf);
+    return rc;
 }
