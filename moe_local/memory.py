@@ -24,6 +24,11 @@ _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as the page-rounded LONG_MAX
 # Allocator slack and what generation still imports or builds after planning (the tokenizer,
 # sampling, kernel layouts of dense weights): measured 7-10 MiB past the load with a 64-token
 # prompt on a 0.5 GB checkpoint, about 40 MiB with 512-token prompts.
+# What the runtime holds before any weight, at its smallest: `import torch` is 218 MiB resident on
+# the 2-core test VM, transformers 21 MiB more and a model family's classes another 130 MiB (the
+# planner measures the real figure later). A --cpu-memory below this cannot run anything: it is
+# refused in one line before loading, instead of the cgroup's OOM killer ending the process.
+MIN_PROCESS_MEMORY = 384 * 2**20
 SLACK = 64 * 2**20
 
 

@@ -135,8 +135,10 @@ def test_generate_uses_the_plan(capsys, wide):
     code, _, err = run_cli(capsys, *args)
     assert code == 0
     assert " 0 misses" not in err  # the planned budget holds only some experts
+    code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", "400MiB")
+    assert_one_line_error(code, err, "more on cpu")  # this test process alone holds more than that
     code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", "64MiB")
-    assert_one_line_error(code, err, "more on cpu")
+    assert_one_line_error(code, err, "less than moe-local's runtime alone holds")
 
 
 def test_plan_refuses_budgets_no_plan_can_use(capsys, tiny_mixtral):

@@ -186,7 +186,9 @@ def check_flags(flags: LoadFlags, *, context: int | None = None) -> LoadOptions:
         raise MoeLocalError(f"unknown --device {flags.device!r}; choose cpu, cuda or cuda:N")
     expert_memory = _size(flags.expert_memory, "--expert-memory")
     gpu_memory = _size(flags.gpu_memory, "--gpu-memory")
-    check_host_budget(_size(flags.cpu_memory, "--cpu-memory"), "--cpu-memory")
+    cpu_memory = _size(flags.cpu_memory, "--cpu-memory")
+    check_host_budget(cpu_memory, "--cpu-memory")
+    _check_runtime_fits(cpu_memory)
     on_cpu = flags.device == "cpu"
     if on_cpu and gpu_memory is not None:
         raise MoeLocalError("--gpu-memory needs --device cuda; on cpu the expert budget is --expert-memory")
@@ -201,6 +203,19 @@ def check_flags(flags: LoadFlags, *, context: int | None = None) -> LoadOptions:
         policy=flags.policy,
         prefetch=flags.prefetch,
     )
+
+
+def _check_runtime_fits(cpu_memory: int | None) -> None:
+    """Refuse a ``--cpu-memory`` below what the runtime alone holds (``memory.MIN_PROCESS_MEMORY``)."""
+    from moe_local.memory import MIN_PROCESS_MEMORY
+    from moe_local.units import human_bytes
+
+    if cpu_memory is not None and cpu_memory < MIN_PROCESS_MEMORY:
+        raise MoeLocalError(
+            f"--cpu-memory {human_bytes(cpu_memory)} is less than moe-local's runtime alone holds "
+            f"(about {human_bytes(MIN_PROCESS_MEMORY)}: Python with torch, transformers and the model's "
+            "classes, before any weight)"
+        )
 
 
 def prepare_load(flags: LoadFlags, model: str | None, *, context: int | None = None) -> LoadTarget:

@@ -159,6 +159,8 @@ BAD = [
     (["--gpu-memory", "12XB"], "--gpu-memory: not a memory size"),
     (["--gpu-memory", "1GiB"], "--gpu-memory needs --device cuda"),
     (["--cpu-memory", "999999999TiB"], "--cpu-memory 999999999.0 TiB"),
+    # below the runtime itself: refused before loading, not left to the OOM killer (as a 228 MiB cap did)
+    (["--cpu-memory", "228MiB"], "is less than moe-local's runtime alone holds"),
     (["--policy", "bogus"], "unknown cache policy 'bogus'"),
 ]
 if not __import__("torch").cuda.is_available():
