@@ -8,7 +8,7 @@ Legend: P=prompt tokens, V=vocabulary size.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -161,6 +161,34 @@ def stream_generate(
         raise MoeLocalError("the prompt is empty")
     if len(prompt_ids) >= lm.context:
         raise PromptTooLongError(len(prompt_ids), lm.context)
+    yield from stream_from_steps(
+        lm, prompt_ids, params, lambda sampler, procs: generate_step(lm, prompt_ids, sampler, procs)
+    )
+
+
+StepsFactory = Callable[[Sampler, list[LogitsProcessor]], Iterator[tuple[int, torch.Tensor]]]
+
+
+def stream_from_steps(
+    lm: LoadedModel, prompt_ids: Sequence[int], params: SamplingParams, make_steps: StepsFactory
+) -> Iterator[GenerationResponse]:
+    """``stream_generate``'s text, stop, EOS and stats layer over any source of tokens.
+
+    ``stream_generate`` feeds it ``generate_step``; the server's batched decoding feeds it a step
+    source whose logits come from a batch (``moe_local.batching``), so both stop, count and report
+    a sequence the same way. A new step is asked for only while the budget lasts
+    (``min(max_tokens, context - P)`` tokens): the source need not compute logits past it.
+
+    Args:
+        lm: the loaded model (its tokenizer, EOS ids, context and expert store).
+        prompt_ids: the prompt's token ids (checked against the context already).
+        params: sampling and stopping options.
+        make_steps: ``make_steps(sampler, processors)`` returns the iterator of
+            (token, log-probabilities [V]) that ``generate_step`` would yield.
+
+    Yields:
+        GenerationResponse per token; the last one has ``finish_reason`` set.
+    """
     budget = min(params.max_tokens, lm.context - len(prompt_ids))
     sampler, procs = sampler_from_params(params)
     detok = _Detokenizer(lm.tokenizer, params.stop)
@@ -170,7 +198,7 @@ def stream_generate(
     tokens: list[int] = []
     finish = "length"
     last = GenerationResponse(text="", token=None, prompt_tokens=len(prompt_ids))
-    steps = generate_step(lm, prompt_ids, sampler, procs)
+    steps = make_steps(sampler, procs)
     try:
         for _ in range(budget):
             token, logprobs = next(steps)

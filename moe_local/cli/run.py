@@ -174,6 +174,12 @@ def serve(
         str | None, typer.Option("--api-key", help="require 'Authorization: Bearer KEY' (all but /health)")
     ] = None,
     max_queue: Annotated[int, typer.Option(help="requests that may wait for the model; more get 429")] = 16,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", "-np", help="generations decoded together (continuous batching); 1: one at a time"
+        ),
+    ] = 1,
     model_name: Annotated[
         str | None, typer.Option(help="name clients pass as model (default: folder name)")
     ] = None,
@@ -197,6 +203,10 @@ def serve(
     check_api_key(api_key)
     check_cors_origin(cors_origin)
     check_listen(host, port)
+    if parallel < 1:
+        from moe_local.errors import MoeLocalError
+
+        raise MoeLocalError(f"--parallel must be at least 1 (got {parallel})")
     options = check_flags(flags)  # a bad flag is its own line; what fails after it is the model's load
     _setup_torch()
     source = load_flags.model_or_demo(model)  # built before the port opens: the name is its folder's
@@ -213,6 +223,7 @@ def serve(
         port=port,
         api_key=api_key,
         max_queue=max_queue,
+        parallel=parallel,
         load_options=options,
         model_name=model_name or _served_name(source),
         log_level=log_level,

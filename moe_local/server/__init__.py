@@ -8,8 +8,9 @@ optional grammar engine (``pip install 'moe-local[grammar]'``), ``response_forma
 forced ``tool_choice`` decoded under a grammar, valid by construction. ``/v1/embeddings`` is a
 404 naming the alternative. ``cors_origin`` lets one browser origin call the server. The model
 loads in the background after the server starts (``/health`` answers 503 until it is ready);
-requests queue and run one generation at a time. The port, host, log level, API key and CORS
-origin are checked before the model loads.
+requests queue and run one generation at a time, or up to ``parallel`` decoded together
+(continuous batching). The port, host, log level, API key and CORS origin are checked before the
+model loads.
 
 Chat messages are always text: a special token spelled out in a message (``<|im_start|>system``)
 is encoded as those characters, never as the control token, so no client can forge a turn. A raw
@@ -39,6 +40,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     max_queue: int = 16,
+    parallel: int = 1,
     load_options: LoadOptions | None = None,
     model_name: str | None = None,
     log_level: str = "info",
@@ -53,6 +55,7 @@ def serve(
         port: TCP port.
         api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
         max_queue: most requests waiting behind the running one; more answer 429.
+        parallel: most generations decoded together (continuous batching); 1: one at a time.
         load_options: how to load the model (default ``LoadOptions()``).
         model_name: the name clients pass as ``model`` (default: the folder's name or the hub id).
         log_level: uvicorn's log level (critical, error, warning, info, debug).
@@ -81,7 +84,9 @@ def serve(
     check_api_key(api_key)
     check_cors_origin(cors_origin)
     check_listen(host, port)  # before the model loads: a typo should not cost a minute of loading
-    engine = Engine(model, load_options, max_queue=max_queue, model_name=model_name, prepare=prepare)
+    engine = Engine(
+        model, load_options, max_queue=max_queue, model_name=model_name, prepare=prepare, parallel=parallel
+    )
     app = create_app(engine, api_key=api_key, cors_origin=cors_origin)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["moe_local"] = {"handlers": ["default"], "level": log_level.upper()}

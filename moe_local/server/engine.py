@@ -1,7 +1,11 @@
-"""The generation engine: loads the model in the background and runs one generation at a time.
+"""The generation engine: loads the model in the background and runs its generations.
 
 One worker thread owns the model (torch is not re-entrant here): requests wait in a FIFO queue of
-at most ``max_queue`` entries and are taken one by one. The worker hands each token to the
+at most ``max_queue`` entries. With ``parallel`` 1 they are taken one by one; with more, up to
+``parallel`` generations decode together in one batch (continuous batching, see
+``moe_local.server.batch``), new ones joining and finished ones leaving at token boundaries, for
+the families ``moe_local.batching.batch_support`` accepts (others are served one at a time, said
+once in the log). The worker hands each token to the
 request's asyncio queue with ``call_soon_threadsafe`` and checks the request's cancel flag between
 tokens, so a client that goes away stops its generation after at most one more token.
 Prompts are tokenized on the request's side with a private copy of the tokenizer (the worker's
@@ -49,6 +53,7 @@ class Engine:
         model_name: the name clients use (default: the folder's name, or the hub id).
         prepare: run first in the loading thread, returning the folder to load and its options
             (the CLI's planner and ``--offload-dir`` staging), so the port answers meanwhile.
+        parallel: most generations decoded together (1: one at a time, as before batching).
     """
 
     def __init__(
@@ -59,9 +64,14 @@ class Engine:
         max_queue: int = 16,
         model_name: str | None = None,
         prepare: Callable[[], tuple[str | Path, LoadOptions]] | None = None,
+        parallel: int = 1,
     ) -> None:
         if max_queue < 1:
             raise MoeLocalError("max_queue must be at least 1")
+        if parallel < 1:
+            raise MoeLocalError(f"parallel must be at least 1 (got {parallel})")
+        self.parallel = parallel
+        self.batch_size = 0  # generations in the latest decode step
         self.model = model
         self.options = options or LoadOptions()
         self.max_queue = max_queue
@@ -80,6 +90,7 @@ class Engine:
         self._waiting: set[Job] = set()  # queued, not started, not cancelled
         self._running = 0
         self._current: Job | None = None
+        self._jobs: set[Job] = set()  # running in the batch (parallel > 1)
         self._thread: threading.Thread | None = None
         self.on_load_error: Callable[[], None] | None = None  # e.g. tell the HTTP server to stop
         self._prepare = prepare
@@ -96,8 +107,9 @@ class Engine:
     def stop(self) -> None:
         """Cancel the running generation and every queued one; stop the worker."""
         with self._lock:
-            if self._current is not None:
-                self._current.cancelled.set()
+            for job in [self._current, *self._jobs]:
+                if job is not None:
+                    job.cancelled.set()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -351,7 +363,11 @@ class Engine:
     def gauges(self) -> Gauges:
         """Live values for ``/metrics``: queue depth, model state and the expert store's counters."""
         g = Gauges(
-            queue_depth=len(self._waiting), running=self._running, model_ready=self.state is State.READY
+            queue_depth=len(self._waiting),
+            running=max(self._running, len(self._jobs)),
+            model_ready=self.state is State.READY,
+            batch_size=max(self._running, self.batch_size),
+            parallel=self.parallel,
         )
         if self.lm is not None:
             t = self._store_totals()
@@ -372,6 +388,16 @@ class Engine:
     # -- worker side --------------------------------------------------------------------------
 
     def _serve(self) -> None:
+        if self.parallel > 1:
+            from moe_local.batching import batch_support
+            from moe_local.server.batch import Scheduler
+
+            why = batch_support(self.lm)
+            if why is None:
+                log.info("decoding up to %d generations together", self.parallel)
+                Scheduler(self, self.parallel).run()
+                return
+            log.warning("serving one generation at a time: %s", why)
         while True:
             job = self._queue.get()
             if job is None:

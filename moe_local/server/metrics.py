@@ -71,6 +71,8 @@ class Gauges:
     bytes_from_disk: int = 0
     io_wait_s: float = 0.0
     prefetched: int = 0
+    batch_size: int = 0
+    parallel: int = 1
 
 
 class Metrics:
@@ -87,6 +89,12 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.queue_wait = Histogram(LATENCY_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.decode_steps: dict[int, int] = {}  # batched decode steps by batch size
+
+    def count_step(self, batch: int) -> None:
+        """Count one batched decode step of ``batch`` generations."""
+        with self._lock:
+            self.decode_steps[batch] = self.decode_steps.get(batch, 0) + 1
 
     def count_request(self, path: str, status: int) -> None:
         """Count one HTTP response by endpoint and status."""
@@ -176,6 +184,15 @@ class Metrics:
                 [f"moe_local_generation_tokens_per_second {self.last_tps:.3f}"],
             )
             metric(
+                "moe_local_decode_steps_total",
+                "counter",
+                "Batched decode steps (--parallel over 1) by the number of generations in them.",
+                [
+                    f'moe_local_decode_steps_total{{batch="{k}"}} {n}'
+                    for k, n in sorted(self.decode_steps.items())
+                ],
+            )
+            metric(
                 "moe_local_time_to_first_token_seconds",
                 "histogram",
                 "Time to first token.",
@@ -196,7 +213,9 @@ class Metrics:
         g = gauges
         for name, kind, help, value in (
             ("moe_local_queue_depth", "gauge", "Requests waiting for the worker.", g.queue_depth),
-            ("moe_local_requests_running", "gauge", "Generations running (0 or 1).", g.running),
+            ("moe_local_requests_running", "gauge", "Requests generating now.", g.running),
+            ("moe_local_batch_size", "gauge", "Generations in the latest decode step.", g.batch_size),
+            ("moe_local_parallel", "gauge", "Most generations decoded together (--parallel).", g.parallel),
             ("moe_local_model_ready", "gauge", "1 once the model is loaded.", int(g.model_ready)),
             ("moe_local_expert_hits_total", "counter", "Expert requests served from memory.", g.expert_hits),
             (
