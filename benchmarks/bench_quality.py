@@ -231,6 +231,10 @@ def write_markdown(path: Path, rows: dict, order: list[str], args) -> None:
     lines = [
         "# Quality: the demo MoE's perplexity after quantization",
         "",
+        "Against llama.cpp's k-quants on the same source, token streams and scoring: the section "
+        '"Side by side with llama.cpp" at the end (`bench_quality_llamacpp.py`; '
+        "reruns of this script keep it).",
+        "",
         f"Machine: {machine()}. Regenerate with `python benchmarks/bench_quality.py` "
         f"(rows are merged into `{args.json}`; `--only NAME,...` reruns some).",
         "",

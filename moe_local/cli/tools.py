@@ -60,7 +60,17 @@ def quantize(
             help="rtn, hqq, gptq, or bitsandbytes nf4/fp4/int8: overrides how every quantized rule is made"
         ),
     ] = None,
-    calibration: Annotated[str | None, typer.Option(help="plain-text file for --method gptq")] = None,
+    calibration: Annotated[
+        str | None, typer.Option(help="plain-text file for --method gptq, or for --imatrix")
+    ] = None,
+    imatrix: Annotated[
+        bool,
+        typer.Option(
+            "--imatrix",
+            help="rtn and hqq rules weight their rounding by each input channel's mean square on "
+            "--calibration text (the imatrix idea); gptq rules are unchanged",
+        ),
+    ] = False,
     calibration_tokens: Annotated[
         int | None, typer.Option(help="most calibration tokens [default: 4096]")
     ] = None,
@@ -114,6 +124,7 @@ def quantize(
         "--method": method is not None,
         "--calibration": calibration is not None,
         "--calibration-tokens": calibration_tokens is not None,
+        "--imatrix": imatrix,
         "--gpu": gpu is not None,
         "--gptq-names": gptq_names is not None,
         "--sym/--asym": sym is not None,
@@ -130,9 +141,18 @@ def quantize(
         return
     _refuse_flags({k: given[k] for k in gptq_only}, "that is for --format gptq", "--format moe-local")
     rec = _effective_recipe(recipe or "experts-4bit", method, bits, group_size)
-    if (calibration is not None or calibration_tokens is not None) and not _has_gptq(rec):
+    if imatrix and calibration is None:
+        raise MoeLocalError("--imatrix measures importance on calibration text: add --calibration FILE")
+    if imatrix and not _has_weighted(rec):
+        raise MoeLocalError(
+            "--imatrix weights rtn and hqq rules; this recipe has none (add --method rtn or hqq)"
+        )
+    if (calibration is not None or calibration_tokens is not None) and not (_has_gptq(rec) or imatrix):
         flag = "--calibration" if calibration is not None else "--calibration-tokens"
-        raise MoeLocalError(f"{flag} is for gptq rules: add --method gptq or use a recipe with -gptq schemes")
+        raise MoeLocalError(
+            f"{flag} is for gptq rules or --imatrix: add --method gptq or --imatrix, "
+            "or use a recipe with -gptq schemes"
+        )
     from moe_local.planner import GPUS
 
     if gpu is not None and gpu not in GPUS:
@@ -152,6 +172,7 @@ def quantize(
             progress=progress,
             calibration=calibration,
             calibration_tokens=4096 if calibration_tokens is None else calibration_tokens,
+            imatrix=imatrix,
         )
     _print_summary(report, rec, gpu)
 
@@ -177,6 +198,11 @@ def _effective_recipe(name: str, method: str | None, bits: int | None, group_siz
 
 def _has_gptq(rec) -> bool:
     return any(getattr(r.scheme, "method", None) == "gptq" for r in rec.rules)
+
+
+def _has_weighted(rec) -> bool:
+    """Whether a rule of ``rec`` is group-wise rtn or hqq (what ``--imatrix`` weights)."""
+    return any(getattr(r.scheme, "method", None) in ("rtn", "hqq") for r in rec.rules)
 
 
 def _print_summary(report, rec, gpu: str | None) -> None:

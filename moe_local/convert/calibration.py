@@ -1,9 +1,11 @@
-"""Calibration for GPTQ: run the source model on real text and record what each weight sees.
+"""Calibration for GPTQ and importance-weighted rounding: run the source model on real text and
+record what each weight sees.
 
-Dense linears get a Hessian of their inputs accumulated on the fly. Each MoE layer records its
-inputs and routing; at quantize time every expert takes the tokens routed to it, and an expert
-that received fewer than ``min_tokens`` also takes the tokens its router row scores highest,
-so no expert is quantized blind. How many tokens each expert saw is reported.
+Dense linears get a Hessian of their inputs (GPTQ) or the mean square of each input channel (the
+importance that ``--imatrix`` rtn/hqq rules weight their rounding by) accumulated on the fly.
+Each MoE layer records its inputs and routing; at quantize time every expert takes the tokens
+routed to it, and an expert that received fewer than ``min_tokens`` also takes the tokens its
+router row scores highest, so no expert is quantized blind. How many tokens each expert saw is reported.
 Legend: N=calibration tokens, H=hidden size, K=experts per token, E=experts.
 """
 
@@ -52,10 +54,11 @@ class LayerCalibration:
 
 @dataclass
 class Calibration:
-    """Everything GPTQ needs: dense Hessians and per-layer MoE inputs."""
+    """Everything GPTQ and importance weighting need: dense statistics and per-layer MoE inputs."""
 
     tokens: int
     dense: dict[str, object] = field(default_factory=dict)  # weight name -> HessianAccumulator
+    importance: dict[str, object] = field(default_factory=dict)  # weight name -> ImportanceAccumulator
     layers: dict[int, LayerCalibration] = field(default_factory=dict)
     seen: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens routed per expert
 
@@ -68,6 +71,7 @@ def collect_calibration(
     max_tokens: int = 4096,
     seq_len: int = 512,
     expert_memory: int | None = None,
+    importance_names: set[str] | frozenset[str] = frozenset(),
 ) -> Calibration:
     """Run the source model over ``text_file`` and record calibration data.
 
@@ -75,6 +79,9 @@ def collect_calibration(
         src: the source checkpoint folder.
         text_file: plain text to calibrate on.
         dense_names: weight names of the dense linears that need a Hessian.
+        importance_names: weight names of the dense linears that need only the mean squared input
+            per channel (importance-weighted rtn/hqq); a name in both gets the Hessian, whose
+            diagonal is the same statistic.
         max_tokens: most calibration tokens.
         seq_len: tokens per forward pass.
         expert_memory: RAM budget for the source experts while calibrating (None: all resident).
@@ -84,6 +91,7 @@ def collect_calibration(
     """
     from moe_local.loading.loader import load
     from moe_local.quant.gptq import HessianAccumulator
+    from moe_local.quant.importance import ImportanceAccumulator
 
     try:
         text = Path(text_file).read_text(errors="replace")
@@ -98,11 +106,17 @@ def collect_calibration(
     cal = Calibration(tokens=len(ids))
     hooks = []
     for name, mod in lm.model.named_modules():
-        if isinstance(mod, nn.Linear) and f"{name}.weight" in dense_names:
+        if not isinstance(mod, nn.Linear):
+            continue
+        if f"{name}.weight" in dense_names:
             acc = cal.dense[f"{name}.weight"] = HessianAccumulator(mod.in_features)
-            hooks.append(
-                mod.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0].reshape(-1, a[0].shape[-1])))
-            )
+        elif f"{name}.weight" in importance_names:
+            acc = cal.importance[f"{name}.weight"] = ImportanceAccumulator(mod.in_features)
+        else:
+            continue
+        hooks.append(
+            mod.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0].reshape(-1, a[0].shape[-1])))
+        )
     captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     experts_mods = {m.layer: m for m in lm.model.modules() if isinstance(m, OffloadedExperts)}
     for layer, mod in experts_mods.items():

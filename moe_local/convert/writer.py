@@ -108,13 +108,31 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
     return o * i * qtype.bits // 8 + 2 * 2 * o * (i // qtype.group_size)
 
 
-def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None):
-    """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees)."""
+def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None, imatrix: bool = False):
+    """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees).
+
+    With ``imatrix``, rtn and hqq rules weight their rounding by the inputs' mean square per
+    channel (``inputs`` may be tokens or an accumulator of them).
+    """
     from moe_local.quant import QuantizedTensor
     from moe_local.quant.api import quantize_scheme
 
     try:
-        if getattr(qtype, "method", None) != "gptq":
+        method = getattr(qtype, "method", None)
+        if imatrix and inputs is not None and method in ("rtn", "hqq"):
+            from moe_local.quant.hqq import hqq_quantize
+            from moe_local.quant.importance import importance_of, weighted_rtn_quantize
+
+            imp = importance_of(inputs)
+            parts = (
+                hqq_quantize(w, qtype, importance=imp)
+                if method == "hqq"
+                else weighted_rtn_quantize(w, qtype, imp)
+            )
+            return QuantizedTensor(
+                parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qtype
+            )
+        if method != "gptq":
             return quantize_scheme(w, qtype)
         from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
 
@@ -146,6 +164,7 @@ def quantize_checkpoint(
     calibration_tokens: int = 4096,
     min_expert_tokens: int = 64,
     staged: bool = False,
+    imatrix: bool = False,
 ) -> QuantizeReport:
     """Quantize SRC into a moe-local folder OUT following ``recipe``.
 
@@ -157,11 +176,13 @@ def quantize_checkpoint(
         resume: continue an interrupted run in OUT.partial at the next unfinished layer.
         dry_run: plan only: compute sizes per scheme, write nothing.
         progress: called as ``progress(stage, done, total, input_bytes)``.
-        calibration: plain-text file for GPTQ rules.
+        calibration: plain-text file for GPTQ rules (and for ``imatrix``).
         calibration_tokens: most calibration tokens.
         min_expert_tokens: GPTQ tops up experts routed fewer tokens than this with their best scorers.
         staged: OUT is an ``--offload-dir`` copy (a keep-all recipe): its manifest says so, with
             the source's dtype, so that it computes as the source does.
+        imatrix: rtn and hqq rules weight their rounding by the mean squared input of each
+            channel, measured on ``calibration`` (``moe_local.quant.importance``).
 
     Returns:
         The report: per scheme, tensors, parameters, bytes before/after and mean relative error;
@@ -191,33 +212,43 @@ def quantize_checkpoint(
     report = QuantizeReport(out)
     partial = out.with_name(out.name + ".partial")
     check_not_source(partial, [src_path], "OUT.partial")
-    run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens)
+    run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens, imatrix)
     _check_start(partial, overwrite, resume, run)
     cal = None
-    gptq_dense = {
-        n
-        for n, k in dense.items()
-        if n in linear_weights and _is_gptq(recipe.scheme_for(n, files.info(k).shape[-1]))
+    dense_schemes = {
+        n: recipe.scheme_for(n, files.info(k).shape[-1]) for n, k in dense.items() if n in linear_weights
     }
-    if any(_is_gptq(r.scheme) for r in recipe.rules):
+    gptq_dense = {n for n, q in dense_schemes.items() if _is_gptq(q)}
+    imatrix_dense = {n for n, q in dense_schemes.items() if imatrix and _is_weighted(q)}
+    if imatrix and calibration is None:
+        raise MoeLocalError("--imatrix measures importance on calibration text: pass --calibration FILE")
+    if any(_is_gptq(r.scheme) for r in recipe.rules) or imatrix:
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
         from moe_local.convert.calibration import collect_calibration
 
         if progress:
             progress("calibration", 0, 1, 0)
-        cal = collect_calibration(src_path, Path(calibration), gptq_dense, max_tokens=calibration_tokens)
+        cal = collect_calibration(
+            src_path,
+            Path(calibration),
+            gptq_dense,
+            max_tokens=calibration_tokens,
+            importance_names=imatrix_dense,
+        )
         report.calibration_tokens = cal.tokens
         report.tokens_per_expert = cal.seen
 
     try:
         if not resume:
             _start(partial, run)
-        dense_sums = _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal)
+        dense_sums = _write_dense(
+            partial, report, recipe, files, dense, linear_weights, progress, cal, imatrix
+        )
         layers = {}
         for site in sites:
             layer_cal = cal.layers.get(site.layer) if cal else None
-            cal_args = (layer_cal, min_expert_tokens)
+            cal_args = (layer_cal, min_expert_tokens, imatrix)
             layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress, cal_args)
         for name in _COPY:
             if (src_path / name).is_file():
@@ -275,7 +306,15 @@ def report_dense_schemes(
     return out
 
 
-def run_record(src: Path, files: CheckpointFiles, recipe: Recipe, calibration, tokens: int, min_tokens: int):
+def run_record(
+    src: Path,
+    files: CheckpointFiles,
+    recipe: Recipe,
+    calibration,
+    tokens: int,
+    min_tokens: int,
+    imatrix=False,
+):
     """What a run was started with: a resume must match it field by field.
 
     The source is identified by content, not by path (a moved folder is the same source): its
@@ -290,6 +329,9 @@ def run_record(src: Path, files: CheckpointFiles, recipe: Recipe, calibration, t
     cal = None
     if calibration is not None and Path(calibration).is_file():
         cal = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
+    options = {"calibration_sha256": cal, "calibration_tokens": tokens, "min_expert_tokens": min_tokens}
+    if imatrix:  # recorded only when on: a run without it keeps the record it always had
+        options["imatrix"] = True
     return {
         "source": {
             "index_sha256": hashlib.sha256(ident).hexdigest(),
@@ -297,7 +339,7 @@ def run_record(src: Path, files: CheckpointFiles, recipe: Recipe, calibration, t
             "config_sha256": config,
         },
         "recipe": {"name": recipe.name, "rules": rules},
-        "options": {"calibration_sha256": cal, "calibration_tokens": tokens, "min_expert_tokens": min_tokens},
+        "options": options,
         "format_version": FORMAT_VERSION,
     }
 
@@ -315,7 +357,7 @@ def _sample_digest(path: Path, size: int, samples: int = 16, span: int = 4096) -
 _WHAT_DIFFERS = {
     "source": "a different SRC (its index, config.json or weights differ)",
     "recipe": "a different recipe or --method (or --bits, --group-size)",
-    "options": "different calibration options (--calibration file or token counts)",
+    "options": "different calibration options (--calibration file, token counts or --imatrix)",
     "format_version": "another version of moe-local",
 }
 
@@ -382,7 +424,14 @@ def _is_gptq(q) -> bool:
     return q is not None and getattr(q, "method", None) == "gptq"
 
 
-def _write_dense(partial, report, recipe, files, dense, linear_weights, progress, cal=None) -> dict:
+def _is_weighted(q) -> bool:
+    """Whether ``--imatrix`` weights this scheme's rounding (group-wise rtn and hqq)."""
+    return q is not None and getattr(q, "method", None) in ("rtn", "hqq")
+
+
+def _write_dense(
+    partial, report, recipe, files, dense, linear_weights, progress, cal=None, imatrix=False
+) -> dict:
     """Write the dense part; return the CRC-32 of each of its tensors (kept for a resume)."""
     done = partial / "progress" / "dense.json"
     if done.exists():
@@ -397,7 +446,8 @@ def _write_dense(partial, report, recipe, files, dense, linear_weights, progress
             report.add(label, w.numel(), w.numel() * w.element_size(), w.numel() * w.element_size())
             report.dense_bytes_out += w.numel() * w.element_size()
         else:
-            qt = _quantize(w, q, name, cal.dense.get(name) if cal else None)
+            stats = (cal.dense.get(name) or cal.importance.get(name)) if cal else None
+            qt = _quantize(w, q, name, stats, imatrix)
             for part, t in qt.tensors().items():
                 tensors[f"{name}.{part}"] = t
             report.add(q.full_name, w.numel(), w.numel() * w.element_size(), qt.nbytes, _rel_err(w, qt))
@@ -461,7 +511,7 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
     """Quantize one expert's parts; return (w, blob tensors, schemes, report rows). Thread-safe."""
     from moe_local.experts.weights import apply_linear
 
-    layer_cal, min_tokens = cal_args
+    layer_cal, min_tokens, imatrix = cal_args
     blob_tensors: dict[str, torch.Tensor] = {}
     schemes: dict[str, str] = {}
     rows: list[tuple] = []
@@ -482,7 +532,7 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
             weight = quantized_parts.get(first) or getattr(w, first).float()
             gated = apply_linear(x_in, weight, None if bias is None else bias.float())
             inputs = layer_cal.gate_fn(gated.float())
-        qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs)
+        qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs, imatrix)
         quantized_parts[part] = qt
         schemes[part] = q.full_name
         for k, v in qt.tensors().items():

@@ -16,6 +16,10 @@ with ``beta`` growing by ``kappa`` each iteration. This module runs that loop fo
    form for fixed codes and re-assigning the nearest codes; each step can only lower the L2 error;
 3. after rounding the params to fp16, each group keeps whichever of (RTN, optimized) params gives the
    lower L2 error, so the result is never worse than RTN group by group.
+
+Given an importance (``moe_local.quant.importance``: the calibration inputs' mean square per input
+channel), every error above becomes the importance-weighted one and the zero update a weighted
+mean; the importance-weighted RTN search is a third candidate. Without one nothing changes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_local.quant.importance import (
+    group_weights,
+    to_fp16_params,
+    weighted_fit,
+    weighted_rtn_params,
+    weighted_sq_error,
+)
 from moe_local.quant.rtn import (
     DEFAULT_CHUNK_ELEMS,
     FP16_MAX,
@@ -31,6 +42,7 @@ from moe_local.quant.rtn import (
     ZERO_RANGE,
     QuantParts,
     assign_codes,
+    check_weight,
     group_sq_error,
     quantize_groups,
     rtn_params,
@@ -79,9 +91,18 @@ class HqqConfig:
 
 
 def _half_quadratic_zero(
-    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, cfg: HqqConfig
+    wg: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    cfg: HqqConfig,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Refine the zero points with lp-shrinkage half-quadratic steps; return each group's best (L2) zero."""
+    """Refine the zero points with lp-shrinkage half-quadratic steps; return each group's best (L2) zero.
+
+    ``weight`` ``[1, G, g]`` (optional) weights the L2 error and the zero's mean by position.
+    """
+    w_sum = None if weight is None else weight.sum(dim=-1, keepdim=True)
     u = wg * scale.reciprocal()  # [r, G, g] weights in code units
     v = torch.empty_like(u)
     q = torch.empty_like(u)
@@ -95,7 +116,10 @@ def _half_quadratic_zero(
         torch.add(u, zero, out=v)
         torch.round(v, out=q).clamp_(0, qmax)
         v.sub_(q)  # residual r = W / scale + zero - q, in code units
-        err = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_()
+        if weight is None:
+            err = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square_()
+        else:
+            err = (v * v).mul_(weight).sum(dim=-1, keepdim=True)
         better = err < best_err
         best_zero = torch.where(better, zero, best_zero)
         best_err = torch.where(better, err, best_err)
@@ -111,9 +135,30 @@ def _half_quadratic_zero(
             torch.pow(a, cfg.lp_norm - 1.0, out=t)
         t.mul_(1.0 / beta)
         torch.minimum(a, t, out=t).copysign_(v)
-        zero = zero - t.mean(dim=-1, keepdim=True)
+        if weight is None:
+            zero = zero - t.mean(dim=-1, keepdim=True)
+        else:
+            zero = zero - t.mul_(weight).sum(dim=-1, keepdim=True) / w_sum
         beta *= cfg.kappa
     return best_zero
+
+
+def _weighted_polish(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, cfg: HqqConfig, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_least_squares_polish`` under the importance-weighted L2 error."""
+    q = torch.empty_like(wg)
+    prev_total = float("inf")
+    for _ in range(cfg.polish_iters):
+        assign_codes(wg, scale, zero, qmax, out=q)
+        scale, zero, _ok = weighted_fit(wg, q, weight, scale, zero)
+        total = float(
+            weighted_sq_error(wg, assign_codes(wg, scale, zero, qmax, out=q), scale, zero, weight).sum()
+        )
+        if total > prev_total * (1.0 - cfg.tol):
+            break
+        prev_total = total
+    return scale, zero
 
 
 def _least_squares_polish(
@@ -152,7 +197,7 @@ def _least_squares_polish(
 
 
 def hqq_params(
-    wg: torch.Tensor, qmax: int, config: HqqConfig | None = None
+    wg: torch.Tensor, qmax: int, config: HqqConfig | None = None, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimized fp16 scale and zero for a chunk of groups, never worse (L2) than RTN per group.
 
@@ -160,6 +205,8 @@ def hqq_params(
         wg: float32 groups ``[r, G, g]``.
         qmax: the largest code, ``2**bits - 1``.
         config: optimization parameters (default ``HqqConfig()``).
+        weight: optional importance weights ``[1, G, g]`` (``importance.group_weights``): every
+            error is then weighted, and the result is never worse than importance-weighted RTN.
 
     Returns:
         ``(scale, zero)`` ``[r, G, 1]`` float32 holding fp16-representable values.
@@ -168,6 +215,8 @@ def hqq_params(
         ValueError: when a weight is NaN/inf or a scale does not fit fp16.
     """
     cfg = config or HqqConfig()
+    if weight is not None:
+        return _weighted_hqq_params(wg, qmax, cfg, weight)
     scale, zero, absmax = rtn_params(wg, qmax)
     buf = torch.empty_like(wg)
     # RTN baseline, rounded to fp16 the same way rtn_fp16_params does.
@@ -188,19 +237,47 @@ def hqq_params(
     return torch.where(better, scale, rtn_scale), torch.where(better, zero, rtn_zero)
 
 
-def hqq_quantize(w: torch.Tensor, qtype: QType, config: HqqConfig | None = None) -> QuantParts:
-    """Quantize ``w`` with HQQ-style optimized scale and zero points (no calibration data).
+def _weighted_hqq_params(
+    wg: torch.Tensor, qmax: int, cfg: HqqConfig, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hqq_params`` under the importance-weighted error; never worse than weighted RTN's search."""
+    scale, zero, absmax = rtn_params(wg, qmax)
+    if cfg.iters:
+        zero = _half_quadratic_zero(wg, scale, zero, qmax, cfg, weight)
+    if cfg.polish_iters:
+        scale, zero = _weighted_polish(wg, scale, zero, qmax, cfg, weight)
+    scale, zero = to_fp16_params(scale, zero, absmax)
+    buf = torch.empty_like(wg)
+    err = weighted_sq_error(wg, assign_codes(wg, scale, zero, qmax, out=buf), scale, zero, weight)
+    base_scale, base_zero = weighted_rtn_params(wg, qmax, weight)
+    base_err = weighted_sq_error(
+        wg, assign_codes(wg, base_scale, base_zero, qmax, out=buf), base_scale, base_zero, weight
+    )
+    better = err < base_err  # NaN compares False: the weighted RTN search wins
+    return torch.where(better, scale, base_scale), torch.where(better, zero, base_zero)
+
+
+def hqq_quantize(
+    w: torch.Tensor, qtype: QType, config: HqqConfig | None = None, importance: torch.Tensor | None = None
+) -> QuantParts:
+    """Quantize ``w`` with HQQ-style optimized scale and zero points.
 
     Args:
         w: float weight ``[O, I]``; ``I`` must be divisible by ``qtype.group_size``.
         qtype: the scheme; its ``method`` is ignored.
         config: optimization parameters (default ``HqqConfig()``).
+        importance: optional mean squared calibration input per input channel, ``[I]``
+            (``moe_local.quant.importance``); None (default) is calibration-free HQQ.
 
     Returns:
         The packed codes, fp16 scales ``[O, G]`` and fp16 zeros ``[O, G]``.
 
     Raises:
-        ValueError: on a malformed weight or NaN/inf values.
+        ValueError: on a malformed weight, NaN/inf values or a bad importance.
     """
     cfg = config or HqqConfig()
-    return quantize_groups(w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg), cfg.chunk_elems)
+    if importance is None:
+        return quantize_groups(w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg), cfg.chunk_elems)
+    check_weight(w, qtype.group_size)
+    weight = group_weights(importance, int(w.shape[1]), qtype.group_size).to(w.device)
+    return quantize_groups(w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg, weight), cfg.chunk_elems)

@@ -218,6 +218,8 @@ def quantize_groups(
 def rtn_quantize(w: torch.Tensor, qtype: QType, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> QuantParts:
     """Quantize ``w`` with group-wise min/max round-to-nearest.
 
+    (The importance-weighted variant is ``moe_local.quant.importance.weighted_rtn_quantize``.)
+
     Args:
         w: float weight ``[O, I]``; ``I`` must be divisible by ``qtype.group_size``.
         qtype: the scheme; its ``method`` is ignored.
