@@ -173,6 +173,9 @@ def _make_store(
     experts: ExpertSource, sites, options: LoadOptions, progress, dtype: torch.dtype
 ) -> ExpertStore:
     device = torch.device(options.device)
+    # experts computed on the CPU are converted to its kernel layout as they are read (a no-op for
+    # the native kernel); TieredStore's host copies stay as read, since device copies read them
+    read = _read_for_cpu(experts.read, dtype) if device.type == "cpu" else experts.read
     if options.expert_memory is not None:
         need = max((experts.expert_nbytes(s.layer) for s in sites), default=0)
         if sites and options.expert_memory < need:
@@ -194,7 +197,7 @@ def _make_store(
                 options.cpu_compute,
             )
         return CachedStore(
-            _read_for_cpu(experts.read, dtype),
+            read,  # on the CPU here
             options.expert_memory,
             policy=options.policy,
             prefetch_workers=workers,
@@ -203,10 +206,7 @@ def _make_store(
     total = sum(s.num_experts for s in sites)
     for site in sites:
         for e in range(site.num_experts):
-            weights = experts.read(site.layer, e).to(device)
-            if device.type == "cpu":
-                weights.prepare_kernel(dtype)
-            all_experts[(site.layer, e)] = weights
+            all_experts[(site.layer, e)] = read(site.layer, e).to(device)
             if progress:
                 progress("experts", len(all_experts), total)
     return InMemoryStore(all_experts)
