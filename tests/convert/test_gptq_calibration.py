@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from moe_local.convert.calibration import LayerCalibration
@@ -13,21 +10,10 @@ from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpora" / "shakespeare"
 RECIPE = (
     '[[rule]]\nmatch = "*.experts.*"\nscheme = "int3-g16"\n'
     '[[rule]]\nmatch = "*.self_attn.*"\nscheme = "int3-g16"\n'
 )
-
-
-@pytest.fixture
-def calibration_text(tmp_path) -> Path:
-    path = tmp_path / "cal.txt"
-    if (CORPUS / "train.txt").exists():
-        path.write_text((CORPUS / "train.txt").read_text()[:12000])
-    else:  # outside the workplace: any varied text will do
-        path.write_text(" ".join(f"line {i} of a calibration text about {i % 7} things." for i in range(800)))
-    return path
 
 
 def test_gptq_beats_rtn_and_reports_tokens(tiny_mixtral, tmp_path, calibration_text):
