@@ -8,8 +8,9 @@ import pytest
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 
 
-def test_health_answers_503_while_loading_then_200(server):
-    assert server.health_seen[0] == 503
+def test_health_answers_ready_once_loaded(server):
+    """Before ready the real server only ever said 503 (test_startup holds the 503 deterministically)."""
+    assert set(server.health_seen[:-1]) <= {503}
     assert server.health_seen[-1] == 200
     with server.http() as http:
         assert http.get("/health").json() == {"status": "ready", "model": server.model}

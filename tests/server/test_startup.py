@@ -96,3 +96,44 @@ def test_a_bad_cors_origin_fails_before_loading(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --cors-origin 'http://a/b' is not an origin")
+
+
+def test_health_answers_503_while_loading_then_200(tiny_mixtral):
+    """Loading is held open by the engine's ``prepare`` step, so the 503 does not depend on timing."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    from moe_local.config import LoadOptions
+    from moe_local.server.app import create_app
+    from moe_local.server.engine import Engine, State
+
+    gate = threading.Event()
+
+    def prepare():
+        gate.wait(60)
+        return tiny_mixtral, LoadOptions()
+
+    engine = Engine(tiny_mixtral, prepare=prepare, model_name="tiny")
+    app = create_app(engine)
+
+    async def health() -> tuple[int, dict]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            resp = await http.get("/health")
+            return resp.status_code, resp.json()
+
+    engine.start()
+    try:
+        status, body = asyncio.run(health())
+        assert status == 503
+        assert body["status"] == "loading"
+        gate.set()
+        deadline = time.monotonic() + 60
+        while engine.state is State.LOADING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert asyncio.run(health()) == (200, {"status": "ready", "model": "tiny"})
+    finally:
+        gate.set()
+        engine.stop()
