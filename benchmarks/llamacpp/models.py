@@ -5,7 +5,7 @@
 * ``bf16.gguf``: the same folder converted by llama.cpp's ``convert_hf_to_gguf.py`` (through a
   view: see ``gguf_view``), ``--outtype bf16``.
 * ``q4_0.gguf``: ``llama-quantize bf16.gguf q4_0.gguf Q4_0``.
-* ``experts-4bit/``: ``moe-local quantize bf16/ experts-4bit/ --recipe experts-4bit``.
+* ``all-4bit/``: ``moe-local quantize bf16/ all-4bit/ --recipe all-4bit``.
 
 Each is made once and kept in the cache; a missing one is remade from the previous one.
 """
@@ -53,8 +53,8 @@ class Checkpoints:
 
     @property
     def ml_4bit(self) -> Path:
-        """moe-local's experts-4bit folder."""
-        return self.root / "experts-4bit"
+        """moe-local's all-4bit folder (llama.cpp Q4_0's choices of bits)."""
+        return self.root / "all-4bit"
 
 
 def run_logged(cmd: list[str], log, **kw) -> None:
@@ -115,8 +115,8 @@ def ensure_checkpoints(root: Path, llama: LlamaCpp, *, log=print, timer=None) ->
             run_logged([llama.tool("llama-quantize"), ck.bf16_gguf, tmp, "Q4_0"], log)
             tmp.rename(ck.q4_gguf)
     if not (ck.ml_4bit / "config.json").exists():
-        with phase("moe-local quantize experts-4bit"):
-            cmd = ["moe-local", "quantize", ck.hf, ck.ml_4bit, "--recipe", "experts-4bit", "--overwrite"]
+        with phase("moe-local quantize all-4bit"):
+            cmd = ["moe-local", "quantize", ck.hf, ck.ml_4bit, "--recipe", "all-4bit", "--overwrite"]
             run_logged(cmd, log)
     return ck
 

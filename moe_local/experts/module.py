@@ -136,13 +136,8 @@ class OffloadedExperts(nn.Module):
         idx = top_k_index.reshape(x.shape[0], -1)  # [T, K]
         wts = top_k_weights.reshape(x.shape[0], -1)  # [T, K]
         out = torch.zeros_like(x)  # [T, H]
-        # one stable sort groups the (token, slot) pairs by expert, tokens in order within each
         flat = idx.reshape(-1)  # [T*K]
-        pos = torch.argsort(flat, stable=True)  # [T*K]
-        ids, counts = torch.unique_consecutive(flat[pos], return_counts=True)
-        spans, start = {}, 0
-        for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
-            spans[e], start = pos[start : start + n], start + n
+        spans = _spans_by_expert(flat)
         needed = [e for e in spans if 0 <= e < self.num_experts]
         if self.trace is not None:
             self.trace.append(needed)
@@ -153,15 +148,50 @@ class OffloadedExperts(nn.Module):
             self.store.prefetch(self.next_router.layer, guess)
         k, w_flat = idx.shape[1], wts.reshape(-1)  # [T*K] weights in the order of ``flat``
         for e in self.store.order(self.layer, needed):
-            tok = spans[e] // k  # [n] tokens routed to e (each once: a token's k experts differ)
-            host_w = self.store.compute_on_host(self.layer, e, len(tok))
-            if host_w is not None:  # cheaper to compute where the weights lie than to move them
-                y = self.expert_forward(x[tok].to("cpu"), host_w).to(x.device)
+            span = spans[e]
+            if isinstance(span, int):  # one (token, slot) pair, the decode step's usual case: slices
+                t = span // k
+                rows, w_e = x[t : t + 1], w_flat[span : span + 1, None]  # [1, H], [1, 1]
             else:
-                y = self.expert_forward(x[tok], self.store.get(self.layer, e))  # [n, H]
-            y = y * w_flat[spans[e], None].to(y.dtype)
-            out.index_add_(0, tok, y.to(out.dtype))
+                tok = span // k  # [n] tokens routed to e (each once: a token's k experts differ)
+                rows, w_e = x[tok], w_flat[span, None]  # [n, H], [n, 1]
+            host_w = self.store.compute_on_host(self.layer, e, rows.shape[0])
+            if host_w is not None:  # cheaper to compute where the weights lie than to move them
+                y = self.expert_forward(rows.to("cpu"), host_w).to(x.device)
+            else:
+                y = self.expert_forward(rows, self.store.get(self.layer, e))  # [n, H]
+            y = y * w_e.to(y.dtype)
+            if isinstance(span, int):
+                out[t : t + 1] += y.to(out.dtype)  # one rounding, as index_add_ rounds it
+            else:
+                out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)
+
+
+SMALL_ROUTING = 64  # (token, slot) pairs grouped in Python: cheaper than a sort below this many
+
+
+def _spans_by_expert(flat: torch.Tensor) -> dict[int, int | torch.Tensor]:
+    """Each expert's (token, slot) positions in ``flat`` [T*K], tokens in order within each.
+
+    A position alone is an int (the decode step's usual case, served with slices); several are a
+    tensor. Few pairs are grouped in Python, many with one stable sort (no ``torch.where`` per expert).
+    """
+    if flat.numel() <= SMALL_ROUTING:
+        groups: dict[int, list[int]] = {}
+        for p, e in enumerate(flat.tolist()):
+            groups.setdefault(e, []).append(p)
+        return {
+            e: ps[0] if len(ps) == 1 else torch.tensor(ps, dtype=torch.long, device=flat.device)
+            for e, ps in groups.items()
+        }
+    pos = torch.argsort(flat, stable=True)  # [T*K]
+    ids, counts = torch.unique_consecutive(flat[pos], return_counts=True)
+    spans: dict[int, int | torch.Tensor] = {}
+    start = 0
+    for e, n in zip(ids.tolist(), counts.tolist(), strict=True):
+        spans[e], start = pos[start : start + n], start + n
+    return spans
 
 
 def swap_experts(model: nn.Module, sites: list[ExpertsSite], store: ExpertStore) -> list[OffloadedExperts]:

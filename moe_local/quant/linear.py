@@ -96,8 +96,8 @@ class QuantLinear(nn.Module):
         """The quantization scheme (the same object as ``scheme``)."""
         return self.scheme
 
-    def _key(self) -> tuple[tuple[int, int, str], ...]:
-        return tuple((t.data_ptr(), t._version, str(t.device)) for t in self._weight.held_tensors())
+    def _key(self) -> tuple[tuple[int, int, torch.device], ...]:
+        return tuple((t.data_ptr(), t._version, t.device) for t in self._weight.held_tensors())
 
     def _set_weight(self, weight: QuantizedWeight) -> None:
         self._weight = weight
@@ -205,8 +205,11 @@ class QuantLinear(nn.Module):
         Returns:
             ``[..., O]`` in ``x.dtype``.
         """
-        out = self.quantized().linear(x, self.bias, use_kernel=self.use_kernel)
-        self._seen = self._key()  # a first kernel call may have replaced the codes by their layout
+        weight = self.quantized()
+        layouts = len(weight._kernel)
+        out = weight.linear(x, self.bias, use_kernel=self.use_kernel)
+        if len(weight._kernel) != layouts:  # a first kernel call replaced the codes by their layout
+            self._seen = self._key()
         return out
 
     def extra_repr(self) -> str:

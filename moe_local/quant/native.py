@@ -187,6 +187,65 @@ def qlinear(
     return out
 
 
+class NativeWeight:
+    """One weight's arguments to the kernel, built once: the decode path's call without re-checks.
+
+    A decode step calls each weight with one row; converting and checking the same pointers and
+    sizes at every call cost several times the C call itself. The tensors are kept referenced here,
+    so the pointers stay valid as long as this object lives.
+
+    Args:
+        packed: codes ``[O, I * bits / 8]`` uint8, contiguous.
+        scales: ``[O, G]`` fp16, contiguous.
+        zeros: ``[O, G]`` fp16, contiguous.
+        shape: ``(O, I)``.
+        bits: 8, 4 or 2.
+        group_size: weights per group (see ``supports``).
+    """
+
+    __slots__ = ("_args", "_lib", "_tensors", "in_features", "out_features")
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        shape: tuple[int, int],
+        bits: int,
+        group_size: int,
+    ) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the native kernel is not available (check native.available() first)")
+        if not (packed.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+            raise ValueError("the native kernel reads contiguous codes, scales and zeros")
+        self._lib = lib
+        self._tensors = (packed, scales, zeros)
+        self.out_features, self.in_features = shape
+        pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
+        self._args = (*pointers, shape[0], shape[1], bits, group_size)
+
+    def reads(self, packed: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+        """Whether these are the tensors this call was built on (not replaced since)."""
+        held = self._tensors
+        return packed is held[0] and scales is held[1] and zeros is held[2]
+
+    def linear_bf16(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W_hat.T`` for contiguous bfloat16 ``x2 [M, I]`` on the CPU (the caller checked).
+
+        Returns:
+            ``[M, O]`` bfloat16.
+        """
+        m = x2.shape[0]
+        o = self.out_features
+        out = torch.empty(m, o, dtype=torch.bfloat16)
+        threads = torch.get_num_threads() if m * o * self.in_features >= THREADED_MACS else 1
+        rc = self._lib.moe_local_qlinear_bf16(*self._args, x2.data_ptr(), m, out.data_ptr(), threads)
+        if rc != 0:
+            raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
+        return out
+
+
 def dequantize_rows(
     packed: torch.Tensor,
     scales: torch.Tensor,

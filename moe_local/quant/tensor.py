@@ -104,6 +104,7 @@ class QuantizedTensor(QuantizedWeight):
         self.zeros = zeros
         self._device = packed.device
         self._kernel: dict[Any, torch.Tensor] = {}
+        self._fast: native.NativeWeight | bool | None = False  # False: not decided yet (see linear)
 
     def __repr__(self) -> str:
         return f"QuantizedTensor(shape={self.shape}, qtype={self.qtype}, device={self.device})"
@@ -230,6 +231,16 @@ class QuantizedTensor(QuantizedWeight):
             return _INT8 if int8_kernel.int8_kernel_supports(self.device) else None
         return _INT4 if kernels.int4_kernel_supports(self.shape, bits, group, self.device) else None
 
+    def _native_weight(self) -> native.NativeWeight | None:
+        """The prebuilt native call of this weight, or None where it runs another path."""
+        if self._kernel_kind() != _NATIVE:
+            return None
+        held = (self._packed, self.scales, self.zeros)
+        if not all(t is not None and t.is_contiguous() for t in held):
+            return None
+        bits, group = self.qtype.bits, self.qtype.group_size
+        return native.NativeWeight(*held, self.shape, bits, group)
+
     def _kernel_ok(self, x2: torch.Tensor, use_kernel: bool | None) -> str | None:
         kind = self._kernel_kind()
         # bf16 activations only, as torch's kernels: float32 compute stays the exact reference path
@@ -302,6 +313,7 @@ class QuantizedTensor(QuantizedWeight):
         if self._packed is None:
             self._packed = self.packed
         self._kernel.clear()
+        self._fast = False
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, *, use_kernel: bool | None = None
@@ -330,6 +342,24 @@ class QuantizedTensor(QuantizedWeight):
         Raises:
             ValueError: when ``x`` is not a float tensor with last dim ``I`` or ``bias`` is not ``[O]``.
         """
+        fast = self._fast
+        if fast is False:
+            fast = self._fast = self._native_weight()
+        # the decode path: a few bf16 rows on the native kernel, checked with a handful of compares
+        if (
+            fast is not None
+            and bias is None
+            and use_kernel is None
+            and type(x) is torch.Tensor
+            and x.dtype is torch.bfloat16
+            and x.device.type == "cpu"
+            and x.dim() > 0
+            and x.shape[-1] == fast.in_features
+            and fast.reads(self._packed, self.scales, self.zeros)
+        ):
+            x2 = x.reshape(-1, fast.in_features)
+            if 0 < x2.shape[0] <= NATIVE_MAX_TOKENS:
+                return fast.linear_bf16(x2.contiguous()).reshape(*x.shape[:-1], fast.out_features)
         self._check_linear_args(x, bias)
         o, i = self.shape
         lead = x.shape[:-1]

@@ -194,8 +194,13 @@ def test_protected_tensors_stay_8bit_or_more():
     assert r.scheme_for("model.layers.0.mlp.experts.gate_up").bits == 2
     assert r.scheme_for("lm_head.weight") is None
     assert r.scheme_for("model.layers.0.mlp.shared_expert_gate.weight") is None
-    for name in ("experts-4bit", "mixtral-4090", "v100-int8", "tiny-2bit"):
+    for name in ("experts-4bit", "all-4bit", "mixtral-4090", "v100-int8", "tiny-2bit"):
         assert load_recipe(name).rules
+    q4 = load_recipe("all-4bit")  # llama.cpp Q4_0's choices: 4-bit q/o, 8-bit k/v and lm_head
+    assert q4.scheme_for("model.layers.3.self_attn.q_proj.weight").bits == 4
+    assert q4.scheme_for("model.layers.3.self_attn.k_proj.weight").bits == 8
+    assert q4.scheme_for("lm_head.weight").bits == 8
+    assert q4.scheme_for("model.embed_tokens.weight") is None
 
 
 def test_copy_keeps_source_untouched(tiny_mixtral, tmp_path):

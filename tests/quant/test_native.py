@@ -77,8 +77,10 @@ def test_dequantize_rows_bit_identical_to_the_torch_path(bits: int, group: int, 
 
 def test_linear_runs_native_on_the_stored_codes_and_converts_nothing(monkeypatch) -> None:
     calls = []
-    real = native.qlinear
-    monkeypatch.setattr(native, "qlinear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = native.NativeWeight.linear_bf16
+    monkeypatch.setattr(
+        native.NativeWeight, "linear_bf16", lambda self, x2: calls.append(x2.shape[0]) or real(self, x2)
+    )
     blob = torch.empty(0, dtype=torch.uint8)
     src = quantize(torch.randn(64, 512), QType(4, 64))
     # the codes as views into one buffer, as an expert read from a moe-local folder holds them
@@ -139,3 +141,17 @@ def test_built_once_into_the_home_folder(monkeypatch, tmp_path) -> None:
         assert native.available() and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
     finally:
         native._library.cache_clear()
+
+
+def test_the_prebuilt_decode_call_equals_the_checked_call_and_follows_replaced_tensors() -> None:
+    """The decode path's prebuilt call gives the same bits, and never reads tensors replaced since."""
+    qt = quantize(torch.randn(96, 256), QType(4, 64))
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    codes = (qt.packed, qt.scales, qt.zeros)
+    checked = native.qlinear(x, *codes, qt.shape, 4, 64)
+    assert torch.equal(qt.linear(x), checked)
+    assert torch.equal(qt.linear(x[None]), checked[None])  # leading dims kept
+    qt.scales = qt.scales * 2  # a new tensor, not the one the call was built on
+    assert torch.equal(qt.linear(x), native.qlinear(x, qt.packed, qt.scales, qt.zeros, qt.shape, 4, 64))
+    with pytest.raises(ValueError, match="last dim 256"):
+        qt.linear(torch.randn(1, 128, dtype=torch.bfloat16))
