@@ -5,9 +5,11 @@ model needs and nothing that runs code: safetensors weights, JSON configs, token
 chat templates; never pickles (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``) nor Python files.
 Files land in the Hugging Face cache (``HF_HOME``, ``HF_HUB_CACHE``; the hub is ``HF_ENDPOINT``),
 where every moe-local command finds them by hub id. An interrupted pull resumes: the files already
-complete stay in the cache and are not fetched again (weights come in shards of a few GB), and a
-dropped connection is resumed within the run with an HTTP Range request. (huggingface_hub 1.x-2.x
-deletes a partial file when a run fails: the shard in progress then starts over.)
+complete stay in the cache and are not fetched again (weights come in shards of a few GB), and the
+file it was fetching goes on from the bytes it had, with an HTTP Range request, both within a run
+(a dropped connection) and in the next run (Ctrl-C, a dead network). huggingface_hub alone would
+delete that partial file and start it over, so ``moe_local.hub_blobs`` fetches the files itself
+into the cache's layout, checks each against the hub's checksum, and huggingface_hub links them.
 
 ``list_models`` lists the models in the hub cache and the moe-local folders under
 ``MOE_LOCAL_HOME`` (the demo), with family, size on disk and quantization.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_local.errors import MoeLocalError, first_line
+from moe_local.hub_blobs import fetch_blobs, partial_bytes
 
 # fnmatch patterns on repo paths ("*" also matches "/", so files in subfolders count too)
 ALLOW_PATTERNS: tuple[str, ...] = (
@@ -116,9 +119,15 @@ def pull(
         raise MoeLocalError(f"{where} has no config.json at its top: not a transformers model")
     todo = [f for f in plan if f.will_download]
     total = sum(f.file_size or 0 for f in todo)
-    blobs = _storage_folder(repo_id, cache_dir) / "blobs"
+    storage = _storage_folder(repo_id, cache_dir)
+    commit = plan[0].commit_hash
+
+    def fetch() -> str:
+        fetch_blobs(repo_id, commit, [f.filename for f in todo], storage=storage, endpoint=endpoint)
+        return snapshot_download(repo_id, **kwargs)  # links what is left, and writes the revision's ref
+
     with _hub_bars_off():
-        path = Path(_download(lambda: snapshot_download(repo_id, **kwargs), where, blobs, total, progress))
+        path = Path(_download(fetch, where, storage / "blobs", total, progress))
     from moe_local.loading.resolve import resolve_model_path
 
     resolve_model_path(path)  # the folder is a model (config.json there): what every command will load
@@ -170,7 +179,10 @@ def _download(
         except BaseException as exc:  # handed to the caller's thread
             error.append(exc)
 
-    start, done = _disk_bytes(blobs), 0
+    done = min(partial_bytes(blobs), total)  # a resumed file's bytes are done already
+    start = _disk_bytes(blobs) - done
+    if progress is not None and done:
+        progress("download", done, total, done)
     worker = threading.Thread(target=run, name="moe-local-pull", daemon=True)
     worker.start()
     while worker.is_alive():
@@ -181,7 +193,7 @@ def _download(
         done = now
     if error:
         raise error[0]
-    if progress is not None:  # a resumed file counts only its new bytes: the end is the total
+    if progress is not None:  # files of no declared size are not counted as they come: end at the total
         progress("download", total, total, max(total - done, 0))
     return result[0]
 
@@ -199,7 +211,7 @@ def _hub_call(call: Callable, where: str):
 
     try:
         return call()
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, *_transport_errors()) as exc:
         root = exc
         if isinstance(exc, (DryRunError, LocalEntryNotFoundError)) and exc.__cause__ is not None:
             root = exc.__cause__  # the hub's answer (or the network error) behind "cannot access"
@@ -215,6 +227,19 @@ def _hub_call(call: Callable, where: str):
         else:
             message = f"cannot fetch {repo}: {first_line(exc)}"
         raise MoeLocalError(message) from exc
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's network errors (huggingface_hub 2.x uses httpx2, 1.x httpx)."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 # ----------------------------------------------------------------------------- list

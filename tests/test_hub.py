@@ -52,6 +52,8 @@ class FakeHub:
         self.requests: list[tuple[str, str, str | None]] = []
         self.fail: set[str] = set()  # files whose GET answers 503
         self.drop_at: dict[str, int] = {}  # file -> bytes sent before the connection drops (once)
+        self.down_after_drop: set[str] = set()  # files that answer 503 once their connection dropped
+        self.ignore_range = False  # answer a ranged GET with the whole file (200)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -143,8 +145,10 @@ class FakeHub:
                 h.end_headers()
                 h.wfile.write(body[:cut])
                 h.close_connection = True
+                if name in self.down_after_drop:
+                    self.fail.add(name)
                 return None
-            if ranged.startswith("bytes="):
+            if ranged.startswith("bytes=") and not self.ignore_range:
                 start = int(ranged[6:].split("-")[0])
                 headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
                 return self._send(h, 206, body[start:], headers, head)
@@ -239,6 +243,71 @@ def test_a_dropped_connection_resumes_with_a_range_request(hub, tmp_path):
     assert ranges[0] is None and len(ranges) == 2
     start = int(ranges[1].removeprefix("bytes=").rstrip("-"))
     assert start >= constants.DOWNLOAD_CHUNK_SIZE  # went on from what it had, not from 0
+
+
+def _big_repo(hub) -> bytes:
+    from huggingface_hub import constants
+
+    big = bytes(range(256)) * (3 * constants.DOWNLOAD_CHUNK_SIZE // 256)  # three of hf's read chunks
+    hub.repos["org/big"] = {"main": ("d" * 40, {"config.json": b"{}", "model.safetensors": big})}
+    return big
+
+
+def _shard_gets(hub) -> list[str | None]:
+    return [r for m, p, r in hub.requests if m == "GET" and p.endswith("/model.safetensors")]
+
+
+def test_a_pull_stopped_mid_file_resumes_it_in_the_next_run(hub, tmp_path):
+    """The network goes away mid-shard: the next pull asks only for the bytes it lacks."""
+    from huggingface_hub import constants
+
+    big = _big_repo(hub)
+    cache = tmp_path / "hub"
+    hub.drop_at["model.safetensors"] = 2 * constants.DOWNLOAD_CHUNK_SIZE + 1000
+    hub.down_after_drop.add("model.safetensors")
+    with pytest.raises(MoeLocalError, match=r"cannot fetch org/big: .*503") as info:
+        pull("org/big", cache_dir=cache, endpoint=hub.url)
+    assert "\n" not in str(info.value)
+    partial = cache / "models--org--big" / "blobs" / (hashlib.sha256(big).hexdigest() + ".incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < len(big) and partial.read_bytes() == big[:kept]
+    hub.fail.clear()
+    hub.requests.clear()
+    seen: list[tuple[int, int]] = []
+    result = pull(
+        "org/big", cache_dir=cache, endpoint=hub.url, progress=lambda s, d, t, n: seen.append((d, t))
+    )
+    assert _shard_gets(hub) == [f"bytes={kept}-"]  # one request, from where the first run stopped
+    assert (result.path / "model.safetensors").read_bytes() == big
+    assert not partial.exists() and result.downloaded == 1
+    assert seen[0][0] >= kept and seen[-1] == (len(big), len(big))  # progress starts at what was there
+
+
+def test_a_resumed_file_that_does_not_match_the_checksum_is_fetched_afresh(hub, tmp_path):
+    big = _big_repo(hub)
+    cache = tmp_path / "hub"
+    partial = cache / "models--org--big" / "blobs" / (hashlib.sha256(big).hexdigest() + ".incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\xff" * 5000)  # not this file's beginning
+    with pytest.raises(MoeLocalError, match="checksum") as info:
+        pull("org/big", cache_dir=cache, endpoint=hub.url)
+    assert "\n" not in str(info.value) and not partial.exists()
+    assert _shard_gets(hub) == ["bytes=5000-"]
+    hub.requests.clear()
+    result = pull("org/big", cache_dir=cache, endpoint=hub.url)
+    assert _shard_gets(hub) == [None] and (result.path / "model.safetensors").read_bytes() == big
+
+
+def test_a_server_that_ignores_the_range_sends_the_whole_file_again(hub, tmp_path):
+    big = _big_repo(hub)
+    cache = tmp_path / "hub"
+    partial = cache / "models--org--big" / "blobs" / (hashlib.sha256(big).hexdigest() + ".incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(big[:7000])
+    hub.ignore_range = True
+    result = pull("org/big", cache_dir=cache, endpoint=hub.url)
+    assert _shard_gets(hub) == ["bytes=7000-"]
+    assert (result.path / "model.safetensors").read_bytes() == big
 
 
 def test_pull_errors_are_one_line(hub, tmp_path):

@@ -17,7 +17,8 @@ def pull(
     """Download a model into the Hugging Face cache: safetensors, configs and tokenizer, never pickles.
 
     The only command that uses the network. Run it again after an interruption: the files it
-    finished stay in the cache and are not fetched again.
+    finished stay in the cache and are not fetched again, and the file it was fetching goes on
+    from the bytes it had (an HTTP Range request), checked against the hub's checksum.
     """
     from moe_local.hub import pull as run_pull
     from moe_local.progress import progress_bars

@@ -6,8 +6,9 @@
 ``whole(choices)`` the non-streamed response. Every response carries ``usage`` (completion tokens
 summed over the choices, the prompt counted once, as OpenAI counts); a stream carries it in a last
 chunk with no choices when the request asked for ``stream_options.include_usage``. A chat renderer
-given a tool syntax parses each choice's raw text into ``tool_calls``: whole, or streamed as one
-delta per call once the call is closed.
+given a tool syntax parses each choice's raw text into ``tool_calls``: whole, or streamed as
+OpenAI streams them (``moe_local.server.tool_stream``): a first delta with the call's id and name,
+then deltas each adding a piece of its ``arguments`` as the model writes them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from moe_local.server.protocol import (
     TopLogprob,
     Usage,
 )
-from moe_local.server.tool_calls import Call, ToolCallStream, ToolSyntax
+from moe_local.server.tool_calls import Call, ToolSyntax
+from moe_local.server.tool_stream import CallDelta, ToolCallStream
 
 DONE = "data: [DONE]\n\n"
 
@@ -158,25 +160,42 @@ class ChatRenderer(_Renderer):
         if self.syntax is None:
             text, calls = step.text, []
         else:
-            text, calls = self.streams[step.index].feed(step.raw)
+            text, calls = self.streams[step.index].update(step.raw)
         out = []
         if text or step.token_text is not None:
             out.append(self._chunk(AssistantMessage(content=text), step.index, self._logprobs([step])))
         return out + self._call_chunks(step.index, calls)
 
-    def _call_chunks(self, index: int, calls: list[tuple[str, Call]]) -> list[str]:
-        first = len(self.streams[index].calls) - len(calls) if self.streams else 0
-        return [
-            self._chunk(AssistantMessage(tool_calls=[_tool_call(call_id, call, first + k)]), index)
-            for k, (call_id, call) in enumerate(calls)
-        ]
+    def _call_chunks(self, index: int, deltas: list[CallDelta]) -> list[str]:
+        """One chunk per delta, without null fields: clients merge deltas key by key, and a null
+        ``type`` or ``id`` would overwrite the call's (the official client's accumulation does)."""
+        out = []
+        for d in deltas:
+            payload = ChatCompletion(
+                id=self.id,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.model,
+                choices=[ChatChunkChoice(index=index, delta=AssistantMessage())],
+            ).model_dump()
+            call: dict = {"index": d.index, "function": {"arguments": d.arguments}}
+            if d.id is not None:
+                call = {
+                    "index": d.index,
+                    "id": d.id,
+                    "type": "function",
+                    "function": {"name": d.name, **call["function"]},
+                }
+            payload["choices"][0]["delta"] = {"tool_calls": [call]}
+            out.append(sse(payload))
+        return out
 
     def end(self, index: int, finish_reason: str) -> list[str]:
         """A choice's last chunks: what its parser held back, then its finish reason."""
         out = []
         if self.syntax is not None:
             stream = self.streams[index]
-            text, calls = stream.finish()
+            text, calls = stream.update("", final=True)
             if text:
                 out.append(self._chunk(AssistantMessage(content=text), index))
             out += self._call_chunks(index, calls)
@@ -214,8 +233,8 @@ class ChatRenderer(_Renderer):
         )
 
 
-def _tool_call(call_id: str, call: Call, index: int | None = None) -> ToolCall:
-    return ToolCall(index=index, id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
+def _tool_call(call_id: str, call: Call) -> ToolCall:
+    return ToolCall(id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 class CompletionRenderer(_Renderer):

@@ -272,7 +272,8 @@ async def chat_completions(request: Request) -> Response:
     grammar = None
     forced = forced_names(req.tool_choice, tools) if syntax is not None else None
     if forced:
-        lark = call_grammar(syntax, tools, forced, engine.literal)
+        several = req.tool_choice == "required" and req.parallel_tool_calls is not False
+        lark = call_grammar(syntax, tools, forced, engine.literal, parallel=several)
         grammar = await run_in_threadpool(engine.grammar, lark=lark, what="tool_choice")
     elif schema is not None:
         grammar = await run_in_threadpool(engine.grammar, schema=schema, what="response_format")

@@ -8,8 +8,9 @@ them (arguments as objects); a template that does not read ``tool_calls`` gets t
 into the assistant's text in the model's syntax.
 
 ``call_grammar`` spells the syntax's call around a JSON schema per function, as a Lark grammar
-for ``moe_local.grammar``: ``tool_choice: "required"`` or a named function makes the reply exactly
-one call, valid by construction.
+for ``moe_local.grammar``: ``tool_choice: "required"`` makes the reply one call or more (exactly one
+with ``parallel_tool_calls: false``), a named function exactly one call of it, valid by
+construction.
 """
 
 from __future__ import annotations
@@ -166,17 +167,30 @@ def fallback_system(messages: list[dict[str, Any]], tools: list[dict[str, Any]])
     return [{"role": "system", "content": text}, *messages]
 
 
-def call_grammar(syntax: ToolSyntax, tools: list[dict[str, Any]], names: list[str], literal: Literal) -> str:
-    """A Lark grammar whose every sentence is one call, in ``syntax``, of one of ``names``.
+def call_grammar(
+    syntax: ToolSyntax,
+    tools: list[dict[str, Any]],
+    names: list[str],
+    literal: Literal,
+    *,
+    parallel: bool = False,
+) -> str:
+    """A Lark grammar whose every sentence is a call, in ``syntax``, of one of ``names``.
 
     Args:
         syntax: the model's call syntax.
         tools: the checked tools.
         names: the functions allowed.
         literal: how a marker is spelled in the grammar.
+        parallel: one call or more, each of any of ``names``, as the syntax writes several
+            (in harmony a call ends the turn: one there); else exactly one.
     """
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-    rules = ["start: " + " | ".join(f"call_{i}" for i in range(len(names)))]
+    prefix, sep, suffix = _frame(syntax, literal)
+    more = f" ({sep} one)*" if sep else " one*"
+    repeat = more if parallel and syntax.name != "harmony" else ""
+    rules = ["start: " + " ".join(p for p in (prefix, "one" + repeat, suffix) if p)]
+    rules.append("one: " + " | ".join(f"call_{i}" for i in range(len(names))))
     for i, name in enumerate(names):
         body = _spelled_call(syntax, name, schemas[name], literal)
         rules.append(f"call_{i}: " + body.replace(_ARGS, f"args_{i}"))
@@ -186,6 +200,20 @@ def call_grammar(syntax: ToolSyntax, tools: list[dict[str, Any]], names: list[st
 
 
 _ARGS = "\0ARGS\0"  # where the arguments' rule goes (JSON text never holds a raw NUL)
+_DS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
+
+
+def _frame(syntax: ToolSyntax, literal: Literal) -> tuple[str, str, str]:
+    """What comes before the calls, between two, and after them, as Lark expressions ("" for none)."""
+    if syntax.name == "mistral" and not getattr(syntax, "named", False):  # one JSON list of calls
+        return f"{literal('[TOOL_CALLS]')} {lark_literal('[')}", lark_literal(", "), lark_literal("]")
+    if syntax.name == "deepseek":  # the calls of one reply sit in one calls_begin ... calls_end
+        return literal(_DS[0]), "", literal(_DS[3])
+    if syntax.name == "llama3":
+        return "", lark_literal("; "), ""
+    if syntax.name == "hermes":
+        return "", lark_literal("\n"), ""
+    return "", "", ""  # mistral's named form: each call has its own [TOOL_CALLS]
 
 
 def _spelled_call(syntax: ToolSyntax, name: str, schema: dict[str, Any], literal: Literal) -> str:
@@ -199,16 +227,13 @@ def _spelled_call(syntax: ToolSyntax, name: str, schema: dict[str, Any], literal
     if syntax.name == "mistral" and getattr(syntax, "named", False):
         return f"{literal('[TOOL_CALLS]')} {lark_literal(name)} {literal('[ARGS]')} {_ARGS}"
     if syntax.name == "mistral":
-        calls = {"type": "array", "items": whole, "minItems": 1, "maxItems": 1}
-        return f"{literal('[TOOL_CALLS]')} {json_grammar_of(calls)}"
+        return json_grammar_of(whole)
     if syntax.name == "llama3":
         whole["properties"] = {"name": {"const": name}, "parameters": schema}
         whole["required"] = ["name", "parameters"]
         return json_grammar_of(whole)
     if syntax.name == "deepseek":
-        head = f"{literal('<｜tool▁calls▁begin｜>')} {literal('<｜tool▁call▁begin｜>')}"
-        tail = f"{literal('<｜tool▁call▁end｜>')} {literal('<｜tool▁calls▁end｜>')}"
-        sep = literal("<｜tool▁sep｜>")
+        head, tail, sep = literal(_DS[1]), literal(_DS[2]), literal("<｜tool▁sep｜>")
         if getattr(syntax, "fenced", False):  # V3: function<sep>NAME, then a fenced JSON block
             fence = lark_literal(f"{name}\n```json\n")
             close = lark_literal("\n```")

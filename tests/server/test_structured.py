@@ -74,6 +74,7 @@ def test_a_named_tool_choice_returns_a_call_matching_the_schema(tools_server):
 @needs_grammar
 def test_required_tool_choice_streams_the_call_as_deltas(tools_server):
     kwargs = dict(model=tools_server.model, messages=ASK, tools=TOOLS, tool_choice="required", **SAMPLED)
+    kwargs["parallel_tool_calls"] = False  # one call (required alone may make several)
     chunks = list(tools_server.client().chat.completions.create(**kwargs, stream=True))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert deltas, "no tool call was streamed"
@@ -90,6 +91,62 @@ def test_required_tool_choice_streams_the_call_as_deltas(tools_server):
     whole = tools_server.client().chat.completions.create(**kwargs)
     assert whole.choices[0].message.tool_calls[0].function.name == name
     assert whole.choices[0].message.tool_calls[0].function.arguments == arguments
+
+
+@needs_grammar
+def test_required_tool_choice_may_make_several_calls_each_valid(tools_server):
+    """The official client's own stream accumulation ends with the non-streamed answer's calls."""
+    kwargs = dict(model=tools_server.model, messages=ASK, tools=TOOLS, tool_choice="required", **SAMPLED)
+    client = tools_server.client()
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and len(whole.message.tool_calls) > 1  # seed 7: two
+    for call in whole.message.tool_calls:
+        schema = next(
+            t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name
+        )
+        _validate(json.loads(call.function.arguments), schema)
+    assert len({c.id for c in whole.message.tool_calls}) == len(whole.message.tool_calls)
+    pieces: dict[int, list[str]] = {}
+    with client.chat.completions.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces.setdefault(event.index, []).append(event.arguments_delta)
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    got = [(c.function.name, c.function.arguments) for c in final.message.tool_calls]
+    assert got == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert sorted(pieces) == list(range(len(got)))
+    assert all("".join(pieces[i]) == got[i][1] for i in pieces)
+    one = client.chat.completions.create(**kwargs, parallel_tool_calls=False).choices[0]
+    assert len(one.message.tool_calls) == 1
+
+
+@needs_grammar
+def test_a_long_argument_arrives_in_many_pieces_over_raw_sse(tools_server):
+    body = {
+        "model": tools_server.model,
+        "messages": ASK,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        **SAMPLED,
+    }
+    with tools_server.http() as http:
+        whole = http.post("/v1/chat/completions", json=body).json()
+        [call] = whole["choices"][0]["message"]["tool_calls"]
+        deltas = []
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    for choice in chunk["choices"]:
+                        deltas += choice["delta"].get("tool_calls") or []
+    assert deltas[0]["id"].startswith("call_")
+    assert deltas[0]["type"] == "function" and deltas[0]["function"]["name"] == "get_weather"
+    fragments = [d["function"]["arguments"] for d in deltas if d["function"]["arguments"]]
+    assert len(fragments) > 1 and len(call["function"]["arguments"]) > 20
+    assert "".join(fragments) == call["function"]["arguments"]
+    json.loads(call["function"]["arguments"])
+    assert all(d["index"] == 0 for d in deltas) and all(set(d) == {"index", "function"} for d in deltas[1:])
 
 
 @needs_grammar

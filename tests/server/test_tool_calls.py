@@ -12,9 +12,9 @@ from moe_local.server.tool_calls import (
     SYNTAXES,
     Call,
     DeepSeekSyntax,
-    ToolCallStream,
     syntax_for,
 )
+from moe_local.server.tool_stream import ToolCallStream
 from moe_local.server.tools import call_grammar, check_tools, forced_names, render_calls, template_messages
 
 ARGS = {"city": "Paris", "days": 2}
@@ -113,6 +113,85 @@ def test_streamed_deltas_add_up_to_the_whole(syntax, reply, content, calls, piec
     assert [c for _, c in got] == SYNTAXES[syntax]().parse(reply).calls
     assert len({call_id for call_id, _ in got}) == len(got)
     assert all(call_id.startswith("call_") for call_id, _ in got)
+
+
+@pytest.mark.parametrize(("syntax", "reply", "content", "calls"), CASES)
+@pytest.mark.parametrize("piece", [1, 4])
+def test_arguments_stream_in_pieces_that_add_up_to_the_whole_arguments(syntax, reply, content, calls, piece):
+    stream = ToolCallStream(SYNTAXES[syntax]())
+    deltas = []
+    for i in range(0, len(reply), piece):
+        deltas += stream.update(reply[i : i + piece])[1]
+    deltas += stream.update("", final=True)[1]
+    whole = SYNTAXES[syntax]().parse(reply).calls
+    assert sorted({d.index for d in deltas}) == list(range(len(whole)))
+    for index, call in enumerate(whole):
+        mine = [d for d in deltas if d.index == index]
+        assert mine[0].id.startswith("call_") and mine[0].name == call.name
+        assert all(d.id is None and d.name is None for d in mine[1:])
+        assert "".join(d.arguments for d in mine) == call.arguments
+        json.loads(call.arguments)
+        if piece == 1 and len(call.arguments) > 8:  # written a character at a time: sent as it grows
+            assert len([d for d in mine if d.arguments]) > 2
+    assert [c for _, c in stream.calls] == whole
+
+
+def test_arguments_are_kept_as_the_model_wrote_them():
+    reply = '<tool_call>{"name": "f", "arguments": {"b":1,  "a": [1, 2], "s": "x}\\"y"}}</tool_call>'
+    [call] = SYNTAXES["hermes"]().parse(reply).calls
+    assert call.arguments == '{"b":1,  "a": [1, 2], "s": "x}\\"y"}'
+    stream = ToolCallStream(SYNTAXES["hermes"]())
+    assert stream.update('<tool_call>{"name": "f') == ("", [])  # the name may go on
+    [header] = stream.update('", "argu')[1]  # the name is whole: the call begins
+    assert (header.index, header.name, header.arguments) == (0, "f", "")
+    [first] = stream.update('ments": {"b":1')[1]
+    assert (first.id, first.name, first.arguments) == (None, None, '{"b":1')
+    [more] = stream.update(',  "a": [1, 2], "s": "x}')[1]
+    assert (more.id, more.name, more.arguments) == (None, None, ',  "a": [1, 2], "s": "x}')
+    # arguments given as a JSON string are sent whole once the call closes
+    stream = ToolCallStream(SYNTAXES["hermes"]())
+    assert [d.arguments for d in stream.update('<tool_call>{"name": "f", "arguments": "{\\"a')[1]] == [""]
+    [rest] = stream.update('\\": 1}"}</tool_call>')[1]
+    assert rest.arguments == '{"a": 1}' and json.loads(rest.arguments) == {"a": 1}
+
+
+def test_a_call_that_closes_as_no_call_gives_its_index_to_the_next():
+    stream = ToolCallStream(SYNTAXES["hermes"]())
+    begun = stream.update('<tool_call>{"name": "f", "arguments": {"a": 1')[1]
+    assert [d.index for d in begun] == [0]
+    stream.update("}} junk</tool_call>")  # not JSON: the region is text after all
+    later = stream.update('<tool_call>{"name": "g", "arguments": {}}</tool_call>')[1]
+    assert [(d.index, d.name) for d in later] == [(1, "g")]
+    assert [c.name for _, c in stream.calls] == ["g"]
+
+
+@pytest.mark.parametrize("syntax", sorted(SYNTAXES))
+def test_streaming_junk_never_raises_and_sent_calls_match_the_calls(syntax):
+    """Replies cut from calls and junk: the deltas of every call that closes add up to it."""
+    import random
+
+    rng = random.Random(syntax)
+    pieces = [reply for name, reply, _, _ in CASES if name == syntax] + [
+        '{"',
+        "}",
+        "]",
+        "[",
+        '"',
+        "\\",
+        ":",
+        ",",
+    ]
+    for _ in range(40):
+        reply = "".join(rng.choice(pieces)[: rng.randint(1, 40)] for _ in range(rng.randint(1, 6)))
+        stream = ToolCallStream(SYNTAXES[syntax]())
+        deltas = []
+        for i in range(0, len(reply), 3):
+            deltas += stream.update(reply[i : i + 3])[1]
+        deltas += stream.update("", final=True)[1]
+        by_id = {d.id: d.index for d in deltas if d.id is not None}
+        for call_id, call in stream.calls:
+            sent = "".join(d.arguments for d in deltas if d.index == by_id[call_id])
+            assert sent == call.arguments
 
 
 def test_a_call_is_streamed_as_soon_as_it_closes():
@@ -242,6 +321,100 @@ def test_forced_call_grammars_only_let_through_calls_the_parser_reads(syntax, se
     [call] = obj.parse(tok.decode(tokens)).calls
     schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.name)
     jsonschema.validate(json.loads(call.arguments), schema)
+
+
+def _written(syntax: str, calls: list[tuple[str, dict]]) -> str:
+    """Calls as a forced model writes them in ``syntax`` (compact JSON, in the schema's order)."""
+    dumps = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
+    objs = [dumps({"name": n, "arguments": a}) for n, a in calls]
+    return {
+        "hermes": lambda: "\n".join(f"<tool_call>\n{o}\n</tool_call>" for o in objs),
+        "mistral": lambda: "[TOOL_CALLS][" + ", ".join(objs) + "]",
+        "mistral-named": lambda: "".join(f"[TOOL_CALLS]{n}[ARGS]{dumps(a)}" for n, a in calls),
+        "llama3": lambda: "; ".join(dumps({"name": n, "parameters": a}) for n, a in calls),
+        "deepseek": lambda: (
+            DS_BEGIN + "".join(f"{DS_CALL}{n}{DS_SEP}{dumps(a)}{DS_CALL_END}" for n, a in calls) + DS_END
+        ),
+        "deepseek-fenced": lambda: (
+            DS_BEGIN
+            + "".join(
+                f"{DS_CALL}function{DS_SEP}{n}\n```json\n{dumps(a)}\n```{DS_CALL_END}" for n, a in calls
+            )
+            + DS_END
+        ),
+    }[syntax]()
+
+
+def _syntax(name: str):
+    obj = SYNTAXES[name.split("-")[0]]()
+    obj.fenced = obj.named = name.endswith(("-fenced", "-named"))
+    return obj
+
+
+@pytest.mark.skipif(not available(), reason="llguidance (moe-local[grammar]) is not installed")
+@pytest.mark.parametrize(
+    "syntax", ["hermes", "mistral", "mistral-named", "llama3", "deepseek", "deepseek-fenced"]
+)
+def test_a_parallel_forced_grammar_takes_several_calls_and_a_single_one_only_one(syntax):
+    from moe_local.grammar import GrammarCompiler
+    from moe_local.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    compiler = GrammarCompiler(tok, 320, [tok.eos_token_id])
+    calls = [
+        ("get_weather", {"city": "Oslo", "days": 2}),
+        ("ping", {}),
+        ("get_weather", {"city": "Rome", "days": 1}),
+    ]
+    obj = _syntax(syntax)
+
+    def accepts(text: str, parallel: bool) -> bool:
+        lark = call_grammar(obj, TOOLS, ["get_weather", "ping"], compiler_literal(tok), parallel=parallel)
+        matcher = compiler.processor(compiler.lark(lark), prompt_len=0).matcher
+        ids = tok.encode(text, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    for n in (1, 2, 3):
+        text = _written(syntax, calls[:n])
+        assert [(c.name, json.loads(c.arguments)) for c in obj.parse(text).calls] == calls[:n]
+        assert accepts(text, parallel=True)
+        assert accepts(text, parallel=False) == (n == 1)
+
+
+@pytest.mark.skipif(not available(), reason="llguidance (moe-local[grammar]) is not installed")
+@pytest.mark.parametrize("syntax", [*sorted(SYNTAXES), "deepseek-fenced", "mistral-named"])
+def test_random_replies_under_a_parallel_grammar_are_calls_that_all_validate(syntax):
+    jsonschema = pytest.importorskip("jsonschema")
+    from moe_local.grammar import GrammarCompiler
+    from moe_local.tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    eos = tok.eos_token_id
+    obj = _syntax(syntax)
+    compiler = GrammarCompiler(tok, 320, [eos])
+    lark = call_grammar(obj, TOOLS, ["get_weather", "ping"], compiler_literal(tok), parallel=True)
+    grammar = compiler.lark(lark)
+    counts = []
+    for seed in range(6):
+        mask = compiler.processor(grammar, prompt_len=0)
+        gen = torch.Generator().manual_seed(seed)
+        tokens: list[int] = []
+        for _ in range(2000):
+            logits = mask(tokens, torch.randn(320, generator=gen))
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            if token == eos:
+                break
+            tokens.append(token)
+        else:
+            pytest.fail("the grammar never let the calls end")
+        parsed = obj.parse(tok.decode(tokens))
+        assert parsed.calls and not parsed.content.strip()
+        for call in parsed.calls:
+            schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.name)
+            jsonschema.validate(json.loads(call.arguments), schema)
+        counts.append(len(parsed.calls))
+    # harmony's call ends the turn: one call there; the others wrote several now and then
+    assert max(counts) == 1 if syntax == "harmony" else max(counts) > 1
 
 
 def compiler_literal(tok):
