@@ -4,7 +4,7 @@ One synthetic Mixtral-shaped bf16 checkpoint (``benchmarks/synth_hf.py``: hidden
 3584, 8 layers, 8 experts, top-2, about 1.6 GB) in two precisions per engine:
 
 * bf16: llama.cpp runs the GGUF that its own ``convert_hf_to_gguf.py`` makes of the folder;
-  moe-local runs the folder itself, with its default dtype (``auto``: float32 compute on the CPU).
+  moe-local runs the folder itself, with its default dtype (``auto``: bf16 compute on the CPU).
 * 4-bit: llama.cpp ``Q4_0`` (``llama-quantize``); moe-local ``all-4bit`` (``moe-local quantize
   --recipe all-4bit``: experts and q/o attention int4-g64 hqq, k/v attention and lm_head int8-g128,
   embeddings and norms kept), the same choices as Q4_0's and about the same bytes per token.

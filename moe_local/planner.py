@@ -92,13 +92,16 @@ def resident_sizes(info: ModelInfo, dtype: str, device: str = "cpu") -> tuple[in
     """Bytes in memory of the dense part and of one expert when computing in ``dtype``.
 
     A Hugging Face checkpoint's floats are cast to ``dtype``; a moe-local folder's kept
-    tensors are 16-bit and its quantized ones stay as stored, and on the CPU in bfloat16 a
-    2/3/4-bit expert gains the int4 kernel's repacked copy of its codes (measured 2.0x: 121.5
-    MiB of experts became 240 MiB). GPTQ codes stay as stored; its 16-bit tensors are cast.
+    tensors are 16-bit and its quantized ones stay as stored, and on the CPU in bfloat16 without
+    moe-local's native kernel a 2/3/4-bit expert gains torch's int4 kernel's repacked copy of its
+    codes (measured 2.0x: 121.5 MiB of experts became 240 MiB; the native kernel reads the codes as
+    stored). GPTQ codes stay as stored; its 16-bit tensors are cast.
     """
+    from moe_local.quant import native
+
     elem = _FLOAT_BYTES.get(dtype, 2)
     if info.quantized:
-        kernel = device.startswith("cpu") and dtype == "bfloat16"
+        kernel = device.startswith("cpu") and dtype == "bfloat16" and not native.available()
         doubled = kernel and any(s.startswith(_KERNEL_BITS) for s in info.dtypes)
         return _scale(info.dense_bytes, elem, 2), info.one_expert_bytes * (2 if doubled else 1)
     stored = [_FLOAT_BYTES[d] for d in info.dtypes if d in _FLOAT_BYTES]

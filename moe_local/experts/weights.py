@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moe_local.quant.base import QuantizedWeight
+from moe_local.quant.dense import dense_linear
 
 WeightLike = torch.Tensor | QuantizedWeight
 
@@ -30,7 +30,7 @@ def apply_linear(x: torch.Tensor, weight: WeightLike, bias: torch.Tensor | None 
         Output [T, out].
     """
     if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight, bias)
+        return dense_linear(x, weight, bias)  # F.linear, on the native kernel for bf16 on the CPU
     return weight.linear(x, bias)
 
 

@@ -45,6 +45,7 @@ from moe_local.loading.families import (
 from moe_local.loading.meta import build_on_meta
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.models import family_of_architectures, register_families
+from moe_local.quant import native
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -300,20 +301,23 @@ def _read_config_json(file: Path) -> dict:
 def resolve_dtype(option: str, config, device: str, quantized: bool = False) -> torch.dtype:
     """Pick the compute dtype: an explicit choice, else the checkpoint's.
 
-    On CPU "auto" is float32 for unquantized checkpoints (half-precision matmuls are slow on
-    many CPUs) and bfloat16 for moe-local folders: the CPU int4 kernel that runs 2/3/4-bit
-    weights takes bf16 activations, and without it every call dequantizes (measured 4x slower
-    decode on the demo model).
+    On CPU "auto" is bfloat16 for moe-local folders (the CPU kernels of quantized weights take
+    bf16 activations) and for bfloat16 checkpoints where moe-local's native kernel runs (it
+    reads bf16 weights at full memory speed, so the model stays the size it is on disk: a float32
+    copy doubled the RAM and halved decode speed); float32 for other checkpoints, and for bf16 ones
+    without the native kernel (torch's CPU bf16 matmuls are slow without AVX-512 BF16).
     """
     if option != "auto":
         if option not in _DTYPES:
             raise MoeLocalError(f"unknown dtype {option!r}; choose auto, {', '.join(_DTYPES)}")
         return _DTYPES[option]
-    if device.startswith("cpu"):
-        return torch.bfloat16 if quantized else torch.float32
     ckpt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(ckpt, str):
         ckpt = _DTYPES.get(ckpt)
+    if device.startswith("cpu"):
+        if quantized or (ckpt is torch.bfloat16 and native.available()):
+            return torch.bfloat16
+        return torch.float32
     return ckpt if isinstance(ckpt, torch.dtype) else torch.bfloat16
 
 

@@ -28,6 +28,7 @@ from moe_local.format.source import ExpertSource
 from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
 from moe_local.loading.families import router_of
 from moe_local.loading.resolve import resolve_model_path
+from moe_local.quant.dense import use_native_dense
 from moe_local.quant.linear import QuantLinear
 
 Progress = Callable[[str, int, int], None]
@@ -103,6 +104,7 @@ def load(
     lm.to(options.device)
     if torch.device(options.device).type == "cpu":
         _prepare_dense_kernels(lm, ckpt.dtype)
+        use_native_dense(lm)  # bf16 linears: torch's CPU bf16 matmul is 1.5-6x slower than needed
     context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
     loaded = LoadedModel(lm, tok, store, ckpt.path, options, sites, context, dense_bytes, eos)

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 2
+_ABI = 3
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 THREADED_MACS = 1 << 21
@@ -103,6 +103,9 @@ def _library() -> ctypes.CDLL | None:
     fn16 = lib.moe_local_qlinear_bf16
     fn16.argtypes = fn.argtypes
     fn16.restype = i32
+    dense = lib.moe_local_linear_bf16
+    dense.argtypes = [ptr, i32, i32, ptr, i32, ptr, i32]
+    dense.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
@@ -184,6 +187,35 @@ def qlinear(
     )
     if rc != 0:
         raise MemoryError(f"the native kernel could not allocate its temporaries for a {m} x {i} input")
+    return out
+
+
+def dense_bf16(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x2 @ weight.T`` for a bf16 weight and bf16 activations, float32 inside, bf16 out.
+
+    torch's CPU bf16 matmul of a few rows converts the weight at about half the memory bandwidth
+    a matrix-vector product needs; this reads it at full speed (the decode path of a bf16 model).
+
+    Args:
+        x2: ``[M, I]`` bfloat16 (few rows: the kernel reads the weight once per 4 rows).
+        weight: ``[O, I]`` bfloat16 on the CPU.
+
+    Returns:
+        ``[M, O]`` bfloat16: each output the float32 sum of float32 products, rounded once.
+
+    Raises:
+        MemoryError: the kernel's float32 copies of ``x2`` and the output cannot be allocated.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (check native.available() first)")
+    o, i = weight.shape
+    m = x2.shape[0]
+    x, w = x2.contiguous(), weight.contiguous()
+    out = torch.empty(m, o, dtype=torch.bfloat16)
+    threads = torch.get_num_threads() if m * o * i >= THREADED_MACS else 1
+    if lib.moe_local_linear_bf16(w.data_ptr(), o, i, x.data_ptr(), m, out.data_ptr(), threads) != 0:
+        raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
     return out
 
 

@@ -29,7 +29,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 2; }
+int moe_local_qlinear_abi(void) { return 3; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale. */
 static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, float *dx, float *sumx) {
@@ -254,4 +254,65 @@ int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const u
         for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
     free(xf), free(yf);
     return rc;
+}
+
+/* Eight bf16 values as float32 (exact: a bf16 is the top half of a float32). */
+static inline __attribute__((always_inline)) __m256 load_bf16x8(const uint16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+/* One output row of a bf16 weight for NT tokens (1 to 4): float32 products and sums. */
+static inline __attribute__((always_inline)) void bf16_row(const uint16_t *w, const float *x, int I, const int NT,
+                                                           float *y, int y_stride) {
+    __m256 acc[4][2];
+    for (int t = 0; t < NT; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= I; k += 16) {
+        const __m256 w0 = load_bf16x8(w + k), w1 = load_bf16x8(w + k + 8);
+        for (int t = 0; t < NT; t++) {
+            acc[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (size_t)t * I + k), acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + (size_t)t * I + k + 8), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float sum = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+        for (int j = k; j < I; j++) {
+            uint32_t u = (uint32_t)w[j] << 16;
+            float wf;
+            memcpy(&wf, &u, sizeof wf);
+            sum += wf * x[(size_t)t * I + j];
+        }
+        y[(size_t)t * y_stride] = sum;
+    }
+}
+
+/* y[M, O] = x[M, I] @ W^T for a bf16 weight W [O, I], bf16 activations in and out, float32 inside
+ * (the decode path of a bf16 model: torch's bf16 matmul converts on the fly at about half the
+ * memory bandwidth a matrix-vector product needs). Returns 0, or -1 when a buffer cannot be allocated. */
+int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, int M, uint16_t *y, int threads) {
+    float *xf = malloc(sizeof(float) * (size_t)M * I);
+    float *yf = malloc(sizeof(float) * (size_t)M * O);
+    if (!xf || !yf) {
+        free(xf), free(yf);
+        return -1;
+    }
+    for (size_t k = 0; k < (size_t)M * I; k++) {
+        const uint32_t u = (uint32_t)x[k] << 16;
+        memcpy(xf + k, &u, sizeof u);
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int o = 0; o < O; o++) {
+        const uint16_t *wo = w + (size_t)o * I;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) bf16_row(wo, xf + (size_t)m * I, I, 4, yf + (size_t)m * O + o, O);
+        switch (M - m) {
+            case 3: bf16_row(wo, xf + (size_t)m * I, I, 3, yf + (size_t)m * O + o, O); break;
+            case 2: bf16_row(wo, xf + (size_t)m * I, I, 2, yf + (size_t)m * O + o, O); break;
+            case 1: bf16_row(wo, xf + (size_t)m * I, I, 1, yf + (size_t)m * O + o, O); break;
+        }
+    }
+    for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+    free(xf), free(yf);
+    return 0;
 }
