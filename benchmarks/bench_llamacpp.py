@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE))
 from llamacpp import report  # noqa: E402
 from llamacpp.build import CMAKE_FLAGS, default_root, ensure_llamacpp  # noqa: E402
 from llamacpp.cgroup import cgroup_problem, drop_page_cache  # noqa: E402
-from llamacpp.models import ensure_checkpoints, gguf_sizes, moe_local_sizes  # noqa: E402
+from llamacpp.models import SHAPES, checkpoints_root, ensure_checkpoints, gguf_sizes, moe_local_sizes  # noqa: E402
 from llamacpp.runners import RunResult, RunSpec, run_once, runtime_floor_rss  # noqa: E402
 
 MIB = 2**20
@@ -111,6 +111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cap-reps", type=int, help="rounds of capped runs (default 1)")
     p.add_argument("--cap-new-tokens", type=int, help="decode length of capped runs (default 32; --quick 16)")
     p.add_argument("--cache", type=Path, default=cache, help=f"benchmark cache (default {cache})")
+    p.add_argument(
+        "--shape",
+        default="default",
+        choices=sorted(SHAPES),
+        help="checkpoint shape: the 1.6 GB default, or 2 layers of real Mixtral-8x7B (7 GB in bf16)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="build jobs for llama.cpp")
     p.add_argument(
         "--md", type=Path, help="report (default benchmarks/RESULTS-llamacpp.md; --quick: in the cache)"
@@ -123,7 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.cap = a.cap or ["auto", "auto+512MiB"]
     a.cap_reps = a.cap_reps or 1
     a.cap_new_tokens = a.cap_new_tokens or (16 if a.quick else 32)
-    a.md = a.md or (a.cache / "RESULTS-llamacpp-quick.md" if a.quick else HERE / "RESULTS-llamacpp.md")
+    suffix = "" if a.shape == "default" else f"-{a.shape}"
+    quick_md = a.cache / f"RESULTS-llamacpp-quick{suffix}.md"
+    a.md = a.md or (quick_md if a.quick else HERE / f"RESULTS-llamacpp{suffix}.md")
     return a
 
 
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         ensure_python_deps()
     with phases("llama.cpp (find or build)"):
         llama = ensure_llamacpp(default_root(a.cache), jobs=a.jobs)
-    ck = ensure_checkpoints(a.cache / "checkpoints", llama, timer=phases)
+    ck = ensure_checkpoints(checkpoints_root(a.cache, a.shape), llama, shape=a.shape, timer=phases)
     models = {
         "bf16": {"llama.cpp": ck.bf16_gguf, "moe-local": ck.hf},
         "4-bit": {"llama.cpp": ck.q4_gguf, "moe-local": ck.ml_4bit},

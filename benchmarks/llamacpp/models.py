@@ -24,6 +24,21 @@ from .build import LlamaCpp
 HERE = Path(__file__).resolve().parent
 SYNTH = HERE.parent / "synth_hf.py"
 
+# synth_hf.py arguments per shape: the default 1.6 GB model, and 2 layers of real Mixtral-8x7B
+# (experts of 5.6 GB in bf16: a capped run then has room beyond moe-local's Python runtime)
+SHAPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "mixtral-8x7b-2l": (
+        *("--hidden", "4096", "--ffn", "14336"),
+        *("--layers", "2", "--heads", "32", "--kv-heads", "8"),
+    ),
+}
+
+
+def checkpoints_root(cache: Path, shape: str) -> Path:
+    """Where a shape's checkpoints live in the benchmark cache (the default's path is unchanged)."""
+    return cache / "checkpoints" if shape == "default" else cache / f"checkpoints-{shape}"
+
 
 @dataclass(frozen=True)
 class Checkpoints:
@@ -91,8 +106,10 @@ def gguf_view(hf: Path, view: Path) -> Path:
     return view
 
 
-def ensure_checkpoints(root: Path, llama: LlamaCpp, *, log=print, timer=None) -> Checkpoints:
-    """Make whatever of the four checkpoints is missing under ``root``."""
+def ensure_checkpoints(
+    root: Path, llama: LlamaCpp, *, shape: str = "default", log=print, timer=None
+) -> Checkpoints:
+    """Make whatever of the four checkpoints of ``shape`` (see ``SHAPES``) is missing under ``root``."""
     ck = Checkpoints(root)
     root.mkdir(parents=True, exist_ok=True)
     phase = timer or (lambda name: _NullPhase())
@@ -100,7 +117,7 @@ def ensure_checkpoints(root: Path, llama: LlamaCpp, *, log=print, timer=None) ->
         with phase("synth bf16 checkpoint"):
             tmp = root / "bf16.partial"
             shutil.rmtree(tmp, ignore_errors=True)
-            run_logged([sys.executable, SYNTH, tmp], log)
+            run_logged([sys.executable, SYNTH, tmp, *SHAPES[shape]], log)
             tmp.rename(ck.hf)
     if not ck.bf16_gguf.exists():
         with phase("convert_hf_to_gguf (bf16)"):
