@@ -287,6 +287,7 @@ def dequantize_rows(
     group_size: int,
     start: int,
     end: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W_hat`` rows ``[start, end)`` in float32, from the stored codes (exactly ``(q - zero) * scale``
     rounded once to float32, as ``QuantizedTensor.dequantize_rows`` computes it).
@@ -300,16 +301,20 @@ def dequantize_rows(
         group_size: weights per group.
         start: first row.
         end: one past the last row.
+        out: a contiguous float32 ``[end - start, I]`` to write into (default: a new tensor).
 
     Returns:
-        ``[end - start, I]`` float32.
+        ``[end - start, I]`` float32 (``out`` when given).
     """
     lib = _library()
     if lib is None:
         raise RuntimeError("the native kernel is not available (check native.available() first)")
     i = shape[1]
     packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
-    out = torch.empty(end - start, i, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(end - start, i, dtype=torch.float32)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (end - start, i) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{end - start}, {i}]")
     threads = torch.get_num_threads() if (end - start) * i >= THREADED_MACS else 1
     pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
     lib.moe_local_dequantize(*pointers, i, bits, group_size, start, end, out.data_ptr(), threads)

@@ -155,3 +155,19 @@ def test_the_prebuilt_decode_call_equals_the_checked_call_and_follows_replaced_t
     assert torch.equal(qt.linear(x), native.qlinear(x, qt.packed, qt.scales, qt.zeros, qt.shape, 4, 64))
     with pytest.raises(ValueError, match="last dim 256"):
         qt.linear(torch.randn(1, 128, dtype=torch.bfloat16))
+
+
+def test_many_rows_dequantize_into_a_reused_buffer_with_the_same_bits() -> None:
+    """The prefill path writes each dequantized chunk into one reused buffer: the result is unchanged."""
+    qt = quantize(torch.randn(300, 256), QType(4, 64))
+    x = torch.randn(40, 256, dtype=torch.bfloat16)  # above NATIVE_MAX_TOKENS: dequantize + matmul
+    want = (x.float() @ qt.dequantize().T).bfloat16()
+    assert torch.equal(qt.linear(x), want)
+    assert torch.equal(qt.linear(x), want)  # again, through the same buffer
+    out = torch.empty(10, 256)
+    got = native.dequantize_rows(qt.packed, qt.scales, qt.zeros, qt.shape, 4, 64, 5, 15, out)
+    assert got is out and torch.equal(out, qt.dequantize_rows(5, 15))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.dequantize_rows(
+            qt.packed, qt.scales, qt.zeros, qt.shape, 4, 64, 0, 3, torch.empty(3, 256).half()
+        )
