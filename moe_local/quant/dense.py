@@ -24,6 +24,7 @@ from torch import nn
 
 from moe_local.quant import native
 from moe_local.quant.rtn import row_chunks
+from moe_local.quant.scratch import float32_rows
 
 NATIVE_DENSE_MAX_ROWS = 16  # above this many rows the float32 GEMM beats the native kernel
 CONVERT_CHUNK_ELEMS = 1 << 22  # weights converted to float32 at once by the many-row path (16 MiB)
@@ -66,11 +67,17 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         xf = x2.float()
         bf = None if bias is None else bias.float()
         parts = [
-            F.linear(xf, weight[start:end].float(), None if bf is None else bf[start:end])
+            F.linear(xf, _widened(weight, start, end), None if bf is None else bf[start:end])
             for start, end in row_chunks(o, i, CONVERT_CHUNK_ELEMS)
         ]
         out = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(torch.bfloat16)
     return out.reshape(*x.shape[:-1], o)
+
+
+def _widened(weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``[start, end)`` of ``weight`` in float32, in this thread's reused buffer (``scratch``)."""
+    out = float32_rows(end - start, weight.shape[1], CONVERT_CHUNK_ELEMS)
+    return out.copy_(weight[start:end])
 
 
 class NativeDenseLinear(nn.Linear):

@@ -17,7 +17,6 @@ still held, ``kernel_cache_nbytes`` the layout and the kernel's per-group parame
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from moe_local.quant.base import QuantizedWeight, check_shape
 from moe_local.quant.pack import packed_size, unpack_codes
 from moe_local.quant.rtn import row_chunks
 from moe_local.quant.schemes import QType
+from moe_local.quant.scratch import float32_rows
 
 # Shapes: [O, I] weight, [O, P] packed codes, [O, G] scales/zeros, [..., I] activations.
 # Legend: O=out features, I=in features, P=packed bytes per row (I * bits / 8), G=groups (I / group size).
@@ -38,7 +38,6 @@ TENSOR_NAMES: tuple[str, ...] = ("packed", "scales", "zeros")
 _INT4, _INT8, _SPLIT = "int4", "int8", "int8-split"  # _kernel keys of the codes in a kernel layout
 _NATIVE = "native"  # moe-local's C kernel (``native``): it reads the packed codes as stored
 NATIVE_MAX_TOKENS = 32  # above this many rows of x, dequantize + dense matmul beats the native kernel
-_scratch = threading.local()  # each computing thread's float32 buffer for dequantized row chunks
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -210,15 +209,10 @@ class QuantizedTensor(QuantizedWeight):
 
     def _rows_for_matmul(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """``dequantize_rows`` for an immediate matmul: on the native kernel in float32, written into
-        this thread's reused buffer (a fresh multi-MiB buffer per chunk cost more in page faults than
-        the dequantization itself: 3 ms against 0.3 ms per 1M weights once a model was loaded)."""
+        this thread's reused buffer (``scratch``)."""
         if dtype != torch.float32 or self._kernel_kind() != _NATIVE:
             return self.dequantize_rows(start, end, dtype)
-        rows, i = end - start, self.shape[1]
-        buf = getattr(_scratch, "buf", None)
-        if buf is None or buf.numel() < rows * i:
-            buf = _scratch.buf = torch.empty(max(rows * i, DEQUANT_CHUNK_ELEMS), dtype=torch.float32)
-        out = buf[: rows * i].view(rows, i)
+        out = float32_rows(end - start, self.shape[1], DEQUANT_CHUNK_ELEMS)
         codes, g = (self._packed, self.scales, self.zeros), self.qtype.group_size
         return native.dequantize_rows(*codes, self.shape, self.qtype.bits, g, start, end, out)
 
