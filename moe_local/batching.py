@@ -12,7 +12,8 @@ sequence routed to it (``OffloadedExperts`` groups a batch's tokens by expert).
 Numerics: the padded columns get exactly zero attention weight, but a batched matmul may sum in a
 different order than a batch-1 one, so outputs can differ from a lone run in the last bits (the
 tests check token identity on float32 tiny models). Families whose cache is not made of plain
-full-attention layers (sliding windows, linear attention, MiniMax's own cache) are not batched:
+full-attention layers (sliding windows, linear attention, MiniMax's own cache) and encoder-decoder
+models (Switch Transformers) are not batched:
 ``batch_support`` says why, and the server decodes them one at a time.
 Legend: B=sequences in the batch, W=padded length, P=prompt tokens, V=vocabulary size.
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from moe_local.generation import PREFILL_CHUNK, _returned_cache, cache_keyword, new_cache
 from moe_local.loading.loader import LoadedModel
 from moe_local.sampling import LogitsProcessor, Sampler
+from moe_local.seq2seq import is_encoder_decoder
 
 ATTENTION = frozenset({"sdpa", "eager"})  # implementations whose padding mask is exact
 # transformers 5.24's DeepSeek-V2/V3 (MLA) attention fails on any padding mask with a batch over 1
@@ -43,6 +45,8 @@ def batch_support(lm: LoadedModel) -> str | None:
 
     model = lm.model
     family = getattr(model.config, "model_type", "")
+    if is_encoder_decoder(model):
+        return "an encoder-decoder model's decoding is not batched here"
     if family in UNBATCHED:
         return f"transformers' {UNBATCHED[family]} attention cannot take a padded batch"
     attention = getattr(model.config, "_attn_implementation", None) or "eager"

@@ -385,6 +385,14 @@ def _load_with_progress(model: str | Path, options: LoadOptions, console: Consol
         return load(model, options, progress=progress)
 
 
+def _require_chat_template(tokenizer, name: str) -> None:
+    """Refuse a model whose tokenizer has no chat template (Switch Transformers, base models)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MoeLocalError(
+            f"{name} has no chat template, so it cannot chat; give it plain text with moe-local generate"
+        )
+
+
 def chat(
     model: str | Path | LoadedModel,
     *,
@@ -408,7 +416,7 @@ def chat(
         The exit code: 0, or 130 when Ctrl-C stopped the loading or came at the prompt.
 
     Raises:
-        MoeLocalError: the model cannot be loaded (one clear line).
+        MoeLocalError: the model cannot be loaded, or has no chat template (one clear line).
     """
     from moe_local.chat_commands import describe_placement
     from moe_local.loading.loader import LoadedModel
@@ -423,10 +431,15 @@ def chat(
     if isinstance(model, LoadedModel):
         lm = model
     else:
+        if Path(model).is_dir():  # refused before the weights are read, not after
+            from moe_local.loading.checkpoint import load_tokenizer
+
+            _require_chat_template(load_tokenizer(Path(model)), Path(model).name)
         try:
             lm = _load_with_progress(model, load_options or LoadOptions(), console)
         except KeyboardInterrupt:
             return interrupt.EXIT_CODE
+    _require_chat_template(lm.tokenizer, lm.name)
     session = ChatSession(lm, params, system, input, output, console)
     session.notice(describe_placement(lm))
     if console is not None:

@@ -75,9 +75,14 @@ def perplexity(
         The perplexity, the number of tokens scored, tokens/s and the expert hit rate.
 
     Raises:
-        MoeLocalError: a bad context, score or max_tokens, or too short a text.
+        MoeLocalError: a bad context, score or max_tokens, too short a text, or an encoder-decoder.
     """
     check_score(score)
+    if getattr(lm.model.config, "is_encoder_decoder", False):
+        family = getattr(lm.model.config, "model_type", "this model")
+        raise MoeLocalError(
+            f"eval scores next-token perplexity of decoder-only models; {family} is an encoder-decoder"
+        )
     if context < 2:
         raise MoeLocalError("--context must be at least 2")
     ids = list(lm.tokenizer.encode(text))

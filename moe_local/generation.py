@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_local import seq2seq
 from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError, PromptTooLongError
 from moe_local.experts.store import StoreStats
 from moe_local.loading.loader import LoadedModel
 from moe_local.prompt import Prompt, encode_prompt
 from moe_local.sampling import LogitsProcessor, Sampler, sampler_from_params
+from moe_local.seq2seq import is_encoder_decoder
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
 
@@ -73,6 +75,9 @@ def generate_step(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield tokens one at a time, forever (the caller stops it).
 
+    An encoder-decoder model (Switch Transformers) encodes the prompt and decodes from its start
+    token instead (``moe_local.seq2seq.generate_step``).
+
     Args:
         lm: the loaded model.
         prompt_ids: the prompt's token ids (at least one).
@@ -82,6 +87,9 @@ def generate_step(
     Yields:
         (token, log-probabilities [V] of the processed logits).
     """
+    if is_encoder_decoder(lm.model):  # the prompt is the encoder's input: ``moe_local.seq2seq``
+        yield from seq2seq.generate_step(lm, prompt_ids, sampler, processors)
+        return
     model = lm.model
     device = next(model.parameters()).device
     keyword, cache = cache_keyword(model), new_cache(model)

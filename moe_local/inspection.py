@@ -102,7 +102,7 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         path=path,
         family=config.model_type,
         architecture=type(meta).__name__,
-        layers=int(getattr(config, "num_hidden_layers", 0)),
+        layers=_layer_count(config),
         moe_layers=len(sites),
         experts_per_layer=max((s.num_experts for s in sites), default=0),
         top_k=top_k,
@@ -116,3 +116,11 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         quantized=quantized,
         config=config,
     )
+
+
+def _layer_count(config) -> int:
+    """Transformer blocks: an encoder-decoder's decoder blocks count too."""
+    layers = int(getattr(config, "num_hidden_layers", 0))
+    if getattr(config, "is_encoder_decoder", False):
+        layers += int(getattr(config, "num_decoder_layers", 0) or 0)
+    return layers

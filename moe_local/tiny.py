@@ -76,6 +76,26 @@ OWN_FAMILIES: dict[str, dict] = {
     ),
     "grok-1": dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True),
 }
+# Encoder-decoder families (Switch Transformers: transformers' own class, no chat template).
+ENCODER_DECODER: dict[str, dict] = {
+    "switch_transformers": dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_heads=4,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=2,
+        num_experts=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        pad_token_id=258,
+        eos_token_id=257,
+        decoder_start_token_id=258,
+    ),
+}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -96,6 +116,8 @@ def tiny_config(family: str, **overrides):
     register_families()  # moe-local's own families (moe_local.models) are model types too
     if family in OWN_FAMILIES:
         return AutoConfig.for_model(family, **{**_COMMON, **OWN_FAMILIES[family], **overrides})
+    if family in ENCODER_DECODER:
+        return AutoConfig.for_model(family, **{**ENCODER_DECODER[family], **overrides})
     if family in FAMILIES:
         return AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family], **overrides})
     if family not in CONFIG_MAPPING:
@@ -198,8 +220,12 @@ def shrunk_config_fields(defaults: dict) -> dict:
     return out
 
 
-def make_tokenizer():
-    """A byte-level BPE tokenizer over 256 bytes plus a few specials, with a chat template."""
+def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer over 256 bytes plus a few specials, with a chat template.
+
+    Args:
+        chat_template: the template (None: none, as Switch Transformers' tokenizer has none).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -216,7 +242,7 @@ def make_tokenizer():
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     return fast
 
@@ -225,7 +251,8 @@ def make_tiny_checkpoint(family: str, out: str | Path, *, seed: int = 0, **overr
     """Write a tiny random checkpoint of ``family`` to ``out`` (config, safetensors, tokenizer).
 
     Args:
-        family: a model_type from ``FAMILIES`` or ``OWN_FAMILIES`` (or any MoE type transformers defines).
+        family: a model_type from ``FAMILIES``, ``OWN_FAMILIES`` or ``ENCODER_DECODER`` (or any MoE
+            type transformers defines).
         out: destination folder (created).
         seed: torch seed for the random weights.
         **overrides: config fields to change (e.g. ``num_hidden_layers=4``).
@@ -238,14 +265,19 @@ def make_tiny_checkpoint(family: str, out: str | Path, *, seed: int = 0, **overr
     out = Path(out)
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    if family in ENCODER_DECODER:
+        from transformers import SwitchTransformersForConditionalGeneration
+
+        model = SwitchTransformersForConditionalGeneration(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     with torch.no_grad():  # larger weights than the default init make routing and logits decisive
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)
     model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(out)
-    make_tokenizer().save_pretrained(out)
+    make_tokenizer(None if family in ENCODER_DECODER else CHAT_TEMPLATE).save_pretrained(out)
     return out
 
 
@@ -254,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m moe_local.tiny", description=main.__doc__)
-    parser.add_argument("family", choices=sorted({**FAMILIES, **OWN_FAMILIES}))
+    parser.add_argument("family", choices=sorted({**FAMILIES, **OWN_FAMILIES, **ENCODER_DECODER}))
     parser.add_argument("out")
     args = parser.parse_args(argv)
     print(make_tiny_checkpoint(args.family, args.out))

@@ -21,6 +21,7 @@ from moe_local.config import LoadOptions
 from moe_local.errors import MoeLocalError
 from moe_local.experts.module import OffloadedExperts
 from moe_local.loading.families import router_of
+from moe_local.seq2seq import teacher_forced
 
 
 @dataclass
@@ -134,8 +135,13 @@ def collect_calibration(
         hooks.append(mod.register_forward_pre_hook(grab))
     try:
         with torch.inference_mode():
+            seq2seq = getattr(lm.model.config, "is_encoder_decoder", False)
             for start in range(0, len(ids), seq_len):
-                lm.model(input_ids=torch.tensor([ids[start : start + seq_len]]), use_cache=False)
+                window = torch.tensor([ids[start : start + seq_len]])
+                if seq2seq:  # the encoder and the decoder both see the window (every sparse layer)
+                    teacher_forced(lm.model, window)
+                else:
+                    lm.model(input_ids=window, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -40,7 +40,8 @@ def find_expert_sites(model: nn.Module) -> list[ExpertsSite]:
     for name, module in model.named_modules():
         if is_experts_module(module):
             m = _LAYER_RE.search(name + ".")
-            if m is None:
+            own = getattr(module, "moe_layer", None)  # a model that numbers its MoE layers itself (Switch)
+            if not isinstance(own, int) and m is None:
                 raise UnsupportedModelError(f"cannot tell which layer the experts module {name} belongs to")
             if int(module.num_experts) < 1:  # e.g. num_local_experts 0 where the family has no dense MLP
                 n = int(module.num_experts)
@@ -50,7 +51,7 @@ def find_expert_sites(model: nn.Module) -> list[ExpertsSite]:
             sites.append(
                 ExpertsSite(
                     name=name,
-                    layer=int(m.group(1)),
+                    layer=own if isinstance(own, int) else int(m.group(1)),
                     num_experts=int(module.num_experts),
                     has_gate=bool(module.has_gate),
                     has_bias=bool(getattr(module, "has_bias", False)),

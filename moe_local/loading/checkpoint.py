@@ -42,7 +42,7 @@ from moe_local.loading.families import (
     map_checkpoint_keys,
     refusal,
 )
-from moe_local.loading.meta import build_on_meta
+from moe_local.loading.meta import SWITCH, build_on_meta
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.models import family_of_architectures, register_families
 from moe_local.quant import native
@@ -277,11 +277,43 @@ def load_config(path: Path):
         raise CheckpointError(f"{file}: {first_line(cause)}") from exc
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{file}: transformers rejects it: {first_line(exc)}") from exc
+    if getattr(config, "model_type", None) == SWITCH:
+        _check_switch(config, file)
     validate.check_config(config, file, TESTED_FAMILIES, EXPERT_WIDTH)
     reason = refusal(getattr(config, "model_type", model_type))
     if reason is not None:
         raise UnsupportedModelError(reason)
     return config
+
+
+# Switch's own size fields (its hidden_size, layers and heads are aliases the generic checks skip)
+_SWITCH_LIMITS = {
+    "d_model": (1, 1 << 17),
+    "d_ff": (1, 1 << 20),
+    "d_kv": (1, 1 << 14),
+    "num_heads": (1, 1 << 12),
+    "num_layers": (1, 1024),
+    "num_decoder_layers": (1, 1024),
+    "num_sparse_encoder_layers": (0, 1024),
+    "num_sparse_decoder_layers": (0, 1024),
+    "expert_capacity": (1, 1 << 30),
+    "relative_attention_num_buckets": (1, 1 << 16),
+    "relative_attention_max_distance": (1, 1 << 30),
+}
+
+
+def _check_switch(config, file: Path) -> None:
+    """Switch Transformers' size fields in range; its top-1 routing said where moe-local reads top-k.
+
+    Its config names hidden size, layers and heads ``d_model``, ``num_layers`` and ``num_heads``
+    (transformers aliases the usual names to them), so the generic range checks do not see them.
+    """
+    for name, (lo, hi) in _SWITCH_LIMITS.items():
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise CheckpointError(f"{file}: {name} = {value!r} must be an integer from {lo} to {hi}")
+    # every token goes to one expert: inspect's active parameters and prefetch read this field
+    config.num_experts_per_tok = 1
 
 
 def _read_config_json(file: Path) -> dict:

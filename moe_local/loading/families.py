@@ -30,6 +30,8 @@ TESTED_FAMILIES = (
     "skywork_moe",
     "grok-1",
     "yuan",
+    # encoder-decoder: transformers' class, experts adapted (moe_local.models.switch)
+    "switch_transformers",
 )
 # The config field that sizes one expert (its intermediate width I), per tested family.
 EXPERT_WIDTH = {
@@ -45,7 +47,11 @@ EXPERT_WIDTH = {
     "skywork_moe": "intermediate_size",
     "grok-1": "intermediate_size",
     "yuan": "moe_intermediate_size",
+    "switch_transformers": "d_ff",
 }
+# Encoder-decoder MoE families moe-local runs (transformers defines them without a causal-LM
+# class): model type -> the module adapting its experts.
+ENCODER_DECODER = {"switch_transformers": "moe_local.models.switch"}
 
 
 def router_of(
@@ -289,6 +295,18 @@ def families_markdown() -> str:
     lines += [
         f"| {t} | `{fam.module.__name__}` | {family_state(t)} |" for t, fam in sorted(own_families().items())
     ]
+    lines += [
+        "",
+        "## Encoder-decoder families",
+        "",
+        "transformers' own class with its experts moved onto the experts interface; the prompt is the",
+        "encoder's input and the decoder's output is the completion (`moe_local.seq2seq`), proven",
+        "against transformers' class in `tests/models/`. Served one generation at a time.",
+        "",
+        "| model type | module | state |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t} | `{module}` | {family_state(t)} |" for t, module in sorted(ENCODER_DECODER.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -246,6 +246,8 @@ def _wire_prefetch(lm, sites: list[ExpertsSite], config) -> None:
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     ordered = sorted(sites, key=lambda s: s.layer)
     for here, nxt in itertools.pairwise(ordered):
+        if here.name.split(".")[0] != nxt.name.split(".")[0]:
+            continue  # an encoder's last layer does not route the decoder's tokens: no guess
         block = lm.get_submodule(nxt.name.rpartition(".")[0])
         hidden = int(getattr(config, "hidden_size", 0))
         weight, bias = router_of(block, nxt.num_experts, hidden)

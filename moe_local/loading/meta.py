@@ -15,6 +15,7 @@ from moe_local.models import register_families
 
 _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand}
 _BIG = 1 << 16  # elements: weights this size or larger are created on meta, never allocated
+SWITCH = "switch_transformers"  # encoder-decoder, no causal-LM class: built from moe_local.models.switch
 
 
 def _numel(args: tuple) -> int:
@@ -64,7 +65,7 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def build_on_meta(config, dtype: torch.dtype):
-    """Instantiate the causal-LM class of ``config`` with meta parameters.
+    """Instantiate the causal-LM class of ``config`` (Switch: its encoder-decoder) with meta parameters.
 
     Args:
         config: a transformers config (from ``load_config``, so already checked).
@@ -82,6 +83,8 @@ def build_on_meta(config, dtype: torch.dtype):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     register_families()  # the families moe-local defines itself (moe_local.models)
+    if getattr(config, "model_type", None) == SWITCH:  # transformers' class, experts on the interface
+        return _build(config, dtype, lambda: _switch_class()._from_config(config, dtype=dtype))
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         auto_map = getattr(config, "auto_map", None)
         if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
@@ -89,12 +92,25 @@ def build_on_meta(config, dtype: torch.dtype):
         raise UnsupportedModelError(
             f"family {config.model_type!r} is not supported: transformers has no causal-LM class for it"
         )
+    # trust_remote_code=False: the built-in class, never the folder's auto_map code or a prompt
+    return _build(
+        config, dtype, lambda: AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    )
+
+
+def _build(config, dtype: torch.dtype, make):
     try:
         with parameters_on_meta():
-            # trust_remote_code=False: the built-in class, never the folder's auto_map code or a prompt
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+            model = make()
     except MoeLocalError:
         raise
     except Exception as exc:  # model constructors raise anything on values they do not expect
         raise build_error(config, exc) from exc
     return model.eval()
+
+
+def _switch_class():
+    from moe_local.models.switch import SwitchForConditionalGeneration, register_switch
+
+    register_switch()  # its checkpoint renames, under its own class name
+    return SwitchForConditionalGeneration

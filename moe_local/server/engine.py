@@ -201,14 +201,22 @@ class Engine:
             The token ids.
 
         Raises:
-            ApiError: 400 for token ids outside the vocabulary, text that is not valid Unicode or
-                messages the chat template refuses; 500 when the chat template itself fails.
+            ApiError: 400 for token ids outside the vocabulary, text that is not valid Unicode,
+                messages the chat template refuses or a model without a chat template (Switch
+                Transformers); 500 when the chat template itself fails.
         """
         from moe_local.prompt import ChatTemplateError, check_unicode, encode_prompt
 
         self.require_ready()
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return self.check_ids(prompt)
+        if (chat or isinstance(prompt, list)) and not self.chat_template():
+            raise ApiError(
+                400,
+                f"{self.name} has no chat template, so it cannot take chat messages; "
+                "send a plain-text prompt to /v1/completions",
+                code="no_chat_template",
+            )
         with self._tok_lock:
             try:
                 if isinstance(prompt, str) and not chat:
