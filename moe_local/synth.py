@@ -76,6 +76,12 @@ MORE_LIKE: dict[str, tuple[str, dict]] = {
         max_position_embeddings=8192)),
     # the "16 experts, top-2" shape: Microsoft's Phi-3.5-MoE (its own family, phimoe: Mixtral's
     # layout with sparsemixer routing); no public checkpoint of model_type mixtral has 16 experts
+    # google/switch-base-8: encoder-decoder, top-1 experts in every other block of both stacks
+    "switch-base-8": ("switch_transformers", dict(
+        d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+        num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_experts=8, expert_capacity=64,
+        vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        dense_act_fn="relu", is_gated_act=False, router_bias=False, router_jitter_noise=0.01)),
     "phi-3.5-moe-16x2": ("phimoe", dict(
         hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2, vocab_size=32064,
@@ -104,9 +110,13 @@ def synth_config(like: str, layers: int | None = None):
         if layers < 1:
             raise MoeLocalError("--layers must be at least 1")
         config.num_hidden_layers = layers
+        if getattr(config, "is_encoder_decoder", False):
+            config.num_decoder_layers = layers  # both stacks cut alike
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:layers]
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 256, 257, 258
+    if getattr(config, "is_encoder_decoder", False):
+        config.decoder_start_token_id = config.pad_token_id  # as T5's: the decoder starts from pad
     return config
 
 

@@ -394,3 +394,15 @@ def test_gptq_calibration_runs_through_encoder_and_decoder_and_eval_refuses(rele
     assert len(result.tokens) == 4
     code, _, err = run_cli(capsys, "eval", str(folder), "--text", str(text))
     assert_one_line_error(code, err, "switch_transformers is an encoder-decoder")
+
+
+def test_synth_like_switch_base_8_cuts_both_stacks_and_generates(tmp_path, capsys):
+    """``synth --like switch-base-8 --layers 2``: one sparse block per stack, offloaded and decoding."""
+    out = tmp_path / "sw8"
+    code, _, err = run_cli(capsys, "synth", "--like", "switch-base-8", "--layers", "2", str(out))
+    assert code == 0, err
+    info = inspect_model(out)
+    assert info.family == "switch_transformers" and info.layers == 4 and info.moe_layers == 2
+    lm = load(out, LoadOptions(expert_memory=8 << 20))
+    result = generate(lm, "hello", SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(result.tokens) == 3 and result.stats.experts.total.misses > 0
