@@ -1,7 +1,8 @@
 """Quantization recipes: ordered rules from tensor-name patterns to a scheme.
 
 A recipe is a TOML file with ``[[rule]]`` tables (``match`` a glob over tensor names,
-``scheme`` like ``int4-g64-hqq`` or ``keep``); the first rule that matches a tensor decides.
+``scheme`` like ``int4-g64-hqq``, ``nf4``, ``mxfp4`` or ``keep``); the first rule that matches a
+tensor decides.
 Routers, embeddings, norms and lm_head are never put below 8 bits unless a rule names them
 (its pattern contains the protected word, e.g. ``*.lm_head.*``).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +26,22 @@ DEFAULT_GROUP_SIZE = 64  # the experts' group when the recipe keeps them and --g
 PROTECTED_WORDS = ("embed", "norm", "lm_head", "router", ".gate.", "gate.weight", "shared_expert_gate")
 
 
+WEIGHT_READ_REASON = "the model's forward reads its .weight"
+_WEIGHT_READ_RE = re.compile(r"\bself\.(\w+)\.weight\b")
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One line of a recipe: tensors matching ``pattern`` get ``scheme`` (None keeps them)."""
+    """One line of a recipe: tensors matching ``pattern`` get ``scheme`` (None keeps them).
+
+    ``reason`` is set on the keep rules moe-local adds itself (``Recipe.keeping``): why the
+    tensor cannot be quantized whatever the recipe says.
+    """
 
     pattern: str
-    scheme: object | None  # QType, or None for "keep"
+    scheme: object | None  # QType, BnbType, Mxfp4Type, or None for "keep"
     index: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,12 +57,15 @@ class Recipe:
 
         ``rtn``, ``hqq`` and ``gptq`` keep each rule's bits and group size; the bitsandbytes
         methods ``nf4``, ``fp4`` and ``int8`` replace the scheme (their bits are fixed). Rules that
-        name a protected tensor (``lm_head.*``) keep their scheme: a 4-bit method never reaches them.
+        name a protected tensor (``lm_head.*``) keep their scheme: a 4-bit method never reaches them;
+        ``mxfp4`` rules keep theirs too (the format is one method).
         """
         from moe_local.quant import BnbType, QType
 
         def convert(scheme, pattern: str):
             if scheme is None or any(w.strip(".") in pattern for w in PROTECTED_WORDS):
+                return scheme
+            if hasattr(scheme, "block_size"):  # mxfp4: its elements and scales are fixed by the spec
                 return scheme
             if method in ("nf4", "fp4", "int8"):
                 return BnbType(method)
@@ -79,9 +94,9 @@ class Recipe:
             return self
         base = self.scheme_for(_EXPERT_PROBE)
         if base is not None and not hasattr(base, "group_size"):
+            kind = "mxfp4" if hasattr(base, "block_size") else f"bitsandbytes {base.full_name}"
             raise MoeLocalError(
-                f"--bits and --group-size do not apply to bitsandbytes {base.full_name} experts "
-                "(their bits and blocks are fixed)"
+                f"--bits and --group-size do not apply to {kind} experts (their bits and blocks are fixed)"
             )
         if bits is None and base is None:
             raise MoeLocalError(f"recipe {self.name} keeps the experts: --group-size needs --bits")
@@ -93,6 +108,27 @@ class Recipe:
             raise MoeLocalError(f"--bits {bits} --group-size {group}: {exc}") from exc
         rules = (Rule(EXPERTS_PATTERN, scheme, 0), *self.rules)
         return Recipe(f"{self.name}+experts-{scheme.full_name}", self.description, rules)
+
+    def keeping(self, names: dict[str, str]) -> Recipe:
+        """The same rules behind keep rules for ``names`` (tensor name -> the one-line reason).
+
+        Args:
+            names: tensors no rule may quantize, e.g. from ``forward_weight_reads``.
+
+        Returns:
+            The recipe (``self`` when ``names`` is empty); ``reason_for`` gives each reason.
+        """
+        if not names:
+            return self
+        rules = tuple(Rule(n, None, 0, why) for n, why in sorted(names.items()))
+        return Recipe(self.name, self.description, (*rules, *self.rules))
+
+    def reason_for(self, tensor: str) -> str | None:
+        """Why ``tensor`` is kept whatever the rules say (a rule from ``keeping``), else None."""
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(tensor, rule.pattern):
+                return rule.reason or None
+        return None
 
     def describe(self) -> str:
         """The rules in order, one line: ``*.experts.* int2-g64-hqq, ..., * keep``."""
@@ -137,6 +173,8 @@ def _fit_group(scheme, in_features: int | None):
     Real checkpoints have such widths (an ``o_proj`` of 252 inputs): one tensor kept in its
     own dtype costs little, refusing the model costs the model.
     """
+    if scheme is not None and in_features is not None and hasattr(scheme, "fits"):
+        return scheme if scheme.fits(in_features) else None  # mxfp4: whole blocks of 32 or keep
     group = getattr(scheme, "group_size", None)
     if scheme is None or in_features is None or group is None or in_features % group == 0:
         return scheme
@@ -144,6 +182,41 @@ def _fit_group(scheme, in_features: int | None):
         if smaller < group and in_features % smaller == 0:
             return dataclasses.replace(scheme, group_size=smaller)
     return None
+
+
+def forward_weight_reads(model) -> dict[str, str]:
+    """The linear weights whose module the model's own forward code reads ``.weight`` of.
+
+    A ``QuantLinear`` holds no ``.weight`` tensor, so such a module must stay an ``nn.Linear``.
+    transformers 5.24 has these in MoE families: the DSA indexer of deepseek_v32, glm_moe_dsa,
+    axk2, dots3_note and hy_v4 casts its input to ``weights_proj.weight.dtype`` (a module
+    transformers itself keeps in float32), and hy_v4's causal LM casts to ``lm_head.weight.dtype``.
+    Found by reading (never running) the ``forward`` source of each module's class, so a family
+    added later is covered the day it appears.
+
+    Args:
+        model: the model (on the meta device is enough).
+
+    Returns:
+        ``{"<module>.weight": reason}`` for each ``nn.Linear`` child read that way.
+    """
+    from torch import nn
+
+    read_by_class: dict[type, set[str]] = {}
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls not in read_by_class:
+            try:
+                source = inspect.getsource(cls.forward)
+            except (OSError, TypeError):  # a builtin or generated forward: nothing to read
+                source = ""
+            read_by_class[cls] = set(_WEIGHT_READ_RE.findall(source))
+        for attr in read_by_class[cls]:
+            child = getattr(module, attr, None) if attr in module._modules else None
+            if isinstance(child, nn.Linear):
+                out[f"{name}.{attr}.weight" if name else f"{attr}.weight"] = WEIGHT_READ_REASON
+    return out
 
 
 def builtin_recipes() -> list[str]:

@@ -20,6 +20,12 @@ dropping the zero points without an error) and fp16 activations. ``serving_notes
 Weights are quantized round-to-nearest with INTEGER zero points in ``[1, 2**bits - 1]``: GPTQ stores
 integer zeros, and v1 stores ``zero - 1``, which for a zero of 0 would borrow from the neighbouring
 field and decode differently in different runtimes; from 1 up every reader agrees.
+A tensor whose width the group size does not divide (an ``o_proj`` of 252 inputs) never stops the
+export: it takes the largest smaller group vLLM's Marlin kernels take (64 or 32) that divides it, or
+stays unquantized (as stored) when none does, and ``quantization_config.dynamic`` says so per module
+in the form vLLM's and GPTQModel's GPTQ loaders read (``"+:regex": {"group_size": 32}``; ``"-:regex"``
+skips quantizing the module). vLLM runs q/k/v and gate/up as one fused linear and a layer's experts
+as one fused MoE with one scheme each: those are decided together. ``serving_notes`` lists them.
 Works a layer at a time (one safetensors shard per decoder layer), in ``OUT.partial/``, renamed to OUT
 when everything is written.
 Legend: O=out features, I=in features, G=groups (I / group size).
@@ -54,6 +60,7 @@ from moe_local.format.hf_experts import HfExperts
 from moe_local.format.paths import file_inside
 from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.loading.resolve import resolve_model_path
+from moe_local.recipes import forward_weight_reads
 
 Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
 _COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -67,6 +74,10 @@ _PROJ_PARTS = ("gate", "up", "down")
 # written here is the one GPTQModel 7.6 writes, and zeros of at least 1 cannot underflow.
 _GPTQMODEL_LAYOUT = "gptqmodel:7.6.0"
 _MIN_SCALE = 2.0**-24  # smallest positive fp16
+_FALLBACK_GROUPS = (64, 32)  # smaller groups for a width the group size misses (Marlin takes no 16)
+# the linears vLLM fuses into one (its packed_modules_mapping): one scheme for all of them
+_VLLM_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}  # fmt: skip
 
 
 def rtn_int_zero(
@@ -138,11 +149,17 @@ def gptq_tensors(
     }
 
 
-def quantization_config(bits: int, group_size: int, sym: bool = True) -> dict:
-    """The ``quantization_config`` written to config.json and quantize_config.json."""
+def quantization_config(bits: int, group_size: int, sym: bool = True, dynamic: dict | None = None) -> dict:
+    """The ``quantization_config`` written to config.json and quantize_config.json.
+
+    ``dynamic``: per-module overrides (``"+:regex": {"group_size": g}``, ``"-:regex": {}``), written
+    only when there are some.
+    """
     from moe_local._version import __version__
 
+    extra = {"dynamic": dynamic} if dynamic else {}
     return {
+        **extra,
         "bits": bits,
         "group_size": group_size,
         "desc_act": False,
@@ -165,8 +182,30 @@ def serving_notes(out: str | Path, bits: int, group_size: int, sym: bool) -> lis
     reach ``moe_wna16`` only when asked for, and it computes in fp16 or bf16 (fp16 is GPTQ's).
 
     Returns:
-        Lines to print after the export.
+        Lines to print after the export: first the per-module fallbacks it recorded, if any.
     """
+    return fallback_notes(out) + _serving_lines(out, bits, group_size, sym)
+
+
+def fallback_notes(out: str | Path) -> list[str]:
+    """The per-module fallbacks an export recorded in ``quantize_config.json`` (``dynamic``), as lines."""
+    try:
+        dynamic = json.loads((Path(out) / "quantize_config.json").read_text()).get("dynamic") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    lines = []
+    for pattern, override in dynamic.items():
+        module = _readable(pattern)
+        if pattern.startswith("-:"):
+            lines.append(f"kept unquantized (no GPTQ group fits its shape, or its .weight is read): {module}")
+        else:
+            lines.append(
+                f"groups of {override.get('group_size')} (the group size does not divide its width): {module}"
+            )
+    return lines
+
+
+def _serving_lines(out: str | Path, bits: int, group_size: int, sym: bool) -> list[str]:
     if bits not in (4, 8):
         return [f"vLLM and SGLang serve 4- and 8-bit GPTQ MoE models; this {bits}-bit one loads in moe-local "
                 "and GPTQModel"]  # fmt: skip
@@ -188,19 +227,112 @@ def serving_notes(out: str | Path, bits: int, group_size: int, sym: bool) -> lis
     ]
 
 
-def _check_packable(name: str, shape: tuple[int, ...], bits: int, group_size: int) -> None:
+def _unpackable(shape: tuple[int, ...], bits: int, group_size: int) -> str | None:
+    """Why a weight ``[O, I]`` cannot be packed as ``bits``-bit GPTQ in groups of ``group_size``, or None."""
     o, i = shape
-    reason = None
     if i % group_size:
-        reason = f"{i} inputs are not divisible by the group size"
-    elif bits == 3 and (i % 32 or o % 32):
-        reason = "3-bit GPTQ packs 32 values per 3 words: both dims must be multiples of 32"
-    elif (o * bits) % 32:
-        reason = f"{o} outputs do not fill whole 32-bit words of zero points"
+        return f"{i} inputs are not divisible by the group size"
+    if bits == 3 and (i % 32 or o % 32):
+        return "3-bit GPTQ packs 32 values per 3 words: both dims must be multiples of 32"
+    if (o * bits) % 32:
+        return f"{o} outputs do not fill whole 32-bit words of zero points"
+    return None
+
+
+def _check_packable(name: str, shape: tuple[int, ...], bits: int, group_size: int) -> None:
+    reason = _unpackable(shape, bits, group_size)
     if reason:
+        o, i = shape
         raise MoeLocalError(
             f"cannot export {name} {o}x{i} as {bits}-bit GPTQ with group size {group_size}: {reason}"
         )
+
+
+def _fit_group(tensors: dict[str, tuple[int, ...]], bits: int, group_size: int) -> int | None:
+    """The group size tensors that share one scheme are exported with (None: kept unquantized).
+
+    ``group_size`` when it packs them all; else the largest of ``_FALLBACK_GROUPS`` below it that
+    does (a width the group size misses); else None: the tensors stay as stored (a width no group
+    fits, or outputs that fill no whole word of zero points). Only 3-bit's own rule (both dims
+    multiples of 32) on a tensor whose width fits stays an error: the bits do not fit the model.
+
+    Raises:
+        MoeLocalError: a tensor 3-bit GPTQ cannot pack though the group size divides its width.
+    """
+    for key, shape in tensors.items():
+        reason = _unpackable(shape, bits, group_size)
+        if reason is not None and reason.startswith("3-bit"):
+            _check_packable(key, shape, bits, group_size)
+    for size in (group_size, *(g for g in _FALLBACK_GROUPS if g < group_size)):
+        if not any(_unpackable(shape, bits, size) for shape in tensors.values()):
+            return size
+    return None
+
+
+def _module_regex(modules: list[str], fused: bool = False) -> str:
+    """An anchored regex for ``modules`` (siblings) as vLLM and GPTQModel match ``dynamic`` (``re.match``).
+
+    ``fused``: a layer's experts, matched as vLLM's fused MoE module and as each expert's linears.
+    Linears vLLM fuses (q/k/v, gate/up) are matched by their fused name too.
+    """
+    if fused:
+        return "^" + re.escape(modules[0]) + "(?:\\.|$)"
+    parent = modules[0].rpartition(".")[0]
+    lasts = [m.rpartition(".")[2] for m in modules]
+    names = sorted({*lasts, *(_VLLM_FUSED[n] for n in lasts if n in _VLLM_FUSED)})
+    head = re.escape(parent) + "\\." if parent else ""
+    tail = re.escape(names[0]) if len(names) == 1 else "(?:" + "|".join(map(re.escape, names)) + ")"
+    return f"^{head}{tail}$"
+
+
+def _readable(pattern: str) -> str:
+    """A ``dynamic`` rule as module names: ``model.layers.0.self_attn.{k_proj,q_proj}``."""
+    text = pattern[2:].removeprefix("^").removesuffix("(?:\\.|$)").removesuffix("$").replace("\\.", ".")
+    return re.sub(r"\(\?:([^)]*)\)", lambda m: "{" + m.group(1).replace("|", ",") + "}", text)
+
+
+def _plan_groups(source: _Source, bits: int, group_size: int, module_names: bool) -> tuple[dict, dict]:
+    """Each quantizable tensor's group size (None: kept) and the ``dynamic`` overrides recording them.
+
+    Returns:
+        ``(groups, dynamic)``: ``groups`` maps dense in-memory names and expert layers to a group
+        size or None; ``dynamic`` is the quantization_config entry.
+
+    Raises:
+        MoeLocalError: a shape the requested bits cannot pack though its width fits.
+    """
+    groups: dict = {}
+    dynamic: dict[str, dict] = {}
+
+    def record(modules: list[str], fused: bool, chosen: int | None) -> None:
+        if chosen == group_size:
+            return
+        rule = _module_regex(modules, fused)
+        dynamic[("-:" if chosen is None else "+:") + rule] = {} if chosen is None else {"group_size": chosen}
+
+    units: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(source.quantized):
+        parent, _, last = name.removesuffix(".weight").rpartition(".")
+        units.setdefault((parent, _VLLM_FUSED.get(last, last)), []).append(name)
+    for names in units.values():
+        shapes = {source.dense[n]: tuple(source.files.info(source.dense[n]).shape) for n in names}
+        chosen = _fit_group(shapes, bits, group_size)
+        modules = [(n if module_names else source.dense[n]).removesuffix(".weight") for n in names]
+        groups.update(dict.fromkeys(names, chosen))
+        if len({m.rpartition(".")[0] for m in modules}) == 1:
+            record(modules, False, chosen)
+        else:  # renamed on disk into different parents: one rule each
+            for m in modules:
+                record([m], False, chosen)
+    for name in sorted(source.weight_read):  # told to the loaders too, which would quantize them
+        record([(name if module_names else source.dense[name]).removesuffix(".weight")], False, None)
+    for site in source.sites:
+        first = source.experts.keys[site.layer].per_expert[0]
+        shapes = {k: tuple(source.files.info(k).shape) for p, k in first.items() if p in _PROJ_PARTS}
+        chosen = groups[site.layer] = _fit_group(shapes, bits, group_size)
+        key = next(iter(shapes))  # e.g. model.layers.0.block_sparse_moe.experts.0.w1.weight
+        record([site.name if module_names else key.rpartition(".0.")[0]], True, chosen)
+    return groups, dynamic
 
 
 def _quantizable_linears(meta: nn.Module) -> set[str]:
@@ -237,6 +369,7 @@ class _Source:
     experts: HfExperts
     dense: dict[str, str]  # in-memory name -> checkpoint key, non-expert tensors
     quantized: set[str]  # in-memory names of the dense weights written as GPTQ
+    weight_read: frozenset[str] = frozenset()  # linears kept because the model's forward reads their .weight
 
     def layers(self) -> dict[int, list[str]]:
         """Dense names by decoder layer (-1: outside the layers); every experts layer is present."""
@@ -295,17 +428,11 @@ def export_gptq(
     check_not_source(partial, [src_path], "OUT.partial")
     check_partial(partial)
     source = _open_source(src_path)
-    # every shape is checked before anything is written
-    for name in sorted(source.quantized):
-        key = source.dense[name]
-        _check_packable(key, source.files.info(key).shape, bits, group_size)
-    for site in source.sites:
-        for part, key in source.experts.keys[site.layer].per_expert[0].items():
-            if part in _PROJ_PARTS:
-                _check_packable(key, source.files.info(key).shape, bits, group_size)
+    # every shape is checked, and every fallback chosen, before anything is written
+    plan = _plan_groups(source, bits, group_size, names == "gptqmodel")
     _prepare(out, partial, overwrite)
     try:
-        _write(source, partial, bits, group_size, progress, names == "gptqmodel", sym)
+        _write(source, partial, bits, group_size, plan, progress, names == "gptqmodel", sym)
         publish(partial, out)
     except BaseException as exc:  # nothing resumes an export: an unfinished folder is only in the way
         shutil.rmtree(partial, ignore_errors=True)
@@ -322,8 +449,12 @@ def _open_source(path: Path) -> _Source:
         raise MoeLocalError("--format gptq does not support fused experts yet")
     linears = _quantizable_linears(ckpt.meta)
     dense = ckpt.dense_keys()
-    quantized = {n for n in dense if n.endswith(".weight") and n.removesuffix(".weight") in linears}
-    return _Source(path, files, sites, experts, dense, quantized)
+    read = forward_weight_reads(ckpt.meta)  # a quantized linear has no .weight for them to read
+    quantized = {
+        n for n in dense if n.endswith(".weight") and n.removesuffix(".weight") in linears and n not in read
+    }
+    kept = {n for n in read if n in dense and n.removesuffix(".weight") in linears}
+    return _Source(path, files, sites, experts, dense, quantized, frozenset(kept))
 
 
 def _write(
@@ -331,14 +462,17 @@ def _write(
     partial: Path,
     bits: int,
     group_size: int,
+    plan: tuple[dict, dict],
     progress: Progress | None,
     module_names: bool,
     sym: bool,
 ) -> None:
     """Write the shards (one per decoder layer, one for the rest), the index and the configs.
 
+    ``plan``: ``_plan_groups``' group sizes and ``dynamic`` overrides (``group_size`` is the config's).
     ``module_names``: name tensors by transformers' modules (GPTQModel) instead of as on disk.
     """
+    groups, dynamic = plan
     from moe_local.convert.outdir import save_safetensors
 
     layers = source.layers()
@@ -347,10 +481,10 @@ def _write(
     weight_map: dict[str, str] = {}
     total_size, done_bytes = 0, 0
 
-    def add(tensors: dict[str, torch.Tensor], key: str, w: torch.Tensor, quantize: bool) -> None:
-        if quantize:
+    def add(tensors: dict[str, torch.Tensor], key: str, w: torch.Tensor, group: int | None) -> None:
+        if group is not None:
             prefix = key.removesuffix(".weight")
-            for t, v in _gptq(w, bits, group_size, key, sym).items():
+            for t, v in _gptq(w, bits, group, key, sym).items():
                 tensors[f"{prefix}.{t}"] = v
         else:
             tensors[key] = w
@@ -363,7 +497,7 @@ def _write(
         for n, name in enumerate(names):
             w = source.files.read(source.dense[name], drop_cache=True)
             done_bytes += w.numel() * w.element_size()
-            add(tensors, name if module_names else source.dense[name], w, name in source.quantized)
+            add(tensors, name if module_names else source.dense[name], w, groups.get(name))
             if progress:
                 progress(stage, n + 1, todo, done_bytes)
         for e in range(site.num_experts if site else 0):
@@ -373,14 +507,14 @@ def _write(
                 if module_names:  # e.g. model.layers.0.mlp.experts.3.gate_proj.weight
                     proj, _, kind = part.partition("_")
                     key = f"{site.name}.{e}.{proj}_proj.{kind or 'weight'}"
-                add(tensors, key, w, part in _PROJ_PARTS)  # expert biases stay in float
+                add(tensors, key, w, groups[layer] if part in _PROJ_PARTS else None)  # biases stay in float
             if progress:
                 progress(stage, len(names) + e + 1, todo, done_bytes)
         save_safetensors(tensors, partial / shard, metadata={"format": "pt"})
         for k, v in tensors.items():
             weight_map[k] = shard
             total_size += v.numel() * v.element_size()
-    _write_configs(source.path, partial, quantization_config(bits, group_size, sym))
+    _write_configs(source.path, partial, quantization_config(bits, group_size, sym, dynamic))
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 

@@ -37,10 +37,11 @@ from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import ALIGN, checksum, layout_of, pack_blob, round_up, tensor_checksum
 from moe_local.format.hf_experts import HfExperts
 from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moe_local.format.mxfp4 import stored_expert_blocks
 from moe_local.format.paths import file_inside
 from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.loading.resolve import resolve_model_path
-from moe_local.recipes import Recipe
+from moe_local.recipes import Recipe, forward_weight_reads
 
 Progress = Callable[[str, int, int, int], None]  # (stage, done, total, bytes of input so far)
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -99,6 +100,8 @@ class QuantizeReport:
 
 def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
     o, i = shape
+    if hasattr(qtype, "stored_nbytes"):  # mxfp4: 4-bit elements and one exponent byte per 32
+        return qtype.stored_nbytes(shape)
     if not hasattr(qtype, "group_size"):  # bitsandbytes: codes + one fp32 absmax per block
         return o * i * qtype.bits // 8 + 4 * (o * i // qtype.blocksize)
     if i % qtype.group_size:
@@ -200,6 +203,7 @@ def quantize_checkpoint(
         check_output(out, [src_path], overwrite=overwrite)
     ckpt = open_source(src_path, "quantize")
     config, files, meta, sites, experts = ckpt.config, ckpt.files, ckpt.meta, ckpt.sites, ckpt.experts
+    recipe = recipe.keeping(forward_weight_reads(meta))  # a QuantLinear has no .weight to read
     linear_weights = {f"{n}.weight" for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
     dense = ckpt.dense_keys()
     report = QuantizeReport(out, dry_run=dry_run)
@@ -291,6 +295,9 @@ def _choose(recipe: Recipe, name: str, width: int):
     q = recipe.scheme_for(name, width)
     if q is not None:
         return q, q.full_name
+    reason = recipe.reason_for(name)
+    if reason is not None:
+        return None, f"keep ({reason})"
     asked = recipe.fallback_for(name, width)
     return None, "keep" if asked is None else FALLBACK_ROW.format(asked.full_name)
 
@@ -474,10 +481,15 @@ def _write_layer(partial: Path, report, recipe, experts: HfExperts, site, progre
     schemes: dict[str, str] = {}
     entries, slots, length, offset = [], None, 0, 0
 
-    def quantize_one(e: int, w: ExpertWeights):
-        return _quantize_expert(recipe, site, e, w, cal_args)
+    def quantize_one(e: int, w: ExpertWeights, stored: dict):
+        return _quantize_expert(recipe, site, e, w, cal_args, stored)
 
-    reads = ((e, experts.read(site.layer, e)) for e in range(site.num_experts))  # reads stay in order
+    keep_mxfp4 = any(_is_mxfp4(recipe.scheme_for(f"{site.name}.{p}")) for p in _PARTS)
+
+    def stored_of(e: int) -> dict:
+        return stored_expert_blocks(experts, site.layer, e) if keep_mxfp4 else {}
+
+    reads = ((e, experts.read(site.layer, e), stored_of(e)) for e in range(site.num_experts))  # in order
     with open(partial / fname, "wb") as f:
         for e, (w, blob_tensors, part_schemes, rows) in enumerate(ordered_map(quantize_one, reads)):
             schemes.update(part_schemes)
@@ -507,8 +519,12 @@ def _write_layer(partial: Path, report, recipe, experts: HfExperts, site, progre
     return entry
 
 
-def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
-    """Quantize one expert's parts; return (w, blob tensors, schemes, report rows). Thread-safe."""
+def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args, stored: dict | None = None):
+    """Quantize one expert's parts; return (w, blob tensors, schemes, report rows). Thread-safe.
+
+    ``stored`` holds the parts the source keeps as MXFP4 (``stored_expert_blocks``): an ``mxfp4``
+    rule takes their blocks and scales as they are, with no requantization.
+    """
     from moe_local.experts.weights import apply_linear
 
     layer_cal, min_tokens, imatrix = cal_args
@@ -532,7 +548,10 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
             weight = quantized_parts.get(first) or getattr(w, first).float()
             gated = apply_linear(x_in, weight, None if bias is None else bias.float())
             inputs = layer_cal.gate_fn(gated.float())
-        qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs, imatrix)
+        if _is_mxfp4(q) and part in (stored or {}):
+            qt = _kept_mxfp4(stored[part], t, q, f"{site.name}.{e}.{part}")
+        else:
+            qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs, imatrix)
         quantized_parts[part] = qt
         schemes[part] = q.full_name
         for k, v in qt.tensors().items():
@@ -540,6 +559,20 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args):
         err = _rel_err(t, qt) if e < 2 else None  # measured on a sample: it costs a dequantize
         rows.append((q.full_name, t.numel(), nbytes, qt.nbytes, err))
     return w, blob_tensors, schemes, rows
+
+
+def _is_mxfp4(q) -> bool:
+    return q is not None and getattr(q, "full_name", None) == "mxfp4"
+
+
+def _kept_mxfp4(stored: tuple[torch.Tensor, torch.Tensor], t: torch.Tensor, q, name: str):
+    """The source's own MXFP4 blocks and scales of one part, as an ``Mxfp4Tensor`` of its shape."""
+    from moe_local.quant.mxfp4_tensor import Mxfp4Tensor
+
+    try:
+        return Mxfp4Tensor(stored[0], stored[1], (int(t.shape[0]), int(t.shape[1])), q)
+    except ValueError as exc:
+        raise MoeLocalError(f"cannot keep {name} {tuple(t.shape)} as stored mxfp4: {exc}") from exc
 
 
 def _numel(shape) -> int:

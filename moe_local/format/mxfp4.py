@@ -11,22 +11,26 @@ and ``W[e, r, 32 g + j] = fp4(code) * 2 ** (scale[e, r, g] - 127)``, transposed 
 model keeps (``gate_up_proj`` ``[E, H, 2I]``, ``down_proj`` ``[E, I, H]``): exactly transformers'
 ``convert_moe_packed_tensors`` (the value table in the target dtype, then ``ldexp``), one expert at
 a time. Biases, attention, routers and embeddings are stored unquantized and read as they are.
+``stored_expert_blocks`` gives one expert's blocks and scales as stored, for ``quantize`` to keep
+them as MXFP4 byte for byte (the ``mxfp4`` scheme, ``moe_local.quant.mxfp4_tensor``).
 Legend: E=experts, R=rows, C=columns, G=blocks per row, H=hidden size, I=expert intermediate size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from moe_local.errors import CheckpointError
 from moe_local.format.fp8 import DequantizedFiles, Packed, virtual_info
 from moe_local.format.safetensors_io import CheckpointFiles
+from moe_local.quant.mxfp4_type import FP4_VALUES
 
 MXFP4_METHOD = "mxfp4"
 BLOCK = 32  # values per scale
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_FUSED_PARTS = {"gate_up_proj": "gate_up", "up_proj": "up", "down_proj": "down"}  # key -> expert part
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
 _SCALE_DTYPES = tuple(d for d in (torch.uint8, _E8M0) if d is not None)
 
@@ -98,3 +102,40 @@ def mxfp4_files(files: CheckpointFiles, dtype: torch.dtype) -> DequantizedFiles:
 
         packed[name] = Packed(virtual_info(name, shape, dtype, b), (key, scale), (True, True), decode)
     return DequantizedFiles(files, packed, set(), MXFP4_METHOD)
+
+
+def stored_expert_blocks(
+    experts: Any, layer: int, expert: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One expert's MXFP4 parts as the publisher stored them, in the ``[out, in]`` layout experts keep.
+
+    A fused projection stored as ``[E, R, G, 16]`` blocks is read as ``[E, C, R]`` and transposed
+    (``site.is_transposed``) to the part ``[R, C]``: its blocks' rows are the part's rows as they
+    are. Parts read any other way (no transpose) are left out: they are quantized from the
+    dequantized floats instead.
+
+    Args:
+        experts: the checkpoint's expert reader (``HfExperts``; anything else gives ``{}``).
+        layer: the layer.
+        expert: the expert.
+
+    Returns:
+        ``{part: (blocks [R, G, 16] uint8, scales [R, G] uint8)}``; empty for a checkpoint that is
+        not MXFP4.
+    """
+    files = getattr(experts, "files", None)
+    if getattr(files, "method", None) != MXFP4_METHOD or layer not in getattr(experts, "keys", {}):
+        return {}
+    if not experts.sites[layer].is_transposed:
+        return {}
+    stored = files.stored
+    present = set(stored.names())
+    out = {}
+    for pname, key in experts.keys[layer].fused.items():
+        part = _FUSED_PARTS.get(pname)
+        if part is None or key + "_blocks" not in present or key + "_scales" not in present:
+            continue
+        blocks = stored.read_slice(key + "_blocks", expert, drop_cache=experts.drop_cache)
+        scales = stored.read_slice(key + "_scales", expert, drop_cache=experts.drop_cache)
+        out[part] = (blocks.contiguous(), scales.view(torch.uint8).contiguous())
+    return out

@@ -1,8 +1,9 @@
-"""Quantized weight matrices: group-wise integer (RTN, HQQ, GPTQ) and bitsandbytes, and their matmul.
+"""Quantized weight matrices: group-wise integer (RTN, HQQ, GPTQ), bitsandbytes and MXFP4, and their matmul.
 
 Every quantized weight is a ``QuantizedWeight`` (``QuantizedTensor`` for group-wise schemes,
-``BnbTensor`` for bitsandbytes); ``QuantLinear`` is the ``nn.Linear`` over any of them; the registry
-(``parse_scheme``, ``quantize_scheme``, ``register_scheme``) maps a scheme to its kind.
+``BnbTensor`` for bitsandbytes, ``Mxfp4Tensor`` for MXFP4); ``QuantLinear`` is the ``nn.Linear``
+over any of them; the registry (``parse_scheme``, ``quantize_scheme``, ``register_scheme``) maps a
+scheme to its kind.
 
 Group-wise convention: ``W [O, I]`` is split along ``I`` into groups; each group has an fp16 scale and
 fp16 (float) zero point; codes ``q = clamp(round(W / scale + zero), 0, 2**bits - 1)``; the
@@ -18,6 +19,8 @@ from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
 from moe_local.quant.groupwise import quantize
 from moe_local.quant.hqq import HqqConfig
 from moe_local.quant.linear import QuantLinear
+from moe_local.quant.mxfp4_tensor import Mxfp4Tensor, quantize_mxfp4
+from moe_local.quant.mxfp4_type import Mxfp4Type, parse_mxfp4_type
 from moe_local.quant.pack import pack_codes, unpack_codes
 from moe_local.quant.registry import (
     kind_of,
@@ -36,6 +39,8 @@ __all__ = [
     "BnbType",
     "HessianAccumulator",
     "HqqConfig",
+    "Mxfp4Tensor",
+    "Mxfp4Type",
     "QType",
     "QuantLinear",
     "QuantizedTensor",
@@ -47,10 +52,12 @@ __all__ = [
     "kind_of",
     "pack_codes",
     "parse_bnb_type",
+    "parse_mxfp4_type",
     "parse_qtype",
     "parse_scheme",
     "quantize",
     "quantize_bnb",
+    "quantize_mxfp4",
     "quantize_scheme",
     "rebuild",
     "register_scheme",

@@ -2,7 +2,8 @@
 
 Built in, in the order ``parse_scheme`` tries them: group-wise integer (``QType``: ``int4-g64``,
 ``int3-g64-hqq``, ``int4-g128-gptq``) and bitsandbytes (``BnbType``: ``nf4``, ``fp4-b128``, ``nf4-dq``,
-``int8``). ``register_scheme`` adds a kind; a scheme object finds its kind by its type.
+``int8``) and MXFP4 (``Mxfp4Type``: ``mxfp4``). ``register_scheme`` adds a kind; a scheme object
+finds its kind by its type.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 from moe_local.quant.base import QuantizedWeight, Scheme, SchemeKind
 from moe_local.quant.bnb import BITSANDBYTES
 from moe_local.quant.groupwise import GROUPWISE
+from moe_local.quant.mxfp4_tensor import MXFP4
 
 # Shapes: [O, I] weight.  O=out features, I=in features.
 
-_KINDS: list[SchemeKind] = [GROUPWISE, BITSANDBYTES]
+_KINDS: list[SchemeKind] = [GROUPWISE, BITSANDBYTES, MXFP4]
 
 
 def register_scheme(kind: SchemeKind) -> None:
@@ -63,7 +65,7 @@ def kind_of(scheme: Any) -> SchemeKind:
 
 
 def parse_scheme(text: str) -> Scheme:
-    """Parse any stored scheme name: ``int4-g64[-hqq|-gptq]`` or a bitsandbytes ``nf4``/``fp4-b128``/``int8``.
+    """Parse a stored scheme name: ``int4-g64[-hqq|-gptq]``, ``nf4``/``fp4-b128``/``int8``, ``mxfp4``.
 
     Args:
         text: the name; each registered kind's parser is tried in turn.
