@@ -8,11 +8,15 @@ is kept byte for byte (``moe_local.format.mxfp4.stored_expert_blocks``):
 
 ``quantize_mxfp4`` makes them from a float weight as the OCP MX spec (v1.0, section 6.3) does.
 
-The CPU compute path is dequantize-then-matmul with a fast dequantize: each byte indexes a
-256-entry table of its two values in the output dtype (one gather, no shifts or masks), times the
-block's power of two (exact: every MXFP4 value is representable in bf16 and float32). The matmul
-is ``dense_linear`` on the dequantized weight, so the result is bit-identical to running the
-source's dequantized weights (transformers' ``convert_moe_packed_tensors``) as dense ones.
+On the CPU, a few bf16 rows (a decode step) run on the native kernel straight from the blocks
+(``native.mxfp4_bf16``: activations rounded to int8 per 64 values as the 4-bit kernel does, the
+e2m1 values looked up as integers; about 0.6% relative error, like llama.cpp's MXFP4 x Q8 dot).
+Elsewhere (many rows, float32, no native kernel, ``use_kernel=False``) the path is
+dequantize-then-matmul with a fast dequantize: each byte indexes a 256-entry table of its two
+values in the output dtype (one gather, no shifts or masks), times the block's power of two (exact:
+every MXFP4 value is representable in bf16 and float32). That matmul is ``dense_linear`` on the
+dequantized weight, so its result is bit-identical to running the source's dequantized weights
+(transformers' ``convert_moe_packed_tensors``) as dense ones.
 Shapes: [O, I] weight, G = I / 32 blocks per row, [..., I] activations, [..., O] outputs.
 """
 
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moe_local.quant import native
 from moe_local.quant.base import QuantizedWeight, SchemeKind, check_shape
 from moe_local.quant.dense import dense_linear
 from moe_local.quant.mxfp4_type import (
@@ -36,6 +41,7 @@ from moe_local.quant.mxfp4_type import (
 from moe_local.quant.rtn import row_chunks
 
 TENSOR_NAMES: tuple[str, ...] = ("blocks", "scales")
+NATIVE_MAX_TOKENS = 32  # rows of bf16 x up to which the native kernel runs (a decode step, small batches)
 QUANT_CHUNK_ELEMS = 1 << 22  # weights quantized at once (bounds the float32 temporaries)
 # e2m1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: the midpoints between neighbours, and which of them
 # round up (to the even code) under round-to-nearest-even; the others round down
@@ -161,10 +167,18 @@ class Mxfp4Tensor(QuantizedWeight):
         """Dequantize the whole weight: ``W_hat`` ``[O, I]`` in ``dtype``."""
         return self.dequantize_rows(0, self.shape[0], dtype)
 
+    def _native_ok(self, x2: torch.Tensor, use_kernel: bool | None) -> bool:
+        """Whether ``x2`` runs on the native MXFP4 kernel (see the module docstring)."""
+        if use_kernel is False or x2.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return False
+        if self.shape[1] % 64 or not native.available():
+            return False
+        return bool(use_kernel) or x2.shape[0] <= NATIVE_MAX_TOKENS
+
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, *, use_kernel: bool | None = None
     ) -> torch.Tensor:
-        """Compute ``x @ W_hat.T + bias``: the weight dequantized into ``x.dtype``, then ``dense_linear``.
+        """Compute ``x @ W_hat.T + bias``: on the native kernel, or dequantized then ``dense_linear``.
 
         ``dense_linear`` runs few bf16 rows on the CPU on the native bf16 kernel and many through a
         float32 GEMM; the result equals the dense model's on the dequantized weight, bit for bit.
@@ -172,7 +186,8 @@ class Mxfp4Tensor(QuantizedWeight):
         Args:
             x: activations ``[..., I]`` (float dtype, same device as the weight).
             bias: optional ``[O]``, cast to ``x.dtype``.
-            use_kernel: accepted for the contract; every value takes the same (dequantize) path.
+            use_kernel: None: the native kernel for at most ``NATIVE_MAX_TOKENS`` bf16 rows on the
+                CPU; True: at any row count; False: always the exact dequantize path.
 
         Returns:
             ``[..., O]`` in ``x.dtype``.
@@ -190,6 +205,9 @@ class Mxfp4Tensor(QuantizedWeight):
             b = None if bias is None else bias.detach().to(x2.dtype)
             if x2.shape[0] == 0:
                 out = x2.new_zeros(0, o) if b is None else x2.new_zeros(0, o) + b
+            elif self._native_ok(x2, use_kernel):
+                out = native.mxfp4_bf16(x2, self.blocks, self.scales, self.shape)
+                out = out if b is None else out + b
             else:
                 out = dense_linear(x2, self.dequantize(x2.dtype), b)
         return out.reshape(*x.shape[:-1], o)

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 3
+_ABI = 4
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 THREADED_MACS = 1 << 21
@@ -106,6 +106,9 @@ def _library() -> ctypes.CDLL | None:
     dense = lib.moe_local_linear_bf16
     dense.argtypes = [ptr, i32, i32, ptr, i32, ptr, i32]
     dense.restype = i32
+    mx = lib.moe_local_mxfp4_bf16
+    mx.argtypes = [ptr, ptr, i32, i32, ptr, i32, ptr, i32]
+    mx.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
@@ -215,6 +218,38 @@ def dense_bf16(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(m, o, dtype=torch.bfloat16)
     threads = torch.get_num_threads() if m * o * i >= THREADED_MACS else 1
     if lib.moe_local_linear_bf16(w.data_ptr(), o, i, x.data_ptr(), m, out.data_ptr(), threads) != 0:
+        raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
+    return out
+
+
+def mxfp4_bf16(
+    x2: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """``x2 @ W.T`` for an MXFP4 weight, straight from its blocks (activations rounded to int8 per
+    64 values, as the 4-bit kernel does; see ``qlinear.c``).
+
+    Args:
+        x2: ``[M, I]`` bfloat16 (few rows), ``I`` a multiple of 64.
+        blocks: ``[O, I / 32, 16]`` uint8 e2m1 pairs.
+        scales: ``[O, I / 32]`` uint8 e8m0 exponents.
+        shape: ``(O, I)``.
+
+    Returns:
+        ``[M, O]`` bfloat16.
+
+    Raises:
+        MemoryError: the kernel's temporaries cannot be allocated.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native kernel is not available (check native.available() first)")
+    o, i = shape
+    m = x2.shape[0]
+    x, b, s = x2.contiguous(), blocks.contiguous(), scales.contiguous()
+    out = torch.empty(m, o, dtype=torch.bfloat16)
+    threads = torch.get_num_threads() if m * o * i >= THREADED_MACS else 1
+    rc = lib.moe_local_mxfp4_bf16(b.data_ptr(), s.data_ptr(), o, i, x.data_ptr(), m, out.data_ptr(), threads)
+    if rc != 0:
         raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
     return out
 

@@ -29,7 +29,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 3; }
+int moe_local_qlinear_abi(void) { return 4; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale. */
 static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, float *dx, float *sumx) {
@@ -314,5 +314,85 @@ int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, in
     }
     for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
     free(xf), free(yf);
+    return 0;
+}
+
+/* ---- MXFP4 (OCP microscaling FP4: GPT-OSS's experts) ------------------------------------------
+ * A block is 32 e2m1 values in 16 bytes (byte k: value 2k in the low nibble, 2k + 1 in the high one)
+ * with one e8m0 exponent e: value = e2m1 * 2^(e - 127). e2m1 doubled is an integer (0, 1, 2, 3, 4,
+ * 6, 8, 12 and their negatives), so two blocks (32 bytes) run like a 4-bit chunk: nibbles looked up
+ * into int8 values with one shuffle, multiplied with the int8 activations (maddubs, the sign trick),
+ * each block's 4 int32 lanes scaled by 2^(e - 128) and the chunk's activation scale.
+ * Shapes: blocks [O, I / 32, 16] uint8, scales [O, I / 32] uint8, I a multiple of 64. */
+
+static float mx_scale[256];  /* 2^(e - 128): the e8m0 scale times the halving of the doubled values */
+
+__attribute__((constructor)) static void mx_init(void) { /* once, when the library is loaded */
+    for (int e = 0; e < 256; e++) mx_scale[e] = ldexpf(1.0f, e - 128);
+}
+
+static inline __attribute__((always_inline)) void mx_row(const uint8_t *blocks, const uint8_t *scales, int I,
+                                                         const int8_t *xq, const float *dx, const int NT,
+                                                         float *y, int y_stride) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12, 0, 1, 2, 3, 4,
+                                         6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int chunks = I / 64;
+    for (int c = 0; c < chunks; c++) {
+        const __m256i bytes = _mm256_loadu_si256((const __m256i *)(blocks + (size_t)c * 32));
+        const __m256i vlo = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, mask));
+        const __m256i vhi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask));
+        const __m256i alo = _mm256_abs_epi8(vlo), ahi = _mm256_abs_epi8(vhi);
+        const float s0 = mx_scale[scales[2 * c]], s1 = mx_scale[scales[2 * c + 1]];
+        const __m256 sv = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1); /* lanes 0-3: block 2c */
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xc = xq + (size_t)t * I + (size_t)c * 64;
+            const __m256i xlo = _mm256_loadu_si256((const __m256i *)xc);
+            const __m256i xhi = _mm256_loadu_si256((const __m256i *)(xc + 32));
+            /* pairs <= 2 * 12 * 127, two planes <= 6096: no int16 saturation */
+            const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(alo, _mm256_sign_epi8(xlo, vlo)),
+                                                 _mm256_maddubs_epi16(ahi, _mm256_sign_epi8(xhi, vhi)));
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+            acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(dx[(size_t)t * chunks + c])), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) y[(size_t)t * y_stride] = hsum(acc[t]);
+}
+
+/* y[M, O] = x[M, I] @ W^T for MXFP4 W, bf16 in and out. Returns 0, or -1 when a buffer cannot be allocated. */
+int moe_local_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, int O, int I, const uint16_t *x, int M,
+                         uint16_t *y, int threads) {
+    const int chunks = I / 64;
+    const size_t row_blocks = (size_t)I / 2, row_scales = (size_t)I / 32;
+    float *xf = malloc(sizeof(float) * (size_t)M * I);
+    float *yf = malloc(sizeof(float) * (size_t)M * O);
+    int8_t *xq = malloc((size_t)M * I);
+    float *dx = malloc(sizeof(float) * (size_t)M * chunks);
+    float *sumx = malloc(sizeof(float) * (size_t)M * chunks);
+    if (!xf || !yf || !xq || !dx || !sumx) {
+        free(xf), free(yf), free(xq), free(dx), free(sumx);
+        return -1;
+    }
+    for (size_t k = 0; k < (size_t)M * I; k++) {
+        const uint32_t u = (uint32_t)x[k] << 16;
+        memcpy(xf + k, &u, sizeof u);
+    }
+    /* the 4-bit chunk layout: 64 values, even ones in the first 32 bytes, odd ones in the next */
+    for (int m = 0; m < M; m++)
+        quantize_x(xf + (size_t)m * I, I, 4, 64, xq + (size_t)m * I, dx + (size_t)m * chunks, sumx + (size_t)m * chunks);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int o = 0; o < O; o++) {
+        const uint8_t *b = blocks + (size_t)o * row_blocks, *s = scales + (size_t)o * row_scales;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) mx_row(b, s, I, xq + (size_t)m * I, dx + (size_t)m * chunks, 4, yf + (size_t)m * O + o, O);
+        switch (M - m) {
+            case 3: mx_row(b, s, I, xq + (size_t)m * I, dx + (size_t)m * chunks, 3, yf + (size_t)m * O + o, O); break;
+            case 2: mx_row(b, s, I, xq + (size_t)m * I, dx + (size_t)m * chunks, 2, yf + (size_t)m * O + o, O); break;
+            case 1: mx_row(b, s, I, xq + (size_t)m * I, dx + (size_t)m * chunks, 1, yf + (size_t)m * O + o, O); break;
+        }
+    }
+    for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+    free(xf), free(yf), free(xq), free(dx), free(sumx);
     return 0;
 }

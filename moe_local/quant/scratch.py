@@ -31,5 +31,8 @@ def float32_rows(rows: int, cols: int, min_elems: int = 0) -> torch.Tensor:
     n = rows * cols
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = _local.buf = torch.empty(max(n, min_elems), dtype=torch.float32)
+        # a normal tensor even when first needed under inference_mode: an inference tensor could
+        # not be written in place by a later call outside it
+        with torch.inference_mode(False):
+            buf = _local.buf = torch.empty(max(n, min_elems), dtype=torch.float32)
     return buf[:n].view(rows, cols)

@@ -13,7 +13,7 @@ from moe_local.convert.writer import quantize_checkpoint
 from moe_local.generation import generate
 from moe_local.loading.checkpoint import open_checkpoint
 from moe_local.loading.loader import load
-from moe_local.quant import Mxfp4Tensor, quantize_mxfp4
+from moe_local.quant import Mxfp4Tensor, native, quantize_mxfp4
 from moe_local.recipes import load_recipe
 from tests.format.test_mxfp4 import write_mxfp4_checkpoint
 from tests.helpers import run_cli
@@ -68,7 +68,10 @@ def test_stored_blocks_and_scales_are_the_sources_bytes(mxfp4_src, kept):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("budget", [False, True])
-def test_greedy_output_is_the_sources(mxfp4_src, kept, dtype, budget):
+def test_greedy_output_is_the_sources(mxfp4_src, kept, dtype, budget, monkeypatch):
+    """On the exact path (float32, or bf16 without the native kernel): the source's output bit for bit."""
+    if dtype == "bfloat16":
+        monkeypatch.setattr(native, "available", lambda: False)
     out, _ = kept
     opts = LoadOptions(dtype=dtype)
     src = load(mxfp4_src, opts)
@@ -112,3 +115,17 @@ def test_a_float_source_is_quantized_to_mxfp4(tiny_checkpoint, recipe_file, tmp_
         a = load(src, LoadOptions(dtype="float32")).model(ids).logits
         b = load(out, LoadOptions(dtype="float32")).model(ids).logits
     assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.95
+
+
+def test_bf16_decode_runs_on_the_native_mxfp4_kernel(mxfp4_src, kept, monkeypatch):
+    """A bf16 decode step reads the kept blocks with the native kernel (its error: test_mxfp4_scheme)."""
+    if not native.available():
+        pytest.skip("the native kernel is not built here")
+    rows = []
+    real = native.mxfp4_bf16
+    monkeypatch.setattr(native, "mxfp4_bf16", lambda x2, *a: rows.append(x2.shape[0]) or real(x2, *a))
+    out, _ = kept
+    ours = load(out, LoadOptions(dtype="bfloat16"))
+    prompt = ours.tokenizer.encode("The quick brown fox")
+    assert len(generate(ours, prompt, SamplingParams(max_tokens=4, ignore_eos=True)).tokens) == 4
+    assert rows and all(1 <= n <= 32 for n in rows)

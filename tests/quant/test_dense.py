@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_local.quant import dense, native
+from moe_local.quant import dense, native, scratch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
 
@@ -91,3 +93,14 @@ def test_a_bf16_checkpoint_computes_in_bf16_on_the_cpu_by_default() -> None:
     assert resolve_dtype("auto", Config(), "cpu") is torch.float32
     Config.dtype = "float16"
     assert resolve_dtype("auto", Config(), "cpu") is torch.float32
+
+
+def test_the_reused_buffer_serves_calls_in_and_out_of_inference_mode(monkeypatch) -> None:
+    """Created under inference_mode, the thread's buffer still takes in-place writes outside it."""
+    monkeypatch.setattr(scratch, "_local", threading.local())  # this thread has no buffer yet
+    w = torch.randn(20, 64).bfloat16()
+    x = torch.randn(40, 64).bfloat16()  # the many-row path: rows widened into the buffer
+    want = F.linear(x.float(), w.float()).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(dense.dense_linear(x, w), want)  # the buffer is made here
+    assert torch.equal(dense.dense_linear(x, w), want)

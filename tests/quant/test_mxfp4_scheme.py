@@ -157,3 +157,21 @@ def test_recipe_rules_take_mxfp4():
     assert hqq.rules[0].scheme == Mxfp4Type() and hqq.rules[1].scheme.method == "hqq"
     with pytest.raises(MoeLocalError, match="do not apply to mxfp4 experts"):
         recipe.with_experts(bits=2)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 32])
+def test_few_bf16_rows_run_on_the_native_kernel_within_the_int8_rounding(rows):
+    """The kernel rounds activations to int8 per 64 values: within 1.5e-2 of the exact product."""
+    from moe_local.quant import native
+
+    if not native.available():
+        pytest.skip("the native kernel is not built here")
+    torch.manual_seed(rows)
+    q = quantize_mxfp4(torch.randn(96, 320) * 0.05)
+    x = torch.randn(rows, 320).bfloat16()
+    exact = x.float() @ q.dequantize().T
+    got = q.linear(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - exact).norm() / exact.norm()) < 1.5e-2
+    assert torch.equal(q.linear(x, use_kernel=False), (x @ q.dequantize(torch.bfloat16).T))
+    assert not torch.equal(got, q.linear(x, use_kernel=False))  # it did take the kernel
