@@ -88,6 +88,7 @@ class ChatRenderer(_Renderer):
         n: choices.
         syntax: the model's tool-call syntax when the request has tools (replies are parsed).
         stop: the request's stop strings (applied to the parsed text).
+        one_call: ``parallel_tool_calls: false``: a reply's calls after its first are dropped.
     """
 
     prefix = "chatcmpl"
@@ -100,10 +101,12 @@ class ChatRenderer(_Renderer):
         n: int = 1,
         syntax: ToolSyntax | None = None,
         stop: tuple[str, ...] = (),
+        one_call: bool = False,
     ) -> None:
         super().__init__(model, prompt_tokens, logprobs, n)
         self.syntax = syntax
         self.stop = stop
+        self.one_call = one_call
         self.streams = [ToolCallStream(syntax, stop) for _ in range(n)] if syntax is not None else []
 
     def _chunk(
@@ -171,6 +174,8 @@ class ChatRenderer(_Renderer):
         ``type`` or ``id`` would overwrite the call's (the official client's accumulation does)."""
         out = []
         for d in deltas:
+            if self.one_call and d.index > 0:
+                continue
             payload = ChatCompletion(
                 id=self.id,
                 object="chat.completion.chunk",
@@ -214,6 +219,7 @@ class ChatRenderer(_Renderer):
                 content, _ = stream.feed("".join(s.raw for s in steps))
                 content += stream.finish()[0]
                 calls = [_tool_call(call_id, c) for call_id, c in stream.calls]
+                calls = calls[:1] if self.one_call else calls
                 message = AssistantMessage(
                     role="assistant",
                     content=content if content or not calls else None,

@@ -279,7 +279,9 @@ async def chat_completions(request: Request) -> Response:
         grammar = await run_in_threadpool(engine.grammar, schema=schema, what="response_format")
     top = req.top_logprobs or 0
     params = _params(req, req.token_limit() or engine.lm.context, top)
-    renderer = ChatRenderer(engine.name, len(ids), bool(req.logprobs), req.n or 1, syntax, params.stop)
+    one_call = req.parallel_tool_calls is False
+    n = req.n or 1
+    renderer = ChatRenderer(engine.name, len(ids), bool(req.logprobs), n, syntax, params.stop, one_call)
     raw_skip = engine.raw_skip(syntax) if syntax is not None else None
     return await _generate(request, req, ids, params, renderer, grammar, raw_skip)
 

@@ -461,3 +461,26 @@ def test_a_tool_description_cannot_open_a_turn():
     ids = out["input_ids"] if hasattr(out, "keys") else out
     start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     assert (ids.count(start), ids.count(end)) == (3, 2)  # system, user, assistant: none forged
+
+
+@pytest.mark.parametrize("one_call", [False, True])
+def test_parallel_tool_calls_false_keeps_only_the_first_call(one_call):
+    """``parallel_tool_calls: false`` with ``tool_choice: auto``: streamed and whole, one call."""
+    from moe_local.server.jobs import Step
+    from moe_local.server.render import ChatRenderer
+
+    reply = (
+        '<tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>'
+        '<tool_call>{"name": "b", "arguments": {"y": 2}}</tool_call>'
+    )
+    steps = [Step(text="", raw=reply[i : i + 7], completion_tokens=i) for i in range(0, len(reply), 7)]
+    steps.append(Step(text="", raw="", finish_reason="stop"))
+    renderer = ChatRenderer("m", 3, False, syntax=SYNTAXES["hermes"](), one_call=one_call)
+    events = [e for s in steps[:-1] for e in renderer.chunks(s)] + renderer.end(0, "stop")
+    deltas = [json.loads(e.removeprefix("data: "))["choices"][0]["delta"] for e in events]
+    streamed = {c["index"] for d in deltas for c in d.get("tool_calls") or []}
+    whole = renderer.whole([steps]).choices[0]
+    names = [c.function.name for c in whole.message.tool_calls]
+    assert streamed == ({0} if one_call else {0, 1})
+    assert names == (["a"] if one_call else ["a", "b"])
+    assert whole.finish_reason == "tool_calls"
