@@ -172,9 +172,9 @@ def capped_settings(engine: str, w: str, cap: int, budget: int) -> list[tuple[st
 
     llama.cpp: weights mmap'd, then also without its CPU repacking (Q4_0 is copied into anonymous
     interleaved buffers by default, which a cap cannot reclaim). moe-local: told the cap
-    (``--cpu-memory``); for bf16 then also computing in bf16 (its default on the CPU upcasts a bf16
-    checkpoint to float32, twice the bytes); then the cap's share of experts (``--expert-memory``)
-    where the planner refuses the cap.
+    (``--cpu-memory``); for bf16 then also with ``--dtype bfloat16`` explicitly (the default already
+    computes a bf16 checkpoint in bf16 where the native kernel runs, else in float32, twice the
+    bytes); then the cap's share of experts (``--expert-memory``) where the planner refuses the cap.
     """
     if engine == "llama.cpp":
         return [("-lm", "mmap"), ("-lm", "mmap", "--repack", "0")]
