@@ -58,6 +58,7 @@ class Plan:
     reads_in_flight: int = 0  # experts read ahead or on a miss before the cache evicts (bytes)
     dtype: str = "float32"  # the compute dtype the sizes are for
     runtime: Overhead | None = None  # the host's measured runtime overhead, in parts
+    prefetch: bool = True  # False: no room to read ahead, misses are read when routed (CPU)
 
     @property
     def expert_memory(self) -> int | None:
@@ -214,9 +215,15 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         what_over = f"{human_bytes(over)} runtime"
     room = fast - dense - kv - over
     need = info.moe_layers * one  # one expert per layer at least
+    prefetch = True
     if room >= n_experts * one:
         slots, in_flight = n_experts, 0  # every expert resident: nothing streams
     elif room - in_flight >= need:
+        slots = (room - in_flight) // one
+    elif gpu == "cpu" and room - one >= need:
+        # no room to read ahead: without prefetch only the miss being read is in flight (big
+        # experts under a tight cap: a Mixtral-8x7B bf16 expert is 336 MiB, 5 of them 1.6 GiB)
+        prefetch, in_flight = False, one
         slots = (room - in_flight) // one
     else:
         lack = need + in_flight - room
@@ -257,6 +264,7 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         reads_in_flight=in_flight,
         dtype=name,
         runtime=runtime,
+        prefetch=prefetch,
     )
 
 
@@ -308,7 +316,8 @@ def planned_options(model: str | Path, options, *, cpu_memory: int | None = None
     Returns:
         (LoadOptions to load with, the plan or None when the caller's budget was used). The
         options say ``dtype="bfloat16"`` where ``"auto"`` would compute a bf16 checkpoint in
-        float32 that does not fit whole that way.
+        float32 that does not fit whole that way, and ``prefetch=False`` where the plan has no
+        room for reads ahead.
     """
     import dataclasses
 
@@ -318,4 +327,5 @@ def planned_options(model: str | Path, options, *, cpu_memory: int | None = None
     dtype = options.dtype
     if dtype == "auto" and p.dtype != compute_dtype(info, "auto", options.device):
         dtype = p.dtype
-    return dataclasses.replace(options, expert_memory=p.expert_memory, dtype=dtype), p
+    prefetch = options.prefetch and p.prefetch  # no room to read ahead: the plan turned it off
+    return dataclasses.replace(options, expert_memory=p.expert_memory, dtype=dtype, prefetch=prefetch), p

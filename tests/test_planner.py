@@ -161,3 +161,35 @@ def test_cpu_memory_beyond_this_machine_refused(capsys, tiny_mixtral, command):
         capsys, command[0], str(tiny_mixtral), *command[1:], "--cpu-memory", "999999999TiB"
     )
     assert_one_line_error(code, err, "--cpu-memory 999999999.0 TiB", "of RAM")
+
+
+def test_a_cap_with_no_room_to_read_ahead_plans_without_prefetch(wide):
+    """One expert per layer fits, the reads ahead do not: prefetch off, only the miss in flight."""
+    info = inspect_model(wide)
+    one = info.one_expert_bytes
+    kv = kv_cache_bytes(info.config, 256, 4)
+    base = info.dense_bytes + kv + FIXED.total
+    ahead = make_plan(
+        info, cpu_memory=base + (2 * info.top_k + 1) * one + 4 * one, context=256, overhead=FIXED
+    )
+    assert ahead.prefetch and ahead.fast_slots == 4
+    tight = make_plan(info, cpu_memory=base + one + 4 * one, context=256, overhead=FIXED)
+    assert not tight.prefetch and tight.reads_in_flight == one and tight.fast_slots == 4
+    charged = (
+        tight.dense_bytes + tight.kv_bytes + tight.overhead + tight.reads_in_flight + tight.expert_memory
+    )
+    assert charged <= base + 5 * one
+    with pytest.raises(MoeLocalError, match=r"needs .* more on cpu"):
+        make_plan(info, cpu_memory=base + 4 * one, context=256, overhead=FIXED)  # not even the miss
+
+
+def test_planned_options_turn_prefetch_off_when_the_plan_has_no_room(wide):
+    from moe_local.config import LoadOptions
+    from moe_local.planner import planned_options
+
+    info = inspect_model(wide)
+    one = info.one_expert_bytes
+    cap = info.dense_bytes + kv_cache_bytes(info.config, 256, 4) + process_rss() + 200 * MiB + 5 * one
+    options, plan = planned_options(wide, LoadOptions(dtype="float32"), cpu_memory=cap, context=256)
+    assert plan is not None and options.prefetch == plan.prefetch
+    assert options.expert_memory == plan.expert_memory

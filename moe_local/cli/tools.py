@@ -339,7 +339,8 @@ def plan(
     table.add_row(f"KV cache ({p.context} tokens)", fast, human_bytes(p.kv_bytes))
     table.add_row("runtime (measured on cpu)" if gpu == "cpu" else "runtime", fast, human_bytes(p.overhead))
     if p.reads_in_flight:
-        table.add_row("expert reads in flight", fast, human_bytes(p.reads_in_flight))
+        label = "expert reads in flight" if p.prefetch else "expert read in flight (no room to prefetch: off)"
+        table.add_row(label, fast, human_bytes(p.reads_in_flight))
     table.add_row(f"experts: {p.fast_slots} slots", fast, human_bytes(p.fast_slots * p.expert_bytes))
     if gpu != "cpu":
         table.add_row(f"experts: {p.ram_experts}", "host RAM", human_bytes(p.ram_experts * p.expert_bytes))

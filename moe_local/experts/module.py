@@ -13,9 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import _default_apply_gate
 
 from moe_local.experts.store import ExpertStore
 from moe_local.experts.weights import apply_linear
+from moe_local.quant import native
+from moe_local.quant.tensor import NATIVE_MAX_TOKENS, QuantizedTensor
 
 if TYPE_CHECKING:
     from moe_local.experts.sites import ExpertsSite
@@ -95,6 +99,15 @@ class OffloadedExperts(nn.Module):
         if self.has_post_expert_norm:
             self.post_expert_norm = original.post_expert_norm
         self._holder = _GateHolder(original)
+        # SwiGLU experts (transformers' default gate, SiLU, gate rows before up rows) can run as one
+        # native call per expert: the same values as the three steps below (see _fused_call)
+        self._fusable = (
+            self.has_gate
+            and not self.has_post_expert_norm
+            and getattr(type(original), "_apply_gate", None) is _default_apply_gate
+            and getattr(original, "is_concatenated", False)
+            and type(getattr(original, "act_fn", None)) in (nn.SiLU, SiLUActivation)
+        )
         self.trace: list[list[int]] | None = None  # set to a list to record routed experts per call
         self.next_router: NextRouter | None = None  # set by the loader to enable prefetch
 
@@ -109,6 +122,10 @@ class OffloadedExperts(nn.Module):
 
     def expert_forward(self, x: torch.Tensor, w) -> torch.Tensor:
         """One expert on its tokens: [n, H] -> [n, H]."""
+        if self._fusable and x.dtype is torch.bfloat16 and x.device.type == "cpu" and w.gate_up_bias is None:
+            fused = _fused_call(x, w)
+            if fused is not None:
+                return fused
         if self.has_gate:
             h = self._gate(apply_linear(x, w.gate_up, w.gate_up_bias))  # [n, I]
         else:
@@ -166,6 +183,22 @@ class OffloadedExperts(nn.Module):
             else:
                 out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)
+
+
+def _fused_call(x: torch.Tensor, w) -> torch.Tensor | None:
+    """``down(silu(gate) * up)`` in one native call, or None where the weights do not allow it."""
+    gate_up, down = w.gate_up, w.down
+    if (
+        not (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor))
+        or w.down_bias is not None
+    ):
+        return None
+    if not 0 < x.shape[0] <= NATIVE_MAX_TOKENS:
+        return None
+    gu, d = gate_up.native_weight(), down.native_weight()
+    if gu is None or d is None:
+        return None
+    return native.expert_bf16(x.contiguous(), gu, d)
 
 
 SMALL_ROUTING = 64  # (token, slot) pairs grouped in Python: cheaper than a sort below this many

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 4
+_ABI = 5
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 THREADED_MACS = 1 << 21
@@ -109,6 +109,9 @@ def _library() -> ctypes.CDLL | None:
     mx = lib.moe_local_mxfp4_bf16
     mx.argtypes = [ptr, ptr, i32, i32, ptr, i32, ptr, i32]
     mx.restype = i32
+    ex = lib.moe_local_expert_bf16
+    ex.argtypes = [ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32, i32]
+    ex.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
@@ -292,6 +295,10 @@ class NativeWeight:
         pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
         self._args = (*pointers, shape[0], shape[1], bits, group_size)
 
+    def threads_for(self, rows: int) -> int:
+        """Threads for ``rows`` rows of x: torch's, once the call is big enough to be worth splitting."""
+        return torch.get_num_threads() if rows * self.out_features * self.in_features >= THREADED_MACS else 1
+
     def reads(self, packed: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
         """Whether these are the tensors this call was built on (not replaced since)."""
         held = self._tensors
@@ -353,4 +360,42 @@ def dequantize_rows(
     threads = torch.get_num_threads() if (end - start) * i >= THREADED_MACS else 1
     pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
     lib.moe_local_dequantize(*pointers, i, bits, group_size, start, end, out.data_ptr(), threads)
+    return out
+
+
+def expert_bf16(x2: torch.Tensor, gate_up: NativeWeight, down: NativeWeight) -> torch.Tensor:
+    """One gated expert, ``down(silu(gate) * up)``, in one call (the values the separate calls give).
+
+    Args:
+        x2: contiguous bfloat16 ``[M, H]`` on the CPU (few rows).
+        gate_up: the expert's ``[2I, H]`` weight, gate rows first.
+        down: its ``[H, I]`` weight.
+
+    Returns:
+        ``[M, H]`` bfloat16.
+
+    Raises:
+        MemoryError: the kernel's temporaries cannot be allocated.
+    """
+    m = x2.shape[0]
+    h, i = down.out_features, down.in_features
+    out = torch.empty(m, h, dtype=torch.bfloat16)
+    gu, d = gate_up._args, down._args  # (codes, scales, zeros, O, I, bits, group)
+    rc = gate_up._lib.moe_local_expert_bf16(
+        *gu[:3],
+        gu[5],
+        gu[6],
+        *d[:3],
+        d[5],
+        d[6],
+        h,
+        i,
+        x2.data_ptr(),
+        m,
+        out.data_ptr(),
+        gate_up.threads_for(m),
+        down.threads_for(m),
+    )
+    if rc != 0:
+        raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
     return out

@@ -241,6 +241,16 @@ class QuantizedTensor(QuantizedWeight):
             return _INT8 if int8_kernel.int8_kernel_supports(self.device) else None
         return _INT4 if kernels.int4_kernel_supports(self.shape, bits, group, self.device) else None
 
+    def native_weight(self) -> native.NativeWeight | None:
+        """This weight's prebuilt native call (what a fused caller passes to the kernel), or None
+        where it runs another path or its tensors were replaced since the call was built."""
+        fast = self._fast
+        if fast is False:
+            fast = self._fast = self._native_weight()
+        if fast is None or not fast.reads(self._packed, self.scales, self.zeros):
+            return None
+        return fast
+
     def _native_weight(self) -> native.NativeWeight | None:
         """The prebuilt native call of this weight, or None where it runs another path."""
         if self._kernel_kind() != _NATIVE:
