@@ -322,6 +322,7 @@ def planned_options(model: str | Path, options, *, cpu_memory: int | None = None
     import dataclasses
 
     if options.expert_memory is not None:
+        _check_explicit_budget(model, options, cpu_memory, context)
         return options, None
     p, info = plan_for(model, cpu_memory=cpu_memory, context=context, dtype=options.dtype)
     dtype = options.dtype
@@ -329,3 +330,31 @@ def planned_options(model: str | Path, options, *, cpu_memory: int | None = None
         dtype = p.dtype
     prefetch = options.prefetch and p.prefetch  # no room to read ahead: the plan turned it off
     return dataclasses.replace(options, expert_memory=p.expert_memory, dtype=dtype, prefetch=prefetch), p
+
+
+def _check_explicit_budget(model: str | Path, options, cpu_memory: int | None, context: int) -> None:
+    """Refuse an ``--expert-memory`` that cannot fit beside the dense part and the runtime.
+
+    Under a cgroup limit an oversized budget is otherwise found out by the OOM killer, mid-decode.
+
+    Raises:
+        MoeLocalError: the budget, the dense part, the KV cache, the runtime and one expert read
+            in flight exceed the memory this process may use (one line, with the budget that fits).
+    """
+    from moe_local.inspection import inspect_model
+
+    info = inspect_model(model)
+    if not info.moe_layers:
+        return
+    p = make_plan(info, cpu_memory=cpu_memory, context=context, dtype=options.dtype)
+    if p.fast_slots >= p.total_experts:
+        return  # every expert fits: any budget does
+    fixed = p.dense_bytes + p.kv_bytes + p.overhead + p.expert_bytes  # one expert read before eviction
+    if fixed + options.expert_memory > p.fast_memory:
+        most = max(p.fast_memory - fixed, 0)
+        raise MoeLocalError(
+            f"--expert-memory {human_bytes(options.expert_memory)} does not fit: with the dense part "
+            f"{human_bytes(p.dense_bytes)}, the runtime {human_bytes(p.overhead)} and one expert read in "
+            f"flight this process would need {human_bytes(fixed + options.expert_memory)} of the "
+            f"{human_bytes(p.fast_memory)} it may use; give at most {human_bytes(most)}"
+        )

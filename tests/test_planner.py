@@ -193,3 +193,19 @@ def test_planned_options_turn_prefetch_off_when_the_plan_has_no_room(wide):
     options, plan = planned_options(wide, LoadOptions(dtype="float32"), cpu_memory=cap, context=256)
     assert plan is not None and options.prefetch == plan.prefetch
     assert options.expert_memory == plan.expert_memory
+
+
+def test_an_explicit_expert_budget_that_cannot_fit_is_refused_in_one_line(wide):
+    """Under a limit, --expert-memory beside the dense part and the runtime: refused, not OOM-killed."""
+    from moe_local.config import LoadOptions
+    from moe_local.planner import planned_options
+
+    info = inspect_model(wide)
+    one = info.one_expert_bytes
+    roomy = make_plan(info, cpu_memory=process_rss() + 2**30, context=256, dtype="float32")
+    cap = roomy.dense_bytes + roomy.kv_bytes + roomy.overhead + 9 * one  # 4 slots and reads ahead
+    fits = LoadOptions(dtype="float32", expert_memory=one)
+    assert planned_options(wide, fits, cpu_memory=cap, context=256) == (fits, None)
+    too_big = LoadOptions(dtype="float32", expert_memory=20 * one)
+    with pytest.raises(MoeLocalError, match=r"--expert-memory .* does not fit: .* give at most"):
+        planned_options(wide, too_big, cpu_memory=cap, context=256)
