@@ -271,8 +271,9 @@ def build_report(a, argv, llama, sizes, models, runs, capped, cap_notes, phases,
             "512 MiB runtime allowance. Each engine tries its settings in order until one runs: "
             "llama.cpp mmap'd (`-lm mmap`), then also without CPU repacking (`--repack 0`: by default "
             "Q4_0 is copied into anonymous interleaved buffers, which the kernel cannot reclaim); "
-            "moe-local told the cap (`--cpu-memory`), for bf16 then computing in bf16 (its CPU default "
-            "upcasts bf16 to float32), then given the cap's share of experts (`--expert-memory`).",
+            "moe-local told the cap (`--cpu-memory`), for bf16 then with `--dtype bfloat16` said "
+            "explicitly (its CPU default where the native kernel runs), then given the cap's share of "
+            "experts (`--expert-memory`).",
             "",
             *report.capped(capped),
             "",
