@@ -31,12 +31,18 @@ _FUSED_PARTS = {
     "down_proj": "down",
     "down_proj_bias": "down_bias",
 }
+# DBRX keeps a layer's experts in three flat tensors of E experts' rows each, [E*I, H], under the
+# experts module's ``mlp``: gate, up, and the down projection stored [in, out]
+FLAT_GLU = {"gate": "mlp.w1", "up": "mlp.v1", "down": "mlp.w2"}
+# fused expert tensors that are scales of quantized ones (NVFP4 / MXFP8 releases: ``w13_weight_scale``)
+_QUANT_SUFFIXES = ("_scale", "_scale_inv", "_amax", "_outer_scale_denominator")
 
 
 @dataclass
 class _SiteKeys:
     fused: dict[str, str]  # canonical part -> checkpoint key of the fused [E, ...] tensor
     per_expert: dict[int, dict[str, str]]  # expert -> canonical part -> checkpoint key
+    flat: dict[str, str] | None = None  # FLAT_GLU part -> checkpoint key of the [E*I, H] tensor
 
 
 class HfExperts(ExpertSource):
@@ -62,10 +68,15 @@ class HfExperts(ExpertSource):
         self.files = files
         self.sites = {s.layer: s for s in sites}
         self.keys: dict[int, _SiteKeys] = {}
+        # experts a publisher quantized in a format not read here: module name -> one scale's key
+        self._scaled = {n.rpartition(".")[0]: k for n, k in renamed.items() if n.endswith(_QUANT_SUFFIXES)}
         for site in sites:
             self.keys[site.layer] = self._match(site, renamed)
 
     def _match(self, site: ExpertsSite, renamed: dict[str, str]) -> _SiteKeys:
+        flat = {p: renamed[f"{site.name}.{n}"] for p, n in FLAT_GLU.items() if f"{site.name}.{n}" in renamed}
+        if flat:
+            return _SiteKeys({}, {}, self._check_flat(site, flat))
         fused: dict[str, str] = {}
         for pname in EXPERT_PARAM_NAMES:
             key = renamed.get(f"{site.name}.{pname}")
@@ -80,6 +91,11 @@ class HfExperts(ExpertSource):
                     self.claimed.add(key)
         if not fused and not per:
             raise UnsupportedModelError(f"no expert weights found for {site.name} in the checkpoint")
+        if site.name in self._scaled:
+            raise UnsupportedModelError(
+                f"{self._scaled[site.name]}: these experts are stored quantized with per-block scales "
+                "in a format moe-local does not read yet (it reads fp8 and mxfp4 checkpoints)"
+            )
         if not fused:
             missing = [e for e in range(site.num_experts) if "down" not in per.get(e, {})]
             if missing:
@@ -88,6 +104,28 @@ class HfExperts(ExpertSource):
         elif "down_proj" not in fused:
             raise UnsupportedModelError(f"{site.name}: fused experts lack down_proj in the checkpoint")
         return _SiteKeys(fused, per)
+
+    def _check_flat(self, site: ExpertsSite, flat: dict[str, str]) -> dict[str, str]:
+        """The three flat tensors of a DBRX layer, all [E*I, H] (headers only), claimed.
+
+        Raises:
+            CheckpointError: one is missing, or shaped otherwise.
+        """
+        if len(flat) != len(FLAT_GLU):
+            missing = sorted(FLAT_GLU[p] for p in FLAT_GLU.keys() - flat.keys())
+            raise CheckpointError(f"{site.name}: checkpoint lacks {', '.join(missing)}")
+        shapes = {k: tuple(self.files.info(k).shape) for k in flat.values()}
+        for k, shape in shapes.items():
+            if len(shape) != 2 or shape[0] % site.num_experts or shape != shapes[flat["gate"]]:
+                raise CheckpointError(
+                    f"{k} has shape {shape}; the experts need [{site.num_experts} * I, H] like the others"
+                )
+        self.claimed.update(flat.values())
+        return flat
+
+    def _read_rows(self, key: str, start: int, count: int) -> torch.Tensor:
+        """Rows ``start`` to ``start + count`` of a 2-D tensor (one expert's rows of a flat one)."""
+        return torch.stack([self._read(key, r) for r in range(start, start + count)])
 
     def _check_alike(self, site: ExpertsSite, per: dict[int, dict[str, str]]) -> None:
         """Every expert of a layer has expert 0's tensors with expert 0's shapes (headers only).
@@ -121,6 +159,8 @@ class HfExperts(ExpertSource):
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` in the checkpoint's dtype."""
         keys = self.keys[layer]
+        if keys.flat:
+            return sum(self.files.info(k).nbytes for k in keys.flat.values()) // self.sites[layer].num_experts
         if keys.fused:
             return sum(self.files.info(k).nbytes // self.files.info(k).shape[0] for k in keys.fused.values())
         first = next(iter(keys.per_expert.values()))
@@ -149,7 +189,11 @@ class HfExperts(ExpertSource):
         """
         site, keys = self.sites[layer], self.keys[layer]
         infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        if keys.fused:
+        if keys.flat:
+            info = self.files.info(keys.flat["gate"])
+            rows, width = info.shape[0] // site.num_experts, info.shape[1]
+            infos = {"gate_up": ((2 * rows, width), info.dtype), "down": ((width, rows), info.dtype)}
+        elif keys.fused:
             for p, k in keys.fused.items():
                 info = self.files.info(k)
                 shape = tuple(info.shape[1:])
@@ -172,6 +216,12 @@ class HfExperts(ExpertSource):
         """Read expert ``expert`` of ``layer`` into canonical weights."""
         site = self.sites[layer]
         keys = self.keys[layer]
+        if keys.flat:
+            rows = self.files.info(keys.flat["gate"]).shape[0] // site.num_experts
+            gate, up, down = (
+                self._read_rows(keys.flat[p], expert * rows, rows) for p in ("gate", "up", "down")
+            )
+            return ExpertWeights(gate_up=torch.cat([gate, up]), down=down.t().contiguous())
         if keys.fused:
             parts = {_FUSED_PARTS[p]: self._read(k, expert) for p, k in keys.fused.items()}
             if site.is_transposed:  # [in, out] -> [out, in]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -85,6 +86,11 @@ def build_on_meta(config, dtype: torch.dtype):
     register_families()  # the families moe-local defines itself (moe_local.models)
     if getattr(config, "model_type", None) == SWITCH:  # transformers' class, experts on the interface
         return _build(config, dtype, lambda: _switch_class()._from_config(config, dtype=dtype))
+    adapted = adapted_class(getattr(config, "model_type", None))
+    if adapted is not None:  # transformers' class with its experts moved onto the interface
+        # a multimodal wrapper's causal LM is its text model (as transformers' auto class builds it)
+        own = config if isinstance(config, adapted.config_class) else config.get_text_config()
+        return _build(config, dtype, lambda: adapted._from_config(own, dtype=dtype))
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         auto_map = getattr(config, "auto_map", None)
         if isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map:
@@ -107,6 +113,23 @@ def _build(config, dtype: torch.dtype, make):
     except Exception as exc:  # model constructors raise anything on values they do not expect
         raise build_error(config, exc) from exc
     return model.eval()
+
+
+def adapted_class(model_type: str | None) -> type | None:
+    """moe-local's adaptation of transformers' class for ``model_type`` (``ADAPTED_EXPERTS``), or None.
+
+    The module's ``register()`` (where it has one) registers the checkpoint renames its class needs.
+    """
+    from moe_local.loading.families import ADAPTED_EXPERTS
+
+    name = ADAPTED_EXPERTS.get(model_type) if isinstance(model_type, str) else None
+    if name is None:
+        return None
+    module = importlib.import_module(name)
+    register = getattr(module, "register", None)
+    if register is not None:
+        register()
+    return module.MODEL_CLASSES[model_type]
 
 
 def _switch_class():

@@ -2,7 +2,8 @@
 
 The families come from ``moe_model_types`` (the same list docs/FAMILIES.md is made from); each
 gets a tiny random checkpoint (``moe_local.tiny``), and moe-local's greedy 16 tokens must equal
-transformers' own, with every expert in memory and with a one-expert budget.
+transformers' own, with every expert in memory and with a one-expert budget; the quantized copy
+(``experts-4bit``) generates.
 """
 
 from __future__ import annotations
@@ -16,26 +17,25 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_local.config import LoadOptions, SamplingParams
-from moe_local.errors import UnsupportedModelError
+from moe_local.convert.writer import quantize_checkpoint
+from moe_local.errors import CheckpointError, UnsupportedModelError
 from moe_local.generation import generate
-from moe_local.loading.families import UNSUPPORTED, moe_model_types, refusal
+from moe_local.loading.checkpoint import open_checkpoint
+from moe_local.loading.families import QUANTIZE_LACKS_CONVERTED, UNSUPPORTED, moe_model_types, refusal
 from moe_local.loading.loader import load
+from moe_local.recipes import load_recipe
 from moe_local.tiny import make_tiny_checkpoint
 
 PROMPT = [5, 6, 7, 8, 9]
 TOKENS = 16
-# The whole sweep takes 10-30 s a family on 2 cores, too long for CI: CI checks the families this
-# sweep fixed (and one refusal); MOE_LOCAL_ALL_FAMILIES=1 runs every MoE type transformers defines.
-CI_FAMILIES = ("kimi_linear", "bailing_hybrid", "deepseek_v4", "minimax", "doge", "llama4_text")
-
-
-# families whose tiny checkpoint this sweep cannot build safely (measured: dots3_note's grew to
-# 23.7 GB of RSS on a 24 GB machine); listed here so the sweep never takes the machine down
-SWEEP_SKIP = {"dots3_note": "its tiny model grows past 20 GB of RAM while being built"}
+# The whole sweep takes a few seconds a family on 2 cores (66 types), too long for CI: CI checks a
+# few families sweeps fixed, one of each adapted kind (tests/loading/test_adapted_experts.py has the
+# rest); MOE_LOCAL_ALL_FAMILIES=1 runs every MoE type transformers defines.
+CI_FAMILIES = ("kimi_linear", "deepseek_v4", "minimax", "doge", "llama4_text", "dbrx")
 
 
 def _families() -> list[str]:
-    everything = [t for t in moe_model_types() if t not in SWEEP_SKIP]
+    everything = moe_model_types()
     if os.environ.get("MOE_LOCAL_ALL_FAMILIES") == "1":
         return everything
     return [t for t in everything if t in CI_FAMILIES]
@@ -84,6 +84,23 @@ def test_exact_or_refused(family):
     budgeted = load(folder, LoadOptions(dtype="float32", expert_memory=one))
     assert generate(budgeted, PROMPT, params).tokens == want, f"{model_type} with a one-expert budget"
     assert budgeted.store.stats().total.misses > 0
+
+
+def test_quantized_copy_generates(family, tmp_path, request):
+    model_type, folder, want = family
+    if want is None:
+        pytest.skip(f"{model_type} is refused")
+    converted = bool(open_checkpoint(folder, dtype="float32").converted)
+    assert converted == (model_type in QUANTIZE_LACKS_CONVERTED)  # docs/FAMILIES.md says which
+    if converted:
+        # moe_local.convert.writer writes the one-to-one dense weights only: those transformers merges or
+        # splits on load (kimi_linear's conv1d, inkling2's unpadded lm_head) are missing from the copy
+        reason = f"{model_type}: quantize does not write dense weights made by a WeightConverter yet"
+        request.applymarker(pytest.mark.xfail(raises=CheckpointError, strict=True, reason=reason))
+    quantize_checkpoint(folder, tmp_path / "q", load_recipe("experts-4bit"))
+    lm = load(tmp_path / "q", LoadOptions(dtype="float32"))
+    tokens = generate(lm, PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)).tokens
+    assert len(tokens) == 4 and all(0 <= t < lm.model.config.get_text_config().vocab_size for t in tokens)
 
 
 def test_generate_is_warning_free(tiny_lm, caplog):
