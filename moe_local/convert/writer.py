@@ -8,7 +8,6 @@ Legend: E=experts, H=hidden size, I=expert intermediate size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,13 +22,11 @@ from torch import nn
 from moe_local.convert.outdir import (
     check_not_source,
     check_output,
-    check_partial,
-    clear_partial,
-    make_partial,
     os_error_line,
     publish,
     save_safetensors,
 )
+from moe_local.convert.resume import check_start, run_record, start_partial
 from moe_local.convert.source import open_source
 from moe_local.convert.workers import ordered_map
 from moe_local.errors import MoeLocalError
@@ -39,7 +36,6 @@ from moe_local.format.hf_experts import HfExperts
 from moe_local.format.manifest import DENSE_FILE, FORMAT_VERSION, MANIFEST, write_json_atomic
 from moe_local.format.mxfp4 import stored_expert_blocks
 from moe_local.format.paths import file_inside
-from moe_local.format.safetensors_io import CheckpointFiles
 from moe_local.loading.resolve import resolve_model_path
 from moe_local.recipes import Recipe, forward_weight_reads
 
@@ -210,6 +206,7 @@ def quantize_checkpoint(
 
     # planning checks every scheme against every shape before anything is written
     _plan(report, recipe, files, dense, linear_weights, experts, sites)
+    _plan_converted(report, files, ckpt.converted)
     if dry_run:
         report.seconds = time.perf_counter() - t0
         return report
@@ -217,7 +214,7 @@ def quantize_checkpoint(
     partial = out.with_name(out.name + ".partial")
     check_not_source(partial, [src_path], "OUT.partial")
     run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens, imatrix)
-    _check_start(partial, overwrite, resume, run)
+    check_start(partial, overwrite, resume, run)
     cal = None
     dense_schemes = {
         n: recipe.scheme_for(n, files.info(k).shape[-1]) for n, k in dense.items() if n in linear_weights
@@ -245,10 +242,21 @@ def quantize_checkpoint(
 
     try:
         if not resume:
-            _start(partial, run)
+            start_partial(partial, run)
         dense_sums = _write_dense(
-            partial, report, recipe, files, dense, linear_weights, progress, cal, imatrix
+            partial,
+            report,
+            recipe,
+            files,
+            dense,
+            linear_weights,
+            progress,
+            cal,
+            imatrix,
+            ckpt.converted,
+            meta,
         )
+        converted = [k for k in dense_sums if k not in dense and k.rpartition(".")[0] not in dense]
         layers = {}
         for site in sites:
             layer_cal = cal.layers.get(site.layer) if cal else None
@@ -264,7 +272,8 @@ def quantize_checkpoint(
             "recipe": recipe.name,
             "run": run,
             "model_type": config.model_type,
-            "dense": report_dense_schemes(recipe, dense, linear_weights, files),
+            "dense": report_dense_schemes(recipe, dense, linear_weights, files)
+            | dict.fromkeys(converted, "keep"),
             "dense_crc32": dense_sums,
             "layers": layers,
         }
@@ -313,100 +322,6 @@ def report_dense_schemes(
     return out
 
 
-def run_record(
-    src: Path,
-    files: CheckpointFiles,
-    recipe: Recipe,
-    calibration,
-    tokens: int,
-    min_tokens: int,
-    imatrix=False,
-):
-    """What a run was started with: a resume must match it field by field.
-
-    The source is identified by content, not by path (a moved folder is the same source): its
-    index (or tensor names), config.json, and each shard's size and sampled bytes (a fine-tune
-    of the same base has the same index and sizes, but differs at almost every byte).
-    """
-    index = src / "model.safetensors.index.json"
-    ident = index.read_bytes() if index.exists() else "\n".join(sorted(files.names())).encode()
-    shards = {name: [f.size, _sample_digest(f.path, f.size)] for name, f in sorted(files.files.items())}
-    config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
-    rules = [[r.pattern, r.scheme.full_name if r.scheme is not None else "keep"] for r in recipe.rules]
-    cal = None
-    if calibration is not None and Path(calibration).is_file():
-        cal = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()
-    options = {"calibration_sha256": cal, "calibration_tokens": tokens, "min_expert_tokens": min_tokens}
-    if imatrix:  # recorded only when on: a run without it keeps the record it always had
-        options["imatrix"] = True
-    return {
-        "source": {
-            "index_sha256": hashlib.sha256(ident).hexdigest(),
-            "shards": shards,
-            "config_sha256": config,
-        },
-        "recipe": {"name": recipe.name, "rules": rules},
-        "options": options,
-        "format_version": FORMAT_VERSION,
-    }
-
-
-def _sample_digest(path: Path, size: int, samples: int = 16, span: int = 4096) -> str:
-    """SHA-256 of ``samples`` evenly spaced ``span``-byte pieces of a file (and its last piece)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for offset in sorted({size * i // samples for i in range(samples)} | {max(size - span, 0)}):
-            f.seek(offset)
-            h.update(f.read(span))
-    return h.hexdigest()
-
-
-_WHAT_DIFFERS = {
-    "source": "a different SRC (its index, config.json or weights differ)",
-    "recipe": "a different recipe or --method (or --bits, --group-size)",
-    "options": "different calibration options (--calibration file, token counts or --imatrix)",
-    "format_version": "another version of moe-local",
-}
-
-
-def _check_start(partial: Path, overwrite: bool, resume: bool, run: dict) -> None:
-    """Refuse, before any work, a start that would lose data or a resume that would mix two runs.
-
-    OUT itself was checked by ``check_output`` when the run began.
-    """
-    record = partial / "progress" / "run.json"
-    if resume:
-        if not partial.is_dir():
-            raise MoeLocalError(f"nothing to resume: {partial} does not exist")
-        try:
-            started = json.loads(record.read_text())
-        except (OSError, ValueError) as exc:
-            raise MoeLocalError(
-                f"cannot resume {partial}: it does not record what it was started with; "
-                "start over with --overwrite"
-            ) from exc
-        differs = [_WHAT_DIFFERS[k] for k in _WHAT_DIFFERS if started.get(k) != run[k]]
-        if differs:
-            raise MoeLocalError(
-                f"cannot resume {partial}: it was started with " + " and ".join(differs) + "; "
-                "rerun with the same SRC and options, or start over with --overwrite"
-            )
-        return
-    if partial.exists() and not overwrite:
-        raise MoeLocalError(f"{partial} holds an unfinished run; pass --resume to continue it or --overwrite")
-    check_partial(partial)
-
-
-def _start(partial: Path, run: dict) -> None:
-    """A fresh work folder (an earlier one of ours replaced) that records what the run is."""
-    record = partial / "progress" / "run.json"
-    clear_partial(partial)
-    make_partial(partial, "quantize")
-    (partial / "experts").mkdir(exist_ok=True)
-    (partial / "progress").mkdir(exist_ok=True)
-    write_json_atomic(record, run)
-
-
 def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
     for name, key in dense.items():
         info = files.info(key)
@@ -437,9 +352,19 @@ def _is_weighted(q) -> bool:
 
 
 def _write_dense(
-    partial, report, recipe, files, dense, linear_weights, progress, cal=None, imatrix=False
+    partial,
+    report,
+    recipe,
+    files,
+    dense,
+    linear_weights,
+    progress,
+    cal=None,
+    imatrix=False,
+    converted=None,
+    meta=None,
 ) -> dict:
-    """Write the dense part; return the CRC-32 of each of its tensors (kept for a resume)."""
+    """Write the dense part (merged or split weights too); return each tensor's CRC-32 (kept for a resume)."""
     done = partial / "progress" / "dense.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -462,10 +387,37 @@ def _write_dense(
         done_bytes += w.numel() * w.element_size()
         if progress:
             progress("dense", i + 1, len(dense), done_bytes)
+    for name, t in _converted_dense(files, converted or {}, meta).items():
+        tensors[name] = t
+        report.add("keep", t.numel(), t.numel() * t.element_size(), t.numel() * t.element_size())
+        report.dense_bytes_out += t.numel() * t.element_size()
     save_safetensors(tensors, partial / DENSE_FILE)
     sums = {k: tensor_checksum(t) for k, t in tensors.items()}
     write_json_atomic(done, sums)
     return sums
+
+
+def _plan_converted(report, files, converted: dict) -> None:
+    """Dense weights transformers merges or splits on load are kept: their sources' sizes."""
+    for conv in converted.values():
+        infos = [files.info(key) for _, key in conv.sources]
+        numel, nbytes = sum(_numel(i.shape) for i in infos), sum(i.nbytes for i in infos)
+        report.add("keep", numel, nbytes, nbytes)
+        report.dense_bytes_out += nbytes
+
+
+def _converted_dense(files, converted: dict, meta) -> dict[str, torch.Tensor]:
+    """The dense weights transformers merges or splits on load, as the model holds them (kept).
+
+    transformers builds them with the family's ``WeightConverter`` (e.g. kimi_linear's q/k/v short
+    convolutions into one); the folder stores the result under its in-memory name, so the loader
+    reads it like any kept tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, conv in converted.items():
+        for out_name, t in conv.convert(name, lambda key: files.read(key, drop_cache=True), meta).items():
+            out[out_name] = t.contiguous()
+    return out
 
 
 def _parts(w: ExpertWeights) -> dict[str, torch.Tensor]:

@@ -308,19 +308,6 @@ FAMILY_NOTES = {
 }
 
 
-# Families with dense weights transformers merges or splits on load (a ``WeightConverter``): ``quantize``
-# writes the one-to-one weights only, so their copy lacks these (tests/loading/test_all_families.py
-# expects it to fail until moe_local.convert.writer writes them).
-QUANTIZE_LACKS_CONVERTED = (
-    "bailing_hybrid",
-    "inkling2_loop_text",
-    "inkling2_text",
-    "kimi_linear",
-    "lara_mini",
-    "sarvam_moe",
-)
-
-
 def refusal(model_type: str) -> str | None:
     """The one-line reason moe-local refuses ``model_type``, or None."""
     reason = UNSUPPORTED.get(model_type)
@@ -333,8 +320,6 @@ def family_state(model_type: str) -> str:
         return f"refused: {UNSUPPORTED[model_type]}"
     if model_type in TESTED_FAMILIES or model_type in VERIFIED_FAMILIES:
         notes = [FAMILY_NOTES.get(model_type)]
-        if model_type in QUANTIZE_LACKS_CONVERTED:
-            notes.append("quantize does not write its merged dense weights yet")
         return "; ".join(["exact", *(n for n in notes if n)])
     return "not verified yet"
 

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from moe_local.config import LoadOptions, SamplingParams
 from moe_local.convert.writer import quantize_checkpoint
-from moe_local.errors import CheckpointError, UnsupportedModelError
+from moe_local.errors import UnsupportedModelError
 from moe_local.generation import generate
 from moe_local.loading.checkpoint import open_checkpoint
-from moe_local.loading.families import QUANTIZE_LACKS_CONVERTED, UNSUPPORTED, moe_model_types, refusal
+from moe_local.loading.families import UNSUPPORTED, moe_model_types, refusal
 from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe
 from moe_local.tiny import make_tiny_checkpoint
@@ -86,17 +86,19 @@ def test_exact_or_refused(family):
     assert budgeted.store.stats().total.misses > 0
 
 
-def test_quantized_copy_generates(family, tmp_path, request):
+def test_quantized_copy_generates(family, tmp_path):
     model_type, folder, want = family
     if want is None:
         pytest.skip(f"{model_type} is refused")
-    converted = bool(open_checkpoint(folder, dtype="float32").converted)
-    assert converted == (model_type in QUANTIZE_LACKS_CONVERTED)  # docs/FAMILIES.md says which
-    if converted:
-        # moe_local.convert.writer writes the one-to-one dense weights only: those transformers merges or
-        # splits on load (kimi_linear's conv1d, inkling2's unpadded lm_head) are missing from the copy
-        reason = f"{model_type}: quantize does not write dense weights made by a WeightConverter yet"
-        request.applymarker(pytest.mark.xfail(raises=CheckpointError, strict=True, reason=reason))
+    if open_checkpoint(folder, dtype="float32").converted:
+        # dense weights transformers merges or splits on load (kimi_linear's conv1d, inkling2's
+        # unpadded lm_head) are written as the model holds them: a copy that keeps everything is exact
+        keep = tmp_path / "keep.toml"
+        keep.write_text('[[rule]]\nmatch = "*"\nscheme = "keep"\n')
+        quantize_checkpoint(folder, tmp_path / "kept", load_recipe(str(keep)))
+        kept = load(tmp_path / "kept", LoadOptions(dtype="float32"))
+        params = SamplingParams(max_tokens=TOKENS, ignore_eos=True)
+        assert generate(kept, PROMPT, params).tokens == want, model_type
     quantize_checkpoint(folder, tmp_path / "q", load_recipe("experts-4bit"))
     lm = load(tmp_path / "q", LoadOptions(dtype="float32"))
     tokens = generate(lm, PROMPT, SamplingParams(max_tokens=4, ignore_eos=True)).tokens
