@@ -11,7 +11,7 @@ from moe_local.format.gptq_reader import GptqExperts
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.format.safetensors_io import SafetensorsFile
 from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
-from moe_local.loading.families import TESTED_FAMILIES
+from moe_local.loading.families import IN_MEMORY_EXPERTS, TESTED_FAMILIES, family_state
 from moe_local.loading.resolve import resolve_model_path
 
 
@@ -92,10 +92,15 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
             dtypes = (*dtypes, f"stored {files.method}")
         if kind == GPTQ:
             dtypes = (f"gptq int{experts.config.bits}",) if isinstance(experts, GptqExperts) else ("gptq",)
-    if not sites:
+    state = family_state(config.model_type)
+    if not sites and config.model_type in IN_MEMORY_EXPERTS:
+        status = f"supported ({state})"  # the state says why its experts stay in memory
+    elif not sites:
         status = "dense (no experts): runs with every weight resident"
     elif config.model_type in TESTED_FAMILIES:
         status = "supported (tested family)"
+    elif state.startswith("exact"):
+        status = f"supported (verified: {state})"
     else:
         status = "supported (untested family with the standard experts interface)"
     return ModelInfo(

@@ -62,3 +62,14 @@ def test_greedy_32_tokens_identical(family_pair):
     )[0, len(prompt) :].tolist()
     assert len(ours) == 32
     assert ours == theirs, family
+
+
+def test_inspect_says_each_family_state(tmp_path):
+    """inspect names a verified family as such, and says when a family's experts stay in memory."""
+    from moe_local.inspection import inspect_model
+    from moe_local.tiny import make_tiny_checkpoint
+
+    kimi = inspect_model(make_tiny_checkpoint("kimi_linear", tmp_path / "k")).status
+    assert kimi == "supported (verified: exact)"
+    doge = inspect_model(make_tiny_checkpoint("doge", tmp_path / "d")).status
+    assert doge.startswith("supported (exact") and "stay in memory" in doge
