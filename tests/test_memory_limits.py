@@ -241,3 +241,14 @@ def test_a_budget_equal_to_the_cgroup_value_written_is_accepted(monkeypatch):
     config.check_host_budget(written, "--cpu-memory")
     with pytest.raises(MoeLocalError, match="more than"):
         config.check_host_budget(written + 2 * 4096, "--cpu-memory")
+
+
+def test_a_limit_below_the_runtime_is_refused_before_torch_loads(host, monkeypatch, tmp_path, capsys):
+    """A cgroup limit under moe-local's runtime floor: one line, not the OOM killer during imports."""
+    from moe_local.cli.load_flags import LoadFlags, check_flags
+
+    root = tmp_path / "sys" / "memory"
+    v1_files(root, str(221 * MiB), 0, 0)
+    fake_proc(monkeypatch, tmp_path, "4:memory:/\n", f"1 0 0:1 / {root} rw - cgroup cgroup rw,memory\n")
+    with pytest.raises(MoeLocalError, match=r"may use 221\.0 MiB \(its memory limit\), less than .* runtime"):
+        check_flags(LoadFlags(expert_memory="64MiB"))

@@ -206,9 +206,19 @@ def check_flags(flags: LoadFlags, *, context: int | None = None) -> LoadOptions:
 
 
 def _check_runtime_fits(cpu_memory: int | None) -> None:
-    """Refuse a ``--cpu-memory`` below what the runtime alone holds (``memory.MIN_PROCESS_MEMORY``)."""
-    from moe_local.memory import MIN_PROCESS_MEMORY
+    """Refuse a ``--cpu-memory``, or a memory limit on this process (cgroup, ``RLIMIT_AS``), below what
+    the runtime alone holds (``memory.MIN_PROCESS_MEMORY``): before torch is imported, since under
+    such a limit importing it is what the OOM killer would stop."""
+    from moe_local.memory import MIN_PROCESS_MEMORY, memory_limit
     from moe_local.units import human_bytes
+
+    limit = memory_limit()
+    if limit < MIN_PROCESS_MEMORY:
+        raise MoeLocalError(
+            f"this process may use {human_bytes(limit)} (its memory limit), less than moe-local's runtime "
+            f"alone holds (about {human_bytes(MIN_PROCESS_MEMORY)}: Python with torch, transformers and the "
+            "model's classes, before any weight)"
+        )
 
     if cpu_memory is not None and cpu_memory < MIN_PROCESS_MEMORY:
         raise MoeLocalError(
