@@ -38,15 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     from moe_local.errors import MoeLocalError
 
     try:
+        from moe_local.cli.load_flags import LoadFlags, check_flags, prepare_load
+
+        flags = LoadFlags(dtype=a.dtype, cpu_memory=a.cpu_memory, expert_memory=a.expert_memory)
+        check_flags(flags)  # as the CLI does: a limit below the runtime is refused before torch loads
         threads = env.threads()
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         from moe_local.bench import bench
-        from moe_local.cli.load_flags import LoadFlags, prepare_load
 
-        flags = LoadFlags(dtype=a.dtype, cpu_memory=a.cpu_memory, expert_memory=a.expert_memory)
         target = prepare_load(flags, a.model, context=a.prompt_tokens + a.new_tokens + 1)
         result = bench(
             target.path,
