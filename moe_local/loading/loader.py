@@ -25,6 +25,7 @@ from moe_local.experts.store import ExpertStore, InMemoryStore
 from moe_local.experts.tiered import TieredStore
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.source import ExpertSource
+from moe_local.loading.attention import use_float32_attention
 from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
 from moe_local.loading.families import router_of
 from moe_local.loading.resolve import resolve_model_path
@@ -105,6 +106,7 @@ def load(
     if torch.device(options.device).type == "cpu":
         _prepare_dense_kernels(lm, ckpt.dtype)
         use_native_dense(lm)  # bf16 linears: torch's CPU bf16 matmul is 1.5-6x slower than needed
+        use_float32_attention(lm)  # and its bf16 sdpa about 6x slower than float32's
     context = min(options.context, _model_context(config)) if options.context else _model_context(config)
     eos = _eos_ids(lm, tok)
     loaded = LoadedModel(lm, tok, store, ckpt.path, options, sites, context, dense_bytes, eos)
