@@ -18,13 +18,12 @@ Legend: T=tokens, K=experts per token, E=experts, H=hidden size, I=expert interm
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from transformers.activations import ACT2FN
 from transformers.models.dbrx import modeling_dbrx as hf
 
+from moe_local.models.glu_experts import GluExperts
 
-class DbrxExperts(nn.Module):
+
+class DbrxExperts(GluExperts):
     """E gated experts, fused: ``gate_up_proj`` [E, 2I, H] (``w1``'s rows, ``v1``'s), ``down_proj`` [E, H, I].
 
     Args:
@@ -32,38 +31,10 @@ class DbrxExperts(nn.Module):
         moe_layer: the index of the block this layer's experts belong to.
     """
 
-    has_gate = True
-    has_bias = False
-    is_transposed = False
-    is_concatenated = True
-
     def __init__(self, ffn_config, moe_layer: int) -> None:
-        super().__init__()
         e, i, h = ffn_config.moe_num_experts, ffn_config.ffn_hidden_size, ffn_config.hidden_size
-        self.num_experts = e
+        super().__init__(e, h, i, ffn_config.ffn_act_fn.get("name", "silu"))
         self.moe_layer = moe_layer
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        self.act_fn = ACT2FN[ffn_config.ffn_act_fn.get("name", "silu")]
-
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[n, 2I] -> [n, I]: ``act(gate) * up``, as transformers computes it."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """[..., H] tokens, [T, K] expert ids and weights -> [..., H] weighted sum of the experts' outputs."""
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        out = torch.zeros_like(x)
-        for e in top_k_index.unique().tolist():
-            token, slot = torch.where(top_k_index == e)
-            h = self._apply_gate(nn.functional.linear(x[token], self.gate_up_proj[e]))  # [n, I]
-            y = nn.functional.linear(h, self.down_proj[e])  # [n, H]
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out.reshape(shape)
 
 
 class DbrxForCausalLM(hf.DbrxForCausalLM):

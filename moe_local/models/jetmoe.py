@@ -22,44 +22,18 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch import nn
-from transformers.activations import ACT2FN
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.jetmoe import modeling_jetmoe as hf
 
+from moe_local.models.glu_experts import GluExperts
 
-class JetMoeExperts(nn.Module):
-    """E gated experts, fused: ``gate_up_proj`` [E, 2I, H] (gate rows first), ``down_proj`` [E, H, I]."""
 
-    has_gate = True
-    has_bias = False
-    is_transposed = False
-    is_concatenated = True
+class JetMoeExperts(GluExperts):
+    """JetMoE's feed-forward experts: ``gate_up_proj`` [E, 2I, H] (gate first), ``down_proj`` [E, H, I]."""
 
     def __init__(self, config) -> None:
-        super().__init__()
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.num_experts = e
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        self.act_fn = ACT2FN[config.activation_function]
-
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[n, 2I] -> [n, I]: ``act(gate) * up``, as transformers computes it."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act_fn(gate) * up
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """[T, H] tokens, [T, K] expert ids and weights -> [T, H] weighted sum of the experts' outputs."""
-        out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
-            token, slot = torch.where(top_k_index == e)
-            h = self._apply_gate(nn.functional.linear(hidden_states[token], self.gate_up_proj[e]))
-            y = nn.functional.linear(h, self.down_proj[e])  # [n, H]
-            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
-        return out
+        super().__init__(e, h, i, config.activation_function)
 
 
 class JetMoeMoE(hf.JetMoeMoE):
