@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 from moe_local.errors import MoeLocalError
+
+_HEX_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")  # an LFS file's SHA-256, a git blob's SHA-1
 
 PARTIAL = ".incomplete"
 WORKERS = 4  # files fetched at once (shards download faster side by side)
@@ -76,6 +79,8 @@ def _fetch(repo_id: str, commit: str, filename: str, storage: Path, endpoint: st
     meta = get_hf_file_metadata(url, endpoint=endpoint)
     if not meta.etag:
         raise MoeLocalError(f"the hub sends no checksum (ETag) for {filename}; cannot verify it")
+    if not _HEX_ID.fullmatch(meta.etag):  # it names a file in the cache: nothing but the hub's ids
+        raise MoeLocalError(f"the hub's ETag for {filename} is not a SHA-256 or git id; not fetched")
     blob = storage / "blobs" / meta.etag
     # the file's own bytes, so that a range counts in them (a compressed answer cannot be resumed)
     headers = {**build_hf_headers(), "Accept-Encoding": "identity"}

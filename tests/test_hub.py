@@ -405,3 +405,18 @@ def test_cli_pull_list_and_load_by_hub_id(hub, model_files, tmp_path):
 def test_version(capsys):
     code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out == f"moe-local {__version__}\n"
+
+
+def test_an_etag_that_is_not_a_hub_id_is_refused_before_it_names_a_file(monkeypatch, tmp_path):
+    """The ETag names the blob in the cache: '../' or anything but a SHA-256 / git id is refused."""
+    import types
+
+    import huggingface_hub.file_download as fd
+
+    from moe_local import hub_blobs
+
+    meta = types.SimpleNamespace(etag="../../outside", size=3, location=None, xet_file_data=None)
+    monkeypatch.setattr(fd, "get_hf_file_metadata", lambda url, **kw: meta)
+    with pytest.raises(MoeLocalError, match=r"ETag for config\.json is not a SHA-256 or git id"):
+        hub_blobs._fetch("org/m", "0" * 40, "config.json", tmp_path / "models--org--m", "http://127.0.0.1:9")
+    assert not any(tmp_path.rglob("*"))  # nothing written
