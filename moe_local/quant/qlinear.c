@@ -235,6 +235,18 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* n bf16 values as float32 (exact), and n float32 values rounded to bf16: the bf16 entry points' ends. */
+static void widen_bf16(const uint16_t *x, float *xf, size_t n) {
+    for (size_t k = 0; k < n; k++) {
+        const uint32_t u = (uint32_t)x[k] << 16;
+        memcpy(xf + k, &u, sizeof u);
+    }
+}
+
+static void narrow_bf16(const float *yf, uint16_t *y, size_t n) {
+    for (size_t k = 0; k < n; k++) y[k] = to_bf16(yf[k]);
+}
+
 /* moe_local_qlinear with bf16 activations in and out (what a bf16 model computes in): the two
  * conversions run here instead of as two more torch calls per weight and token. */
 int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int O, int I,
@@ -245,13 +257,10 @@ int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const u
         free(xf), free(yf);
         return -1;
     }
-    for (size_t k = 0; k < (size_t)M * I; k++) {
-        const uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(xf + k, &u, sizeof u);
-    }
+    widen_bf16(x, xf, (size_t)M * I);
     const int rc = moe_local_qlinear(codes, scales, zeros, O, I, bits, group, xf, M, yf, threads);
     if (rc == 0)
-        for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+        narrow_bf16(yf, y, (size_t)M * O);
     free(xf), free(yf);
     return rc;
 }
@@ -297,10 +306,7 @@ int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, in
         free(xf), free(yf);
         return -1;
     }
-    for (size_t k = 0; k < (size_t)M * I; k++) {
-        const uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(xf + k, &u, sizeof u);
-    }
+    widen_bf16(x, xf, (size_t)M * I);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int o = 0; o < O; o++) {
         const uint16_t *wo = w + (size_t)o * I;
@@ -312,7 +318,7 @@ int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, in
             case 1: bf16_row(wo, xf + (size_t)m * I, I, 1, yf + (size_t)m * O + o, O); break;
         }
     }
-    for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+    narrow_bf16(yf, y, (size_t)M * O);
     free(xf), free(yf);
     return 0;
 }
@@ -374,10 +380,7 @@ int moe_local_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, int O, in
         free(xf), free(yf), free(xq), free(dx), free(sumx);
         return -1;
     }
-    for (size_t k = 0; k < (size_t)M * I; k++) {
-        const uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(xf + k, &u, sizeof u);
-    }
+    widen_bf16(x, xf, (size_t)M * I);
     /* the 4-bit chunk layout: 64 values, even ones in the first 32 bytes, odd ones in the next */
     for (int m = 0; m < M; m++)
         quantize_x(xf + (size_t)m * I, I, 4, 64, xq + (size_t)m * I, dx + (size_t)m * chunks, sumx + (size_t)m * chunks);
@@ -392,7 +395,7 @@ int moe_local_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, int O, in
             case 1: mx_row(b, s, I, xq + (size_t)m * I, dx + (size_t)m * chunks, 1, yf + (size_t)m * O + o, O); break;
         }
     }
-    for (size_t k = 0; k < (size_t)M * O; k++) y[k] = to_bf16(yf[k]);
+    narrow_bf16(yf, y, (size_t)M * O);
     free(xf), free(yf), free(xq), free(dx), free(sumx);
     return 0;
 }
@@ -421,10 +424,7 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
     float *yf = malloc(sizeof(float) * (size_t)M * H);
     int rc = -1;
     if (!xf || !gu || !h || !yf) goto done;
-    for (size_t k = 0; k < (size_t)M * H; k++) {
-        const uint32_t u = (uint32_t)x[k] << 16;
-        memcpy(xf + k, &u, sizeof u);
-    }
+    widen_bf16(x, xf, (size_t)M * H);
     if (moe_local_qlinear(gu_codes, gu_scales, gu_zeros, 2 * I, H, gu_bits, gu_group, xf, M, gu, threads_gu)) goto done;
     for (int m = 0; m < M; m++) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
@@ -436,7 +436,7 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
         }
     }
     if (moe_local_qlinear(d_codes, d_scales, d_zeros, H, I, d_bits, d_group, h, M, yf, threads_d)) goto done;
-    for (size_t k = 0; k < (size_t)M * H; k++) y[k] = to_bf16(yf[k]);
+    narrow_bf16(yf, y, (size_t)M * H);
     rc = 0;
 done:
     free(xf), free(gu), free(h), free(yf);
