@@ -165,7 +165,7 @@ def moe_ppl(model, texts) -> dict[str, float]:
 
     out = {}
     for corpus, (_, ids) in texts.items():
-        nll, scored = window_nll(model, torch.tensor(ids), CONTEXT, batch=2, score="second-half")
+        nll, scored = window_nll(model, torch.tensor(ids), CONTEXT, batch=8, score="second-half")
         out[corpus] = math.exp(nll / scored)
     return out
 

@@ -69,7 +69,9 @@ class Recipe:
                 return scheme
             if method in ("nf4", "fp4", "int8"):
                 return BnbType(method)
-            return QType(scheme.bits, scheme.group_size, method)
+            if scheme.superblock and method == "gptq":  # gptq sets group scales itself: plain fp16 ones
+                return QType(scheme.bits, scheme.group_size, method)
+            return dataclasses.replace(scheme, method=method)
 
         rules = tuple(Rule(r.pattern, convert(r.scheme, r.pattern), r.index) for r in self.rules)
         return Recipe(f"{self.name}+{method}", self.description, rules)
@@ -103,7 +105,12 @@ class Recipe:
         bits = base.bits if bits is None else bits
         group = group_size or (base.group_size if base is not None else DEFAULT_GROUP_SIZE)
         try:
-            scheme = QType(bits, group, base.method if base is not None else "rtn")
+            scheme = QType(
+                bits,
+                group,
+                base.method if base is not None else "rtn",
+                bool(getattr(base, "superblock", False)),
+            )
         except ValueError as exc:
             raise MoeLocalError(f"--bits {bits} --group-size {group}: {exc}") from exc
         rules = (Rule(EXPERTS_PATTERN, scheme, 0), *self.rules)

@@ -186,7 +186,12 @@ def _random_quantized(shape: tuple[int, int], scheme, pool: torch.Tensor, gen: t
     scale = 0.02 * 3.46 / scheme.qmax  # uniform codes over the range give ~0.02 rms
     scales = torch.full((o, groups), scale, dtype=torch.float16)
     zeros = torch.full((o, groups), scheme.qmax / 2, dtype=torch.float16)
-    return QuantizedTensor(packed, scales, zeros, (o, i), scheme).tensors()
+    sup = None
+    if scheme.superblock:  # the same parameters moved onto the super-block grid its codes can say
+        from moe_local.quant.superblock import snap_params
+
+        scales, zeros, sup = snap_params(scales, zeros, scheme.group_size)
+    return QuantizedTensor(packed, scales, zeros, (o, i), scheme, sup).tensors()
 
 
 def synth(

@@ -104,7 +104,12 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
         raise MoeLocalError(
             f"cannot quantize {name} {tuple(shape)} as {qtype}: {i} is not divisible by the group size"
         )
-    return o * i * qtype.bits // 8 + 2 * 2 * o * (i // qtype.group_size)
+    groups = i // qtype.group_size
+    if getattr(qtype, "superblock", False):  # two 8-bit codes per group, two fp16 per super-block
+        from moe_local.quant.superblock import superblocks
+
+        return o * i * qtype.bits // 8 + 2 * o * groups + 4 * o * superblocks(groups, qtype.group_size)
+    return o * i * qtype.bits // 8 + 2 * 2 * o * groups
 
 
 def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None, imatrix: bool = False):
@@ -128,9 +133,8 @@ def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = N
                 if method == "hqq"
                 else weighted_rtn_quantize(w, qtype, imp)
             )
-            return QuantizedTensor(
-                parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qtype
-            )
+            shape = (int(w.shape[0]), int(w.shape[1]))
+            return QuantizedTensor(parts.packed, parts.scales, parts.zeros, shape, qtype, parts.superscales)
         if method != "gptq":
             return quantize_scheme(w, qtype)
         from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
@@ -144,6 +148,11 @@ def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = N
         return QuantizedTensor(qt.packed, qt.scales, qt.zeros, qt.shape, qtype)
     except ValueError as exc:
         raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
+
+
+def _stored_nbytes(qt) -> int:
+    """Bytes a quantized weight writes (its ``tensors()``; in memory a super-block scheme holds more)."""
+    return sum(t.numel() * t.element_size() for t in qt.tensors().values())
 
 
 def _rel_err(w: torch.Tensor, q) -> float:
@@ -201,11 +210,16 @@ def quantize_checkpoint(
     config, files, meta, sites, experts = ckpt.config, ckpt.files, ckpt.meta, ckpt.sites, ckpt.experts
     recipe = recipe.keeping(forward_weight_reads(meta))  # a QuantLinear has no .weight to read
     linear_weights = {f"{n}.weight" for n, m in meta.named_modules() if isinstance(m, nn.Linear)}
+    # plain embedding tables quantize like linear weights (rows along H); subclasses that scale or
+    # otherwise change the lookup in their forward are kept
+    tables = {f"{n}.weight" for n, m in meta.named_modules() if type(m) is nn.Embedding}
+    quantizable = linear_weights | tables
     dense = ckpt.dense_keys()
     report = QuantizeReport(out, dry_run=dry_run)
 
     # planning checks every scheme against every shape before anything is written
-    _plan(report, recipe, files, dense, linear_weights, experts, sites)
+    _check_tables(recipe, files, dense, tables)
+    _plan(report, recipe, files, dense, quantizable, experts, sites)
     _plan_converted(report, files, ckpt.converted)
     if dry_run:
         report.seconds = time.perf_counter() - t0
@@ -249,7 +263,7 @@ def quantize_checkpoint(
             recipe,
             files,
             dense,
-            linear_weights,
+            quantizable,
             progress,
             cal,
             imatrix,
@@ -272,7 +286,7 @@ def quantize_checkpoint(
             "recipe": recipe.name,
             "run": run,
             "model_type": config.model_type,
-            "dense": report_dense_schemes(recipe, dense, linear_weights, files)
+            "dense": report_dense_schemes(recipe, dense, quantizable, files)
             | dict.fromkeys(converted, "keep"),
             "dense_crc32": dense_sums,
             "layers": layers,
@@ -320,6 +334,17 @@ def report_dense_schemes(
         q = recipe.scheme_for(name, files.info(key).shape[-1]) if name in linear_weights else None
         out[name] = q.full_name if q is not None else "keep"
     return out
+
+
+def _check_tables(recipe: Recipe, files, dense: dict[str, str], tables: set[str]) -> None:
+    """Refuse, before anything is written, an embedding table a rule gives a scheme it cannot take."""
+    for name in sorted(tables & set(dense)):
+        q = recipe.scheme_for(name, files.info(dense[name]).shape[-1])
+        if q is not None and getattr(q, "method", None) not in ("rtn", "hqq"):
+            raise MoeLocalError(
+                f"cannot quantize {name} as {q.full_name}: an embedding table takes group-wise "
+                "rtn or hqq schemes (int8-g64, int4-g32k-hqq ...)"
+            )
 
 
 def _plan(report, recipe, files, dense, linear_weights, experts, sites) -> None:
@@ -382,8 +407,9 @@ def _write_dense(
             qt = _quantize(w, q, name, stats, imatrix)
             for part, t in qt.tensors().items():
                 tensors[f"{name}.{part}"] = t
-            report.add(q.full_name, w.numel(), w.numel() * w.element_size(), qt.nbytes, _rel_err(w, qt))
-            report.dense_bytes_out += qt.nbytes
+            stored = _stored_nbytes(qt)
+            report.add(q.full_name, w.numel(), w.numel() * w.element_size(), stored, _rel_err(w, qt))
+            report.dense_bytes_out += stored
         done_bytes += w.numel() * w.element_size()
         if progress:
             progress("dense", i + 1, len(dense), done_bytes)
@@ -509,7 +535,7 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args, stored: d
         for k, v in qt.tensors().items():
             blob_tensors[f"{part}.{k}"] = v
         err = _rel_err(t, qt) if e < 2 else None  # measured on a sample: it costs a dequantize
-        rows.append((q.full_name, t.numel(), nbytes, qt.nbytes, err))
+        rows.append((q.full_name, t.numel(), nbytes, _stored_nbytes(qt), err))
     return w, blob_tensors, schemes, rows
 
 

@@ -46,6 +46,15 @@ def linear_named(lm: nn.Module, name: str) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
+def embedding_named(lm: nn.Module, name: str) -> nn.Embedding | None:
+    """The plain ``nn.Embedding`` called ``name`` in ``lm``, or None (absent, or a subclass)."""
+    try:
+        module = lm.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if type(module) is nn.Embedding else None
+
+
 def load_hf_dense(
     lm: nn.Module,
     files: CheckpointFiles,

@@ -73,7 +73,8 @@ def join_gate_up(gate: WeightLike, up: WeightLike, concatenated: bool) -> Weight
     if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor):
         return cat(gate, up)
     if isinstance(gate, QuantizedTensor) and isinstance(up, QuantizedTensor) and gate.qtype == up.qtype:
-        parts = {k: cat(gate.tensors()[k], up.tensors()[k]) for k in ("packed", "scales", "zeros")}
+        gate_parts, up_parts = gate.tensors(), up.tensors()  # rows are independent in every layout
+        parts = {k: cat(gate_parts[k], up_parts[k]) for k in gate_parts}
         shape = (gate.shape[0] + up.shape[0], gate.shape[1])
         return QuantizedTensor.from_tensors(parts, shape, gate.qtype)
     dense = [w if isinstance(w, torch.Tensor) else w.dequantize() for w in (gate, up)]

@@ -13,7 +13,7 @@ from moe_local.errors import CheckpointError, ExpertBlobError
 from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import Slot, checksum, tensor_checksum, unpack_blob
-from moe_local.format.dense import linear_named
+from moe_local.format.dense import embedding_named, linear_named
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.format.paths import file_inside
 from moe_local.format.safetensors_io import SafetensorsFile, pread_into
@@ -165,6 +165,7 @@ def load_dense(
     Linear weights stored quantized become ``QuantLinear`` modules in place of ``nn.Linear``.
     """
     from moe_local.quant.api import make_linear_module, rebuild
+    from moe_local.quant.embedding import QuantEmbedding
 
     f = SafetensorsFile(file_inside(folder, DENSE_FILE, "the moe-local folder"), drop_cache=drop_cache)
     sums: dict[str, int] | None = manifest.get("dense_crc32")
@@ -195,16 +196,22 @@ def load_dense(
     for name in quantized:
         mod_name = name.removesuffix(".weight")
         linear = linear_named(lm, mod_name)
-        if linear is None:
+        table = embedding_named(lm, mod_name) if linear is None else None
+        if linear is None and table is None:
             raise CheckpointError(f"manifest quantizes {name}, which is not a linear weight of this model")
         prefix = f"{name}."
         tensors = {k.removeprefix(prefix): read(k) for k in f.tensors if k.startswith(prefix)}
+        shape = (linear.out_features, linear.in_features) if linear is not None else tuple(table.weight.shape)
         try:
-            qt = rebuild(tensors, (linear.out_features, linear.in_features), _scheme(schemes[name], name))
+            qt = rebuild(tensors, shape, _scheme(schemes[name], name))
+            module = (
+                make_linear_module(qt, kept.pop(f"{mod_name}.bias", None))
+                if linear is not None
+                else QuantEmbedding(qt, dtype, table.padding_idx)
+            )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{folder / DENSE_FILE}: {name} does not match its scheme ({exc})") from exc
-        bias = kept.pop(f"{mod_name}.bias", None)
-        lm.set_submodule(mod_name, make_linear_module(qt, bias))
+        lm.set_submodule(mod_name, module)
         total += qt.nbytes
     lm.load_state_dict(kept, strict=False, assign=True)
     return total

@@ -98,7 +98,7 @@ def load(
         _wire_prefetch(lm, sites, config)
         if isinstance(store, CachedStore) and torch.device(options.device).type == "cpu":
             _leave_a_core_for_reads()
-    lm.tie_weights()
+    tie_weights(lm)
     leftover = [n for n, p in lm.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"checkpoint lacks {len(leftover)} weights, e.g. {leftover[0]}")
@@ -131,6 +131,32 @@ def load_gptq(
     if checkpoint_kind(path) != GPTQ:
         raise CheckpointError(f"{path} is not a GPTQ checkpoint (no quant_method gptq in config.json)")
     return load(path, options, tokenizer=tokenizer, progress=progress)
+
+
+def tie_weights(lm: torch.nn.Module) -> None:
+    """``lm.tie_weights()``, with an output projection tied to a quantized embedding table made a
+    ``QuantLinear`` over that same table (one copy serves both; a ``QuantEmbedding`` has no
+    ``.weight`` parameter for transformers to tie to)."""
+    from moe_local.quant.embedding import QuantEmbedding
+
+    if not any(isinstance(m, QuantEmbedding) for m in lm.modules()):
+        lm.tie_weights()
+        return
+    kept = {}
+    for target, source in lm.get_expanded_tied_weights_keys(all_submodels=True).items():
+        mods = {n: lm.get_submodule(n.rsplit(".", 1)[0]) for n in (target, source)}
+        table = next((m for m in mods.values() if isinstance(m, QuantEmbedding)), None)
+        if table is None:
+            kept[target] = source
+            continue
+        other_name, other = next((n, m) for n, m in mods.items() if m is not table)
+        weight = getattr(other, "weight", None)
+        if isinstance(other, torch.nn.Linear) and weight is not None and weight.device.type == "meta":
+            if other.bias is not None:
+                raise CheckpointError(f"{other_name} is tied to a quantized embedding table but has a bias")
+            lm.set_submodule(other_name.rsplit(".", 1)[0], QuantLinear(table.quantized()))
+    lm.all_tied_weights_keys = kept
+    lm.tie_weights(recompute_mapping=False)
 
 
 def _leave_a_core_for_reads() -> None:

@@ -37,7 +37,8 @@ def quantize(w: torch.Tensor, qtype: QType | str, *, hqq_config: HqqConfig | Non
     if qt.method == "gptq":
         raise ValueError("gptq needs calibration data: use moe_local.quant.gptq with a Hessian of the inputs")
     parts = hqq_quantize(w, qt, hqq_config) if qt.method == "hqq" else rtn_quantize(w, qt)
-    return QuantizedTensor(parts.packed, parts.scales, parts.zeros, (int(w.shape[0]), int(w.shape[1])), qt)
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    return QuantizedTensor(parts.packed, parts.scales, parts.zeros, shape, qt, parts.superscales)
 
 
 GROUPWISE = SchemeKind(

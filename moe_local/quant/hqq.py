@@ -280,4 +280,6 @@ def hqq_quantize(
         return quantize_groups(w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg), cfg.chunk_elems)
     check_weight(w, qtype.group_size)
     weight = group_weights(importance, int(w.shape[1]), qtype.group_size).to(w.device)
-    return quantize_groups(w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg, weight), cfg.chunk_elems)
+    return quantize_groups(
+        w, qtype, lambda wg, qmax: hqq_params(wg, qmax, cfg, weight), cfg.chunk_elems, weight
+    )

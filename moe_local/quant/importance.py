@@ -225,4 +225,6 @@ def weighted_rtn_quantize(
     """
     check_weight(w, qtype.group_size)
     weight = group_weights(importance, int(w.shape[1]), qtype.group_size).to(w.device)
-    return quantize_groups(w, qtype, lambda wg, qmax: weighted_rtn_params(wg, qmax, weight), chunk_elems)
+    return quantize_groups(
+        w, qtype, lambda wg, qmax: weighted_rtn_params(wg, qmax, weight), chunk_elems, weight
+    )

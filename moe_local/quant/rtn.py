@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from moe_local.quant import superblock
 from moe_local.quant.pack import pack_codes, packed_size
 from moe_local.quant.schemes import QType
 
@@ -35,11 +36,16 @@ ParamsFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class QuantParts(NamedTuple):
-    """The stored form of a quantized weight: packed codes and per-group fp16 scale and zero."""
+    """The stored form of a quantized weight: packed codes and per-group fp16 scale and zero.
+
+    For super-block schemes, ``scales`` and ``zeros`` are what the stored codes expand to and
+    ``superscales`` holds the super-blocks' fp16 pairs (``moe_local.quant.superblock``).
+    """
 
     packed: torch.Tensor  # [O, I * bits / 8] uint8
     scales: torch.Tensor  # [O, G] fp16
     zeros: torch.Tensor  # [O, G] fp16
+    superscales: torch.Tensor | None = None  # [O, S, 2] fp16, super-block schemes only
 
 
 def check_weight(w: torch.Tensor, group_size: int) -> tuple[int, int]:
@@ -183,15 +189,23 @@ def group_sq_error(
 
 
 def quantize_groups(
-    w: torch.Tensor, qtype: QType, params_fn: ParamsFn, chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    w: torch.Tensor,
+    qtype: QType,
+    params_fn: ParamsFn,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    weight: torch.Tensor | None = None,
 ) -> QuantParts:
     """Quantize ``w`` chunk by chunk: ``params_fn`` picks each group's params, codes are assigned and packed.
 
+    For super-block schemes the params are then moved onto the super-block grid and refit there
+    (``superblock.fit_on_grid``, under the importance ``weight`` when given).
+
     Args:
         w: float weight ``[O, I]`` (any float dtype, any device torch supports).
-        qtype: the scheme (bits and group size are used here).
+        qtype: the scheme (bits, group size and super-block choice are used here).
         params_fn: returns fp16-representable ``(scale, zero)`` for a float32 chunk ``[r, G, g]``.
         chunk_elems: weights processed at once.
+        weight: optional importance weights ``[1, G, g]`` for the super-block refit.
 
     Returns:
         The packed codes, fp16 scales and fp16 zeros.
@@ -205,14 +219,19 @@ def quantize_groups(
     packed = torch.empty(o, packed_size(i, qtype.bits), dtype=torch.uint8, device=w.device)
     scales = torch.empty(o, n_groups, dtype=torch.float16, device=w.device)
     zeros = torch.empty(o, n_groups, dtype=torch.float16, device=w.device)
+    sup = None
+    if qtype.superblock:
+        sup = torch.empty(o, superblock.superblocks(n_groups, g), 2, dtype=torch.float16, device=w.device)
     for start, end in row_chunks(o, i, chunk_elems):
         wg = w[start:end].to(torch.float32).reshape(end - start, n_groups, g)
         scale, zero = params_fn(wg, qtype.qmax)
+        if sup is not None:
+            scale, zero, sup[start:end] = superblock.fit_on_grid(wg, scale, zero, qtype.qmax, g, weight)
         q = assign_codes(wg, scale, zero, qtype.qmax)
         packed[start:end] = pack_codes(q.to(torch.uint8).view(end - start, i), qtype.bits)
         scales[start:end] = scale.view(end - start, n_groups)
         zeros[start:end] = zero.view(end - start, n_groups)
-    return QuantParts(packed, scales, zeros)
+    return QuantParts(packed, scales, zeros, sup)
 
 
 def rtn_quantize(w: torch.Tensor, qtype: QType, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> QuantParts:

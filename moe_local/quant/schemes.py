@@ -1,13 +1,17 @@
 """Quantization schemes: which bit width, group size and method a weight is quantized with.
 
 A scheme is written ``int<bits>-g<group_size>`` (``int4-g64``), optionally followed by
-``-<method>`` (``int3-g64-hqq``); the method defaults to ``rtn``.
+``-<method>`` (``int3-g64-hqq``); the method defaults to ``rtn``. A ``k`` after the group size
+(``int4-g32k``, ``int3-g16k-hqq``) stores each group's scale and offset as 8-bit codes under one
+fp16 pair per super-block of 256 weights (``moe_local.quant.superblock``), as llama.cpp's k-quants do.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from moe_local.quant.superblock import CODE_OVERHEAD_BITS, SUPER_OVERHEAD_BITS, SUPERBLOCK_WEIGHTS
 
 VALID_BITS: tuple[int, ...] = (8, 4, 3, 2)
 VALID_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128)
@@ -16,7 +20,7 @@ VALID_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq")  # gptq needs calibratio
 # Bits stored per group on top of the codes: one fp16 scale and one fp16 zero point.
 GROUP_OVERHEAD_BITS = 32
 
-_QTYPE_RE = re.compile(r"^int(\d+)-g(\d+)(?:-([a-z]+))?$")
+_QTYPE_RE = re.compile(r"^int(\d+)-g(\d+)(k?)(?:-([a-z]+))?$")
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,14 @@ class QType:
         group_size: consecutive input-feature weights sharing one scale and zero point.
         method: how scale and zero are chosen: ``"rtn"`` (min/max round-to-nearest) or
             ``"hqq"`` (calibration-free optimization, see ``moe_local.quant.hqq``).
+        superblock: scales and offsets stored as 8-bit codes under one fp16 pair per super-block
+            (``moe_local.quant.superblock``) instead of an fp16 scale and zero per group.
     """
 
     bits: int
     group_size: int
     method: str = "rtn"
+    superblock: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in VALID_BITS:
@@ -43,11 +50,15 @@ class QType:
             )
         if self.method not in VALID_METHODS:
             raise ValueError(f"unsupported method {self.method!r}; valid: {', '.join(VALID_METHODS)}")
+        if not isinstance(self.superblock, bool):
+            raise ValueError(f"superblock must be True or False, got {self.superblock!r}")
+        if self.superblock and self.method == "gptq":
+            raise ValueError("super-block scales (the 'k' schemes) are built for rtn and hqq, not gptq")
 
     @property
     def name(self) -> str:
-        """The scheme's short name without the method, e.g. ``"int4-g64"``."""
-        return f"int{self.bits}-g{self.group_size}"
+        """The scheme's short name without the method, e.g. ``"int4-g64"`` or ``"int4-g32k"``."""
+        return f"int{self.bits}-g{self.group_size}{'k' if self.superblock else ''}"
 
     @property
     def full_name(self) -> str:
@@ -82,19 +93,24 @@ def parse_qtype(text: str, method: str | None = None) -> QType:
     match = _QTYPE_RE.match(text.strip().lower())
     if match is None:
         raise ValueError(f"cannot parse scheme {text!r}; expected e.g. 'int4-g64' or 'int3-g64-hqq'")
-    bits, group_size, named_method = int(match.group(1)), int(match.group(2)), match.group(3)
+    bits, group_size, named_method = int(match.group(1)), int(match.group(2)), match.group(4)
+    superblock = match.group(3) == "k"
     if named_method is not None and method is not None and named_method != method:
         raise ValueError(f"scheme {text!r} names method {named_method!r} but {method!r} was requested")
-    return QType(bits, group_size, named_method or method or "rtn")
+    return QType(bits, group_size, named_method or method or "rtn", superblock)
 
 
 def bits_per_weight(qtype: QType) -> float:
-    """Return the storage cost per weight in bits, fp16 scale and zero of each group included.
+    """Return the storage cost per weight in bits, each group's scale and zero included.
 
     Args:
         qtype: the scheme.
 
     Returns:
-        ``bits + 32 / group_size``, e.g. 4.5 for ``int4-g64``.
+        ``bits + 32 / group_size``, e.g. 4.5 for ``int4-g64``; for super-block schemes
+        ``bits + 16 / group_size + 32 / 256``, e.g. 4.625 for ``int4-g32k``.
     """
+    if qtype.superblock:
+        per_super = max(SUPERBLOCK_WEIGHTS, qtype.group_size)
+        return qtype.bits + CODE_OVERHEAD_BITS / qtype.group_size + SUPER_OVERHEAD_BITS / per_super
     return qtype.bits + GROUP_OVERHEAD_BITS / qtype.group_size

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moe_local.quant import int8_kernel, kernels, native
+from moe_local.quant import int8_kernel, kernels, native, superblock
 from moe_local.quant.base import QuantizedWeight, check_shape
 from moe_local.quant.pack import packed_size, unpack_codes
 from moe_local.quant.rtn import row_chunks
@@ -35,6 +35,7 @@ from moe_local.quant.scratch import float32_rows
 DEQUANT_CHUNK_ELEMS = 1 << 20  # weights dequantized at once by linear() (4 MiB of fp32)
 KERNEL_MAX_TOKENS = 96  # above this many rows of x, dequantize + dense matmul beats the int4 kernel
 TENSOR_NAMES: tuple[str, ...] = ("packed", "scales", "zeros")
+SUPERBLOCK_TENSOR_NAMES: tuple[str, ...] = ("packed", "scale_codes", "offset_codes", "superscales")
 _INT4, _INT8, _SPLIT = "int4", "int8", "int8-split"  # _kernel keys of the codes in a kernel layout
 _NATIVE = "native"  # moe-local's C kernel (``native``): it reads the packed codes as stored
 NATIVE_MAX_TOKENS = 32  # above this many rows of x, dequantize + dense matmul beats the native kernel
@@ -68,15 +69,18 @@ class QuantizedTensor(QuantizedWeight):
         zeros: torch.Tensor,
         shape: tuple[int, int],
         qtype: QType,
+        superscales: torch.Tensor | None = None,
     ) -> None:
         """Check and keep the tensors (not copied).
 
         Args:
             packed: ``[O, I * bits / 8]`` uint8 codes, packed with ``pack_codes``.
-            scales: ``[O, G]`` fp16.
-            zeros: ``[O, G]`` fp16.
+            scales: ``[O, G]`` fp16 (for a super-block scheme: what its codes expand to).
+            zeros: ``[O, G]`` fp16 (likewise).
             shape: ``(O, I)``.
             qtype: the scheme.
+            superscales: ``[O, S, 2]`` fp16 super-block pairs, for super-block schemes only
+                (``moe_local.quant.superblock``).
 
         Raises:
             ValueError: on a scheme that is not a ``QType``, a bad shape, or tensors of the wrong
@@ -98,8 +102,24 @@ class QuantizedTensor(QuantizedWeight):
             if not isinstance(t, torch.Tensor) or t.dtype != want_dtype or tuple(t.shape) != want_shape:
                 got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be {want_dtype} {want_shape} for {qtype}, got {got}")
+        if qtype.superblock:
+            want = (o, superblock.superblocks(i // qtype.group_size, qtype.group_size), 2)
+            if (
+                not isinstance(superscales, torch.Tensor)
+                or superscales.dtype != torch.float16
+                or tuple(superscales.shape) != want
+            ):
+                ok = isinstance(superscales, torch.Tensor)
+                got = (tuple(superscales.shape), superscales.dtype) if ok else type(superscales).__name__
+                raise ValueError(f"superscales must be torch.float16 {want} for {qtype}, got {got}")
+            if superscales.device != packed.device:
+                raise ValueError("packed and superscales must be on the same device")
+        elif superscales is not None:
+            raise ValueError(f"superscales belong to super-block schemes ('k'), not {qtype}")
         if not (packed.device == scales.device == zeros.device):
             raise ValueError("packed, scales and zeros must be on the same device")
+        self.superscales = superscales
+        self._scale_codes: tuple[torch.Tensor, torch.Tensor] | None = None  # kept where not recoverable
         self._packed: torch.Tensor | None = packed
         self.scales = scales
         self.zeros = zeros
@@ -138,16 +158,29 @@ class QuantizedTensor(QuantizedWeight):
         Returns:
             The tensors (not copies); ``nbytes`` sums them, ``kernel_cache_nbytes`` the kernel layout.
         """
-        return [t for t in (self._packed, self.scales, self.zeros) if t is not None]
+        kept = self._scale_codes or ()
+        return [t for t in (self._packed, self.scales, self.zeros, self.superscales, *kept) if t is not None]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name the stored tensors for serialization.
 
         Returns:
             ``{"packed": [O, P] uint8, "scales": [O, G] fp16, "zeros": [O, G] fp16}`` (not copies,
-            except ``packed`` rebuilt from a kernel layout).
+            except ``packed`` rebuilt from a kernel layout); for super-block schemes
+            ``{"packed", "scale_codes": [O, G] uint8, "offset_codes": [O, G] int8,
+            "superscales": [O, S, 2] fp16}``, the codes recovered from the expanded scales.
         """
-        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+        if not self.qtype.superblock:
+            return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+        codes = self._scale_codes or superblock.recover_codes(
+            self.scales, self.zeros, self.superscales, self.qtype.group_size
+        )
+        return {
+            "packed": self.packed,
+            "scale_codes": codes[0],
+            "offset_codes": codes[1],
+            "superscales": self.superscales,
+        }
 
     @classmethod
     def from_tensors(
@@ -156,7 +189,8 @@ class QuantizedTensor(QuantizedWeight):
         """Rebuild a ``QuantizedTensor`` from ``tensors()`` output.
 
         Args:
-            tensors: mapping with exactly the keys ``packed``, ``scales``, ``zeros``.
+            tensors: mapping with exactly the keys ``packed``, ``scales``, ``zeros`` (super-block
+                schemes: ``packed``, ``scale_codes``, ``offset_codes``, ``superscales``).
             shape: ``(O, I)``.
             scheme: the ``QType`` the tensors were made with.
 
@@ -167,9 +201,55 @@ class QuantizedTensor(QuantizedWeight):
         Raises:
             ValueError: on missing or extra keys, or tensors of the wrong dtype or shape.
         """
-        if set(tensors) != set(TENSOR_NAMES):
-            raise ValueError(f"expected tensors {sorted(TENSOR_NAMES)}, got {sorted(tensors)}")
-        return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), scheme)
+        names = SUPERBLOCK_TENSOR_NAMES if scheme.superblock else TENSOR_NAMES
+        if set(tensors) != set(names):
+            raise ValueError(f"expected tensors {sorted(names)}, got {sorted(tensors)}")
+        if not scheme.superblock:
+            return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), scheme)
+        return cls._from_codes(tensors, tuple(shape), scheme)
+
+    @classmethod
+    def _from_codes(
+        cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int], scheme: QType
+    ) -> QuantizedTensor:
+        """A super-block weight from its stored codes: expanded, the codes kept only if not recoverable."""
+        o, i = check_shape(shape)
+        groups = i // scheme.group_size if i % scheme.group_size == 0 else -1
+        sc, oc, sup = tensors["scale_codes"], tensors["offset_codes"], tensors["superscales"]
+        for name, t, dtype in (("scale_codes", sc, torch.uint8), ("offset_codes", oc, torch.int8)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != (o, groups):
+                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be {dtype} {(o, groups)} for {scheme}, got {got}")
+        if not isinstance(sup, torch.Tensor) or sup.dtype != torch.float16 or sup.dim() != 3:
+            raise ValueError(f"superscales must be a float16 [O, S, 2] tensor for {scheme}")
+        if bool((sc == 0).any()):
+            raise ValueError(f"scale codes of {scheme} are 1..255; a stored code is 0")
+        scales, zeros = superblock.expand(sc, oc, sup, scheme.group_size)
+        qt = cls(tensors["packed"], scales, zeros, (o, i), scheme, sup)
+        if not superblock.exact_recovery(sc, oc, sup, scheme.group_size):
+            qt._scale_codes = (sc, oc)
+        return qt
+
+    def dequantize_index(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize the rows named by ``rows`` (an embedding lookup), in that order.
+
+        Args:
+            rows: int64 row indices ``[n]``, each in ``[0, O)``.
+            dtype: output dtype.
+
+        Returns:
+            ``[n, I]`` of ``dtype``, equal to ``dequantize()[rows]``.
+        """
+        i = self.shape[1]
+        g = self.qtype.group_size
+        if self._packed is not None:  # the stored codes are held: gather them
+            codes = unpack_codes(self._packed[rows], self.qtype.bits, i)
+        else:  # a kernel layout holds them: rebuild the few rows asked for
+            uniq, inverse = torch.unique(rows, return_inverse=True)
+            codes = torch.cat([self._codes(int(r), int(r) + 1) for r in uniq])[inverse]
+        scales, zeros = self.scales[rows].float().unsqueeze(-1), self.zeros[rows].float().unsqueeze(-1)
+        w = (codes.float().view(-1, i // g, g) - zeros).mul_(scales)
+        return w.view(-1, i).to(dtype)
 
     def _codes(self, start: int, end: int) -> torch.Tensor:
         """Codes of rows ``[start, end)``, one per byte, from wherever they are held."""

@@ -111,7 +111,8 @@ def test_without_importance_nothing_changes():
     w = torch.randn(16, 64)
     qt = parse_qtype("int3-g32-hqq")
     a, b = hqq_quantize(w, qt), hqq_quantize(w, qt, importance=None)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert a.superscales is None and b.superscales is None
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3], strict=True))
 
 
 def test_weighted_hqq_never_loses_to_the_weighted_rtn_search():

@@ -136,12 +136,15 @@ def test_hqq_config_validation(kwargs: dict[str, float]) -> None:
         HqqConfig(**kwargs)  # type: ignore[arg-type]
 
 
-def test_chunking_does_not_change_rtn() -> None:
+@pytest.mark.parametrize("superblock", [False, True])
+def test_chunking_does_not_change_rtn(superblock: bool) -> None:
     from moe_local.quant.rtn import rtn_quantize
 
     w = _gaussian()
-    a, b = rtn_quantize(w, QType(4, G64)), rtn_quantize(w, QType(4, G64), chunk_elems=1000)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    qt = QType(4, G64, superblock=superblock)
+    a, b = rtn_quantize(w, qt), rtn_quantize(w, qt, chunk_elems=1000)
+    assert (a.superscales is None) == (not superblock)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True) if x is not None)
 
 
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
