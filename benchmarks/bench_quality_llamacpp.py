@@ -49,6 +49,14 @@ LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ
 NEEDS_IMATRIX = ("IQ2_M", "IQ2_XS")
 # name -> (scheme for experts and attention, or "recipe:NAME"; imatrix)
 MOE_ROWS = {
+    # the recipe ladder (moe_local/quant_recipes/q*.toml), with and without importance weighting
+    "q8": ("recipe:q8", False),
+    "q6+imatrix": ("recipe:q6", True),
+    "q5+imatrix": ("recipe:q5", True),
+    "q4+imatrix": ("recipe:q4", True),
+    "q4": ("recipe:q4", False),
+    "q3+imatrix": ("recipe:q3", True),
+    "q2+imatrix": ("recipe:q2", True),
     "int8-g64": ("int8-g64", False),
     "v100-int8": ("recipe:v100-int8", False),
     "int4-g32-hqq": ("int4-g32-hqq", False),

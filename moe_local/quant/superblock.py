@@ -136,6 +136,16 @@ def recover_codes(
     return codes_on(scale, zero, sup, group_size)
 
 
+def surely_recoverable(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """A cheap sufficient condition for ``recover_codes`` to be exact: every expanded scale is a
+    normal fp16 (relative error at most 2**-11, so a code of at most 255 moves by under 1/8 step),
+    and every zero point is 0 or a normal fp16 below the clamp (the offset then moves by under 1/16
+    step). Where it fails, ``exact_recovery`` decides."""
+    normal = 2.0**-14
+    z = zero.abs()
+    return bool(scale.min() >= normal) and bool(((z == 0) | ((z >= normal) & (z < 65504.0))).all())
+
+
 def exact_recovery(
     scale_codes: torch.Tensor, offset_codes: torch.Tensor, sup: torch.Tensor, group_size: int
 ) -> bool:

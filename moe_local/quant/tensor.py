@@ -226,7 +226,10 @@ class QuantizedTensor(QuantizedWeight):
             raise ValueError(f"scale codes of {scheme} are 1..255; a stored code is 0")
         scales, zeros = superblock.expand(sc, oc, sup, scheme.group_size)
         qt = cls(tensors["packed"], scales, zeros, (o, i), scheme, sup)
-        if not superblock.exact_recovery(sc, oc, sup, scheme.group_size):
+        # every expert read from disk comes through here: the cheap test first
+        if not superblock.surely_recoverable(scales, zeros) and not superblock.exact_recovery(
+            sc, oc, sup, scheme.group_size
+        ):
             qt._scale_codes = (sc, oc)
         return qt
 

@@ -158,3 +158,19 @@ def test_quantize_and_load_a_checkpoint(tiny_mixtral, tmp_path):
             want, got = ref.model(ids).logits.float(), lm.model(ids).logits
         errs[name] = float((got - want).norm() / want.norm())
     assert errs["q"] < 1.15 * errs["p"], errs  # 8-bit codes of the params cost little
+
+
+def test_the_cheap_recovery_test_never_vouches_for_codes_that_do_not_come_back():
+    from moe_local.quant.superblock import surely_recoverable
+
+    gen = torch.Generator().manual_seed(7)
+    vouched = 0
+    for trial in range(60):  # scales from 1 down to 1e-8 and zero points with exact zeros
+        scale = torch.rand(16, 18, generator=gen) ** 3 * 10.0 ** -(trial % 8) + 1e-9
+        zero = torch.randn(16, 18, generator=gen) * 8 * (torch.rand(16, 18, generator=gen) > 0.3)
+        sc, oc, sup = quantize_params(scale, zero, 32)
+        s16, z16 = expand(sc, oc, sup, 32)
+        if surely_recoverable(s16, z16):
+            vouched += 1
+            assert exact_recovery(sc, oc, sup, 32), trial
+    assert 5 <= vouched < 60  # it vouches for ordinary weights and declines the tiny ones
