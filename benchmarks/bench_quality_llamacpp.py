@@ -23,6 +23,7 @@ section at the end of ``benchmarks/QUALITY.md`` (the rest of that file is kept);
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -269,7 +270,8 @@ def write_section(md: Path, rows: dict, args, bf16_bpw: float) -> None:
         "each valid split, second half of each scored (`llama-perplexity -c 512`, BOS insertion off; "
         "`moe-local eval --score second-half`). Δ is against each engine's own bf16 run on the same "
         f"windows. bits/weight: file or folder size x 8 over all parameters (bf16: {bf16_bpw:.2f}; "
-        "moe-local folders keep embeddings in bf16). IQ2 types and `+ imatrix` rows use importance "
+        "moe-local folders keep embeddings in bf16 unless the recipe quantizes them, as the q ladder "
+        "does). IQ2 types and `+ imatrix` rows use importance "
         "statistics from the same calibration text (60,000 characters of each train split). "
         "Fewer than 16 windows: indicative only.",
         "",
@@ -283,10 +285,69 @@ def write_section(md: Path, rows: dict, args, bf16_bpw: float) -> None:
             cells += [f"{row['ppl'][corpus]:.3f}", "-" if d is None else f"{d:+.2f}%"]
         cells.append(row["date"])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *target_lines(rows, args.windows)]
     text = md.read_text() if md.exists() else ""
     head, found, tail = text.partition(SECTION)
     rest = tail[tail.find("\n## ") :] if found and "\n## " in tail else ""
     md.write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n" + rest)
+
+
+def llama_reference(rows: dict, corpus: str, windows: int, bpw: float) -> float | None:
+    """llama.cpp's Δ at ``bpw``: its Pareto front (best Δ at that many bits or fewer) interpolated
+    linearly between its types, clamped to the end points outside them."""
+    pts = sorted(
+        (r["bpw"], delta(rows, r, corpus))
+        for r in rows.values()
+        if r["engine"] == "llama.cpp" and r["windows"] == windows and r["scheme"] != "bf16"
+    )
+    front: list[tuple[float, float]] = []
+    for b, d in pts:
+        if d is not None and (not front or d < front[-1][1]):
+            front.append((b, d))
+    if not front:
+        return None
+    if bpw <= front[0][0]:
+        return front[0][1]
+    for (b0, d0), (b1, d1) in itertools.pairwise(front):
+        if b0 <= bpw <= b1:
+            return d0 + (d1 - d0) * (bpw - b0) / (b1 - b0)
+    return front[-1][1]
+
+
+def target_lines(rows: dict, windows: int) -> list[str]:
+    """The issue's targets, checked on the rows of ``windows`` windows (computed, not written by hand)."""
+    ours = [r for r in rows.values() if r["engine"] == "moe-local" and r["windows"] == windows]
+    out = [f"Targets ({windows} windows; computed from the rows above):", ""]
+
+    def deltas(r) -> list[float | None]:
+        return [delta(rows, r, c) for c in CORPUS_NAMES]
+
+    for r in (r for r in ours if r["scheme"] != "bf16" and r["bpw"] >= 8):
+        ds = deltas(r)
+        ok = all(d is not None and d <= 0.5 for d in ds)
+        out.append(f"- 8-bit within +0.5%: {r['scheme']} {fmt(ds)}: {'met' if ok else 'MISSED'}")
+    for r in sorted((r for r in ours if 3.5 <= r["bpw"] <= 6), key=lambda r: -r["bpw"]):
+        ds = deltas(r)
+        refs = [llama_reference(rows, c, windows, r["bpw"]) for c in CORPUS_NAMES]
+        ok = all(d is not None and ref is not None and d <= ref for d, ref in zip(ds, refs, strict=True))
+        line = f"- at most llama.cpp's Δ at {r['bpw']:.2f} bits/weight: {r['scheme']} {fmt(ds)}"
+        line += f" against {fmt(refs)}"
+        if 4.5 <= r["bpw"] <= 5.7:
+            ok3 = all(d is not None and d <= 3.0 for d in ds)
+            line += f"; within +3%: {'met' if ok3 else 'MISSED'}"
+        out.append(f"{line}: {'met' if ok else 'MISSED'}")
+    low = [r for r in ours if r["bpw"] < 3]
+    if not low:
+        out.append("- a recipe under 3 bits/weight within +30%: no moe-local row under 3 bits/weight yet")
+    for r in low:
+        ds = deltas(r)
+        ok = all(d is not None and d <= 30 for d in ds)
+        out.append(f"- under 3 bits/weight within +30%: {r['scheme']} {fmt(ds)}: {'met' if ok else 'MISSED'}")
+    return out
+
+
+def fmt(ds) -> str:
+    return " / ".join("-" if d is None else f"{d:+.2f}%" for d in ds)
 
 
 def plot(path: Path, rows: dict, windows: int) -> None:

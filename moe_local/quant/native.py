@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 5
+_ABI = 6
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 THREADED_MACS = 1 << 21
@@ -133,12 +133,15 @@ def supports(shape: tuple[int, int], bits: int, group_size: int, device: torch.d
         device: where the weight lives.
 
     Returns:
-        True for CPU weights of 8, 4 or 2 bits whose groups hold whole 32-byte chunks of codes.
+        True for CPU weights of 8, 4 or 2 bits whose groups hold whole 32-byte chunks of codes or
+        an eighth, a quarter or a half of one (int4 in groups of 16 or 32, int8 in groups of 16,
+        2-bit in groups of 16 to 64), on rows of whole chunks.
     """
     if device.type != "cpu" or bits not in NATIVE_BITS:
         return False
     per_chunk = _CHUNK_BYTES * 8 // bits
-    return group_size % per_chunk == 0 and shape[1] % group_size == 0 and available()
+    whole = group_size % per_chunk == 0 or (per_chunk % group_size == 0 and per_chunk // group_size <= 8)
+    return whole and shape[1] % group_size == 0 and shape[1] % per_chunk == 0 and available()
 
 
 def qlinear(

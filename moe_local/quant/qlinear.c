@@ -29,14 +29,16 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 5; }
+int moe_local_qlinear_abi(void) { return 6; }
 
-/* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale. */
+/* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
+ * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
 static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, float *dx, float *sumx) {
     const int planes = 8 / bits;
     const int per_chunk = CHUNK_BYTES * planes;
     const int chunks = I / per_chunk;
-    const int chunks_per_group = group / per_chunk;
+    const int chunks_per_group = group >= per_chunk ? group / per_chunk : 1;
+    const int groups_per_chunk = group >= per_chunk ? 1 : per_chunk / group;
     for (int c = 0; c < chunks; c++) {
         const float *xc = x + (size_t)c * per_chunk;
         float amax = 0.0f;
@@ -45,18 +47,24 @@ static void quantize_x(const float *x, int I, int bits, int group, int8_t *xq, f
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
         dx[c] = d;
         int8_t *out = xq + (size_t)c * per_chunk;
-        int total = 0;
+        int total[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* per group inside the chunk (code k*P+p is in group
+                                                    (k*P+p) / group, i.e. byte k / (CHUNK_BYTES / gpc)) */
+        const int bytes_per_group = CHUNK_BYTES / groups_per_chunk;
         for (int k = 0; k < CHUNK_BYTES; k++)
             for (int p = 0; p < planes; p++) {
                 const int q = (int)lrintf(xc[planes * k + p] * inv);
                 out[p * CHUNK_BYTES + k] = (int8_t)q;
-                total += q;
+                total[k / bytes_per_group] += q;
             }
         /* the zero term uses the same rounded activations as the dot, so the two stay consistent:
            sum_j (q_j - z) xq_j, not sum_j q_j xq_j - z sum_j x_j (z near 128 would amplify the rounding) */
-        const int g = c / chunks_per_group;
-        if (c % chunks_per_group == 0) sumx[g] = 0.0f;
-        sumx[g] += d * (float)total;
+        if (groups_per_chunk == 1) {
+            const int g = c / chunks_per_group;
+            if (c % chunks_per_group == 0) sumx[g] = 0.0f;
+            sumx[g] += d * (float)total[0];
+        } else {
+            for (int i = 0; i < groups_per_chunk; i++) sumx[c * groups_per_chunk + i] = d * (float)total[i];
+        }
     }
 }
 
@@ -110,7 +118,7 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *codes, 
                                                           const int8_t *xq, const float *dx, const float *sumx,
                                                           const int NT, float *y, int y_stride) {
     const int per_chunk = CHUNK_BYTES * (8 / bits);
-    const int chunks_per_group = group / per_chunk;
+    const int chunks_per_group = group >= per_chunk ? group / per_chunk : 1;
     const int groups = I / group, chunks = I / per_chunk;
     /* 8-bit codes ran as q - 128: sum (q - z) x = sum (q - 128) x - (z - 128) sum x */
     const float shift = bits == 8 ? 128.0f : 0.0f;
@@ -132,16 +140,41 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *codes, 
         }
     }
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int c = 0;
-    for (int g = 0; g < groups; g++) {
-        const float s = _cvtsh_ss(scales[g]);
-        for (int k = 0; k < chunks_per_group; k++, c++) {
+    if (group < per_chunk) {
+        /* several groups per chunk: the chunk's 8 int32 partial sums follow its bytes in order (byte k
+           lands in lane k / 4), so group i of the chunk owns lanes 8i/gpc .. 8(i+1)/gpc - 1 and one
+           vector of per-lane scales does it: gpc = 2 (int4 g32, int8 g16), 4 (int4 g16), 8 (2-bit g16) */
+        const int gpc = per_chunk / group;
+        const __m256i lane_group = gpc == 2   ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                   : gpc == 4 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                              : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (int c = 0; c < chunks; c++) {
+            const uint16_t *sc = scales + (size_t)c * gpc;
+            __m128i halves;
+            if (gpc == 8) halves = _mm_loadu_si128((const __m128i *)sc);
+            else if (gpc == 4) halves = _mm_loadl_epi64((const __m128i *)sc);
+            else halves = _mm_cvtsi32_si128((int)((uint32_t)sc[0] | ((uint32_t)sc[1] << 16)));
+            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(halves), lane_group);
             __m256i planes[4];
             chunk_planes(codes + (size_t)c * CHUNK_BYTES, bits, planes);
             for (int t = 0; t < NT; t++) {
                 const __m256i dot = chunk_dot(planes, xq + (size_t)t * I + (size_t)c * per_chunk, bits);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s * dx[(size_t)t * chunks + c]),
-                                         acc[t]);
+                const __m256 sd = _mm256_mul_ps(sv, _mm256_set1_ps(dx[(size_t)t * chunks + c]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sd, acc[t]);
+            }
+        }
+    } else {
+        int c = 0;
+        for (int g = 0; g < groups; g++) {
+            const float s = _cvtsh_ss(scales[g]);
+            for (int k = 0; k < chunks_per_group; k++, c++) {
+                __m256i planes[4];
+                chunk_planes(codes + (size_t)c * CHUNK_BYTES, bits, planes);
+                for (int t = 0; t < NT; t++) {
+                    const __m256i dot = chunk_dot(planes, xq + (size_t)t * I + (size_t)c * per_chunk, bits);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                             _mm256_set1_ps(s * dx[(size_t)t * chunks + c]), acc[t]);
+                }
             }
         }
     }

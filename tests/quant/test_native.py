@@ -39,6 +39,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         (8, 128, (64, 1024)),
         (2, 128, (24, 512)),
         (2, 128, (5, 768)),
+        # groups inside one chunk: each group's scale reaches only its own lanes
+        (4, 32, (40, 576)),
+        (4, 16, (12, 256)),
+        (8, 16, (9, 96)),
+        (2, 16, (6, 512)),
+        (2, 32, (6, 256)),
+        (2, 64, (6, 384)),
     ],
 )
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
@@ -110,8 +117,8 @@ def test_linear_runs_native_on_the_stored_codes_and_converts_nothing(monkeypatch
 def test_unsupported_groups_and_bits_keep_the_other_paths() -> None:
     cpu = torch.device("cpu")
     assert native.supports((8, 256), 4, 64, cpu) and native.supports((8, 256), 8, 32, cpu)
-    assert not native.supports((8, 256), 4, 32, cpu)  # a group of 16 bytes: under one chunk
-    assert not native.supports((8, 256), 2, 64, cpu)
+    assert native.supports((8, 256), 4, 32, cpu) and native.supports((8, 256), 2, 16, cpu)  # in a chunk
+    assert not native.supports((8, 96), 4, 32, cpu)  # rows of 1.5 chunks
     assert not native.supports((8, 240), 3, 16, cpu)  # 3-bit codes: torch's int4 kernel
     assert not native.supports((8, 256), 4, 64, torch.device("meta"))
 
