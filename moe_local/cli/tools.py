@@ -49,7 +49,11 @@ def quantize(
     src: Annotated[str, typer.Argument(help="Hugging Face MoE checkpoint folder")],
     out: Annotated[str, typer.Argument(help="folder to create (written as OUT.partial, renamed when done)")],
     recipe: Annotated[
-        str | None, typer.Option(help="shipped recipe name or a recipe .toml file [default: experts-4bit]")
+        str | None,
+        typer.Option(
+            help="shipped recipe (q8 q6 q5 q4 q3 q2 from best to smallest, experts-4bit, all-4bit, "
+            "mixtral-4090, v100-int8, tiny-2bit) or a recipe .toml file [default: experts-4bit]"
+        ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing OUT")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
