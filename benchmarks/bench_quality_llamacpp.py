@@ -58,6 +58,7 @@ MOE_ROWS = {
     "q4": ("recipe:q4", False),
     "q3+imatrix": ("recipe:q3", True),
     "q2+imatrix": ("recipe:q2", True),
+    "under-3bit+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit.toml'}", True),
     "int8-g64": ("int8-g64", False),
     "v100-int8": ("recipe:v100-int8", False),
     "int4-g32-hqq": ("int4-g32-hqq", False),
@@ -238,7 +239,8 @@ def moe_row(name: str, source: Path, work: Path, texts, params: int) -> dict:
         p.stat().st_size for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")
     )
     lm = moe_local.load(out, LoadOptions(dtype="float32"))
-    label = scheme.removeprefix("recipe:") + (" + imatrix" if imatrix else "")
+    label = Path(scheme.removeprefix("recipe:")).stem if scheme.startswith("recipe:") else scheme
+    label += " + imatrix" if imatrix else ""
     return {
         "engine": "moe-local",
         "scheme": label,
@@ -317,7 +319,11 @@ def llama_reference(rows: dict, corpus: str, windows: int, bpw: float) -> float 
 def target_lines(rows: dict, windows: int) -> list[str]:
     """The issue's targets, checked on the rows of ``windows`` windows (computed, not written by hand)."""
     ours = [r for r in rows.values() if r["engine"] == "moe-local" and r["windows"] == windows]
-    out = [f"Targets ({windows} windows; computed from the rows above):", ""]
+    out = [
+        f"Targets ({windows} windows; computed from the rows above; llama.cpp's Δ at a bits/weight is its "
+        "best type at that many bits or fewer, interpolated between types, its lowest type below them):",
+        "",
+    ]
 
     def deltas(r) -> list[float | None]:
         return [delta(rows, r, c) for c in CORPUS_NAMES]
@@ -331,11 +337,11 @@ def target_lines(rows: dict, windows: int) -> list[str]:
         refs = [llama_reference(rows, c, windows, r["bpw"]) for c in CORPUS_NAMES]
         ok = all(d is not None and ref is not None and d <= ref for d, ref in zip(ds, refs, strict=True))
         line = f"- at most llama.cpp's Δ at {r['bpw']:.2f} bits/weight: {r['scheme']} {fmt(ds)}"
-        line += f" against {fmt(refs)}"
+        line += f" against {fmt(refs)}: {'met' if ok else 'MISSED'}"
         if 4.5 <= r["bpw"] <= 5.7:
             ok3 = all(d is not None and d <= 3.0 for d in ds)
-            line += f"; within +3%: {'met' if ok3 else 'MISSED'}"
-        out.append(f"{line}: {'met' if ok else 'MISSED'}")
+            line += f"; within +3% (4.5-5.7 bits/weight): {'met' if ok3 else 'MISSED'}"
+        out.append(line)
     low = [r for r in ours if r["bpw"] < 3]
     if not low:
         out.append("- a recipe under 3 bits/weight within +30%: no moe-local row under 3 bits/weight yet")
