@@ -59,6 +59,10 @@ MOE_ROWS = {
     "q3+imatrix": ("recipe:q3", True),
     "q2+imatrix": ("recipe:q2", True),
     "under-3bit+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit.toml'}", True),
+    # GPTQ at 3 bits in natural column order and with activation order (static groups), and rtn
+    "int3-g64-gptq": ("int3-g64-gptq", False),
+    "int3-g64-gptq+act-order": ("int3-g64-gptq", False),
+    "int3-g64-rtn": ("int3-g64", False),
     "int8-g64": ("int8-g64", False),
     "v100-int8": ("recipe:v100-int8", False),
     "int4-g32-hqq": ("int4-g32-hqq", False),
@@ -231,9 +235,13 @@ def moe_row(name: str, source: Path, work: Path, texts, params: int) -> dict:
                 '[[rule]]\nmatch = "*"\nscheme = "keep"\n'
             )
             recipe = load_recipe(str(path))
-        cal = calibration_file(work) if imatrix else None
+        gptq = "gptq" in scheme
+        cal = calibration_file(work) if imatrix or gptq else None
+        act_order = name.endswith("+act-order")
         t0 = time.perf_counter()
-        quantize_checkpoint(source, out, recipe, overwrite=True, calibration=cal, imatrix=imatrix)
+        quantize_checkpoint(
+            source, out, recipe, overwrite=True, calibration=cal, imatrix=imatrix, act_order=act_order
+        )
         log(f"quantized {name} in {time.perf_counter() - t0:.0f} s")
     folder = sum(
         p.stat().st_size for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")
@@ -241,6 +249,7 @@ def moe_row(name: str, source: Path, work: Path, texts, params: int) -> dict:
     lm = moe_local.load(out, LoadOptions(dtype="float32"))
     label = Path(scheme.removeprefix("recipe:")).stem if scheme.startswith("recipe:") else scheme
     label += " + imatrix" if imatrix else ""
+    label += " + act-order" if name.endswith("+act-order") else ""
     return {
         "engine": "moe-local",
         "scheme": label,

@@ -75,6 +75,14 @@ def quantize(
             "--calibration text (the imatrix idea); gptq rules are unchanged",
         ),
     ] = False,
+    act_order: Annotated[
+        bool,
+        typer.Option(
+            "--act-order",
+            help="gptq rules visit input columns by decreasing Hessian diagonal, each group's scale "
+            "and zero fixed from the original weights first (static groups; stored as usual)",
+        ),
+    ] = False,
     calibration_tokens: Annotated[
         int | None, typer.Option(help="most calibration tokens [default: 4096]")
     ] = None,
@@ -129,6 +137,7 @@ def quantize(
         "--calibration": calibration is not None,
         "--calibration-tokens": calibration_tokens is not None,
         "--imatrix": imatrix,
+        "--act-order": act_order,
         "--gpu": gpu is not None,
         "--gptq-names": gptq_names is not None,
         "--sym/--asym": sym is not None,
@@ -151,6 +160,8 @@ def quantize(
         raise MoeLocalError(
             "--imatrix weights rtn and hqq rules; this recipe has none (add --method rtn or hqq)"
         )
+    if act_order and not _has_gptq(rec):
+        raise MoeLocalError("--act-order applies to gptq rules; this recipe has none (add --method gptq)")
     if (calibration is not None or calibration_tokens is not None) and not (_has_gptq(rec) or imatrix):
         flag = "--calibration" if calibration is not None else "--calibration-tokens"
         raise MoeLocalError(
@@ -177,6 +188,7 @@ def quantize(
             calibration=calibration,
             calibration_tokens=4096 if calibration_tokens is None else calibration_tokens,
             imatrix=imatrix,
+            act_order=act_order,
         )
     _print_summary(report, rec, gpu)
 

@@ -26,6 +26,7 @@ def run_record(
     tokens: int,
     min_tokens: int,
     imatrix=False,
+    act_order=False,
 ):
     """What a run was started with: a resume must match it field by field.
 
@@ -44,6 +45,8 @@ def run_record(
     options = {"calibration_sha256": cal, "calibration_tokens": tokens, "min_expert_tokens": min_tokens}
     if imatrix:  # recorded only when on: a run without it keeps the record it always had
         options["imatrix"] = True
+    if act_order:
+        options["act_order"] = True
     return {
         "source": {
             "index_sha256": hashlib.sha256(ident).hexdigest(),
@@ -69,7 +72,7 @@ def _sample_digest(path: Path, size: int, samples: int = 16, span: int = 4096) -
 _WHAT_DIFFERS = {
     "source": "a different SRC (its index, config.json or weights differ)",
     "recipe": "a different recipe or --method (or --bits, --group-size)",
-    "options": "different calibration options (--calibration file, token counts or --imatrix)",
+    "options": "different calibration options (--calibration file, token counts, --imatrix or --act-order)",
     "format_version": "another version of moe-local",
 }
 

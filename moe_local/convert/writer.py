@@ -112,11 +112,19 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
     return o * i * qtype.bits // 8 + 2 * 2 * o * groups
 
 
-def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = None, imatrix: bool = False):
+def _quantize(
+    w: torch.Tensor,
+    qtype,
+    name: str,
+    inputs: torch.Tensor | None = None,
+    imatrix: bool = False,
+    act_order: bool = False,
+):
     """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees).
 
     With ``imatrix``, rtn and hqq rules weight their rounding by the inputs' mean square per
-    channel (``inputs`` may be tokens or an accumulator of them).
+    channel (``inputs`` may be tokens or an accumulator of them); with ``act_order``, gptq rules
+    visit columns by decreasing Hessian diagonal with static groups.
     """
     from moe_local.quant import QuantizedTensor
     from moe_local.quant.api import quantize_scheme
@@ -144,7 +152,7 @@ def _quantize(w: torch.Tensor, qtype, name: str, inputs: torch.Tensor | None = N
         else:
             acc = HessianAccumulator(w.shape[1])
             acc.add(inputs)
-        qt = gptq_quantize(w.float(), acc.hessian(), qtype)
+        qt = gptq_quantize(w.float(), acc.hessian(), qtype, act_order=act_order)
         return QuantizedTensor(qt.packed, qt.scales, qt.zeros, qt.shape, qtype)
     except ValueError as exc:
         raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
@@ -173,6 +181,7 @@ def quantize_checkpoint(
     min_expert_tokens: int = 64,
     staged: bool = False,
     imatrix: bool = False,
+    act_order: bool = False,
 ) -> QuantizeReport:
     """Quantize SRC into a moe-local folder OUT following ``recipe``.
 
@@ -189,6 +198,8 @@ def quantize_checkpoint(
         min_expert_tokens: GPTQ tops up experts routed fewer tokens than this with their best scorers.
         staged: OUT is an ``--offload-dir`` copy (a keep-all recipe): its manifest says so, with
             the source's dtype, so that it computes as the source does.
+        act_order: gptq rules visit the input columns by decreasing Hessian diagonal, each group's
+            scale and zero fixed from the original weights first (stored in natural order).
         imatrix: rtn and hqq rules weight their rounding by the mean squared input of each
             channel, measured on ``calibration`` (``moe_local.quant.importance``).
 
@@ -227,7 +238,11 @@ def quantize_checkpoint(
     report = QuantizeReport(out)
     partial = out.with_name(out.name + ".partial")
     check_not_source(partial, [src_path], "OUT.partial")
-    run = run_record(src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens, imatrix)
+    if act_order and not any(_is_gptq(r.scheme) for r in recipe.rules):
+        raise MoeLocalError("--act-order applies to gptq rules; this recipe has none (add --method gptq)")
+    run = run_record(
+        src_path, files, recipe, calibration, calibration_tokens, min_expert_tokens, imatrix, act_order
+    )
     check_start(partial, overwrite, resume, run)
     cal = None
     dense_schemes = {
@@ -269,12 +284,13 @@ def quantize_checkpoint(
             imatrix,
             ckpt.converted,
             meta,
+            act_order,
         )
         converted = [k for k in dense_sums if k not in dense and k.rpartition(".")[0] not in dense]
         layers = {}
         for site in sites:
             layer_cal = cal.layers.get(site.layer) if cal else None
-            cal_args = (layer_cal, min_expert_tokens, imatrix)
+            cal_args = (layer_cal, min_expert_tokens, imatrix, act_order)
             layers[str(site.layer)] = _write_layer(partial, report, recipe, experts, site, progress, cal_args)
         for name in _COPY:
             if (src_path / name).is_file():
@@ -388,6 +404,7 @@ def _write_dense(
     imatrix=False,
     converted=None,
     meta=None,
+    act_order=False,
 ) -> dict:
     """Write the dense part (merged or split weights too); return each tensor's CRC-32 (kept for a resume)."""
     done = partial / "progress" / "dense.json"
@@ -404,7 +421,7 @@ def _write_dense(
             report.dense_bytes_out += w.numel() * w.element_size()
         else:
             stats = (cal.dense.get(name) or cal.importance.get(name)) if cal else None
-            qt = _quantize(w, q, name, stats, imatrix)
+            qt = _quantize(w, q, name, stats, imatrix, act_order)
             for part, t in qt.tensors().items():
                 tensors[f"{name}.{part}"] = t
             stored = _stored_nbytes(qt)
@@ -505,7 +522,7 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args, stored: d
     """
     from moe_local.experts.weights import apply_linear
 
-    layer_cal, min_tokens, imatrix = cal_args
+    layer_cal, min_tokens, imatrix, act_order = cal_args
     blob_tensors: dict[str, torch.Tensor] = {}
     schemes: dict[str, str] = {}
     rows: list[tuple] = []
@@ -529,7 +546,7 @@ def _quantize_expert(recipe, site, e: int, w: ExpertWeights, cal_args, stored: d
         if _is_mxfp4(q) and part in (stored or {}):
             qt = _kept_mxfp4(stored[part], t, q, f"{site.name}.{e}.{part}")
         else:
-            qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs, imatrix)
+            qt = _quantize(t, q, f"{site.name}.{e}.{part}", inputs, imatrix, act_order)
         quantized_parts[part] = qt
         schemes[part] = q.full_name
         for k, v in qt.tensors().items():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from moe_local.convert.calibration import LayerCalibration
 from moe_local.convert.writer import quantize_checkpoint
+from moe_local.errors import MoeLocalError
 from moe_local.loading.loader import load
 from moe_local.recipes import load_recipe
 from tests.helpers import assert_one_line_error, run_cli
@@ -70,3 +74,28 @@ def test_gptq_without_calibration_is_refused(capsys, tiny_mixtral, tmp_path):
     code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "--calibration")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_act_order_is_applied_and_recorded(tiny_mixtral, tmp_path, calibration_text):
+    (tmp_path / "r.toml").write_text(RECIPE)
+    recipe = load_recipe(str(tmp_path / "r.toml"))
+    with pytest.raises(MoeLocalError, match="--act-order applies to gptq rules"):
+        quantize_checkpoint(tiny_mixtral, tmp_path / "x", recipe, act_order=True)
+    gptq = recipe.with_method("gptq")
+    common = dict(calibration=calibration_text, calibration_tokens=1024)
+    quantize_checkpoint(tiny_mixtral, tmp_path / "a", gptq, act_order=True, **common)
+    quantize_checkpoint(tiny_mixtral, tmp_path / "n", gptq, **common)
+    run = json.loads((tmp_path / "a" / "moe_local.json").read_text())["run"]
+    assert run["options"]["act_order"] is True
+    a, n = load(tmp_path / "a"), load(tmp_path / "n")
+    q_a = a.model.model.layers[0].self_attn.q_proj.quantized()
+    q_n = n.model.model.layers[0].self_attn.q_proj.quantized()
+    assert not torch.equal(q_a.dequantize(), q_n.dequantize())  # another column order, other codes
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert bool(torch.isfinite(a.model(ids).logits).all())
+
+
+def test_act_order_flag_needs_a_gptq_rule(capsys, tiny_mixtral, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", str(tiny_mixtral), str(tmp_path / "q"), "--act-order")
+    assert_one_line_error(code, err, "--act-order applies to gptq rules")
