@@ -327,10 +327,16 @@ def llama_reference(rows: dict, corpus: str, windows: int, bpw: float) -> float 
 
 def target_lines(rows: dict, windows: int) -> list[str]:
     """The issue's targets, checked on the rows of ``windows`` windows (computed, not written by hand)."""
-    ours = [r for r in rows.values() if r["engine"] == "moe-local" and r["windows"] == windows]
+    ladder = ("q8", "q6", "q5", "q4", "q3", "q2", "under-3bit")  # recipes; scheme rows are probes
+    ours = [
+        r
+        for r in rows.values()
+        if r["engine"] == "moe-local" and r["windows"] == windows and r["scheme"].split(" ")[0] in ladder
+    ]
     out = [
-        f"Targets ({windows} windows; computed from the rows above; llama.cpp's Δ at a bits/weight is its "
-        "best type at that many bits or fewer, interpolated between types, its lowest type below them):",
+        f"Targets ({windows} windows; computed from the recipe rows above; llama.cpp's Δ at a bits/weight "
+        "is its best type at that many bits or fewer, interpolated between types, its lowest type below "
+        "them):",
         "",
     ]
 
