@@ -231,6 +231,10 @@ class QuantizedTensor(QuantizedWeight):
             sc, oc, sup, scheme.group_size
         ):
             qt._scale_codes = (sc, oc)
+        elif not qt._packed.is_pinned():
+            # the codes are views into an expert's blob, whose scale codes are now dead bytes that
+            # nbytes would not count: own packed and superscales so the blob can go
+            qt._packed, qt.superscales = _own(qt._packed), _own(sup)
         return qt
 
     def dequantize_index(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -174,3 +174,19 @@ def test_the_cheap_recovery_test_never_vouches_for_codes_that_do_not_come_back()
             vouched += 1
             assert exact_recovery(sc, oc, sup, 32), trial
     assert 5 <= vouched < 60  # it vouches for ordinary weights and declines the tiny ones
+
+
+def test_a_weight_read_from_a_blob_lets_the_blob_go():
+    q = quantize(_weight(), parse_qtype("int4-g32k"))
+    stored = q.tensors()
+    blob = torch.cat([t.reshape(-1).view(torch.uint8) for t in stored.values()])  # one buffer, as on disk
+    views, pos = {}, 0
+    for name, t in stored.items():
+        n = t.numel() * t.element_size()
+        views[name] = blob[pos : pos + n].view(t.dtype).view(t.shape)
+        pos += n
+    back = QuantizedTensor.from_tensors(views, q.shape, q.qtype)
+    held = back.held_tensors()
+    # nothing it holds keeps the blob alive: its scale codes are dead bytes nbytes would not count
+    assert all(t.untyped_storage().data_ptr() != blob.untyped_storage().data_ptr() for t in held)
+    assert torch.equal(back.dequantize(), q.dequantize())
