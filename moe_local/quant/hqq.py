@@ -31,10 +31,10 @@ import torch
 from moe_local.quant.importance import (
     group_weights,
     to_fp16_params,
-    weighted_fit,
     weighted_rtn_params,
     weighted_sq_error,
 )
+from moe_local.quant.lsfit import weighted_fit
 from moe_local.quant.rtn import (
     DEFAULT_CHUNK_ELEMS,
     FP16_MAX,

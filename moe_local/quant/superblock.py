@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_local.quant.lsfit import weighted_fit
+
 SUPERBLOCK_WEIGHTS = 256  # weights of a row under one (d, dm) pair: 8 groups of 32, 16 of 16
 SCALE_CODE_MAX = 255
 OFFSET_CODE_MAX = 127
@@ -182,20 +184,6 @@ def _error(wg, q, scale, zero, weight) -> torch.Tensor:
     return (d if weight is None else d.mul_(weight)).sum(dim=-1)
 
 
-def _fit(wg: torch.Tensor, q: torch.Tensor, weight: torch.Tensor | None):
-    """Least-squares ``(slope, intercept)`` per group for fixed codes, ``W ~ q * slope + intercept``."""
-    w = torch.ones_like(q) if weight is None else weight.expand_as(q)
-    s_w, s_q = w.sum(-1).double(), (w * q).sum(-1).double()
-    s_qq, s_x = (w * q * q).sum(-1).double(), (w * wg).sum(-1).double()
-    s_qx = (w * q * wg).sum(-1).double()
-    det = s_w * s_qq - s_q * s_q
-    ok = det > 1e-9 * s_w * s_qq
-    slope = (s_w * s_qx - s_q * s_x) / torch.where(ok, det, torch.ones_like(det))
-    ok &= slope > 0
-    intercept = (s_x - slope * s_q) / s_w
-    return slope.float(), intercept.float(), ok
-
-
 def fit_on_grid(
     wg: torch.Tensor,
     scale: torch.Tensor,
@@ -230,12 +218,11 @@ def fit_on_grid(
     s16, z16 = expand(scale_codes, offset_codes, sup, group_size)
     best_s, best_z = s16.float().unsqueeze(-1), z16.float().unsqueeze(-1)
     best_err = _error(wg, _codes(wg, best_s, best_z, qmax), best_s, best_z, weight)
+    fit_weight = torch.ones_like(wg[:1]) if weight is None else weight
     for _ in range(rounds):
         q = _codes(wg, best_s, best_z, qmax)
-        slope, intercept, ok = _fit(wg, q, weight)
-        slope = torch.where(ok, slope, best_s.squeeze(-1))
-        zero_fit = torch.where(ok, -intercept / slope, best_z.squeeze(-1))
-        cs, co = codes_on(slope, zero_fit, sup, group_size)
+        slope, zero_fit, _ok = weighted_fit(wg, q, fit_weight, best_s, best_z)
+        cs, co = codes_on(slope.view(r, n_groups), zero_fit.view(r, n_groups), sup, group_size)
         s16, z16 = expand(cs, co, sup, group_size)
         cand_s, cand_z = s16.float().unsqueeze(-1), z16.float().unsqueeze(-1)
         err = _error(wg, _codes(wg, cand_s, cand_z, qmax), cand_s, cand_z, weight)
