@@ -68,7 +68,8 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Look up ``ids`` ``[...]`` -> ``[..., H]`` in ``dtype``."""
         flat = ids.reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        low, high = torch.aminmax(flat) if flat.numel() else (None, None)  # one pass over the ids
+        if low is not None and (int(low) < 0 or int(high) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding table of {self.num_embeddings} rows")
         return self._weight.dequantize_index(flat, self.out_dtype).view(*ids.shape, self.embedding_dim)
 

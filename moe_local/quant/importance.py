@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant.lsfit import weighted_fit
+from moe_local.quant.lsfit import assign_codes, weighted_fit, weighted_sq_error
 from moe_local.quant.rtn import (
     DEFAULT_CHUNK_ELEMS,
     FP16_MAX,
     MIN_SCALE,
     ZERO_RANGE,
     QuantParts,
-    assign_codes,
     check_weight,
     quantize_groups,
     rtn_params,
@@ -109,14 +108,6 @@ def group_weights(importance: torch.Tensor, in_features: int, group_size: int) -
     rel = imp / mean if mean > 0 else torch.ones_like(imp)
     w = IMPORTANCE_FLOOR + (1.0 - IMPORTANCE_FLOOR) * rel
     return w.view(1, in_features // group_size, group_size)
-
-
-def weighted_sq_error(
-    wg: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor:
-    """Weighted squared error per group, ``sum(weight * (W - (q - zero) * scale)**2)``, ``[r, G, 1]``."""
-    d = (q - zero).mul_(scale).sub_(wg)
-    return d.square_().mul_(weight).sum(dim=-1, keepdim=True)
 
 
 def to_fp16_params(

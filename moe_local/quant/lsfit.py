@@ -1,5 +1,6 @@
-"""Least-squares scale and zero of a group for fixed codes, the refit rtn, hqq and the super-block
-grid share (a module of its own: each of them imports it, it imports none of them).
+"""What rtn, hqq, importance weighting and the super-block grid share for a group's parameters: the
+nearest codes, the (weighted) squared error and the least-squares scale and zero for fixed codes
+(a module of its own: each of them imports it, it imports none of them).
 
 Legend: r=rows in a chunk, G=groups per row, g=group size.
 """
@@ -40,3 +41,30 @@ def weighted_fit(
     offset = (s_x - slope * s_q) / s_w  # W_hat = q * slope + offset
     new_zero = (-offset / slope).float()
     return torch.where(ok, slope.float(), scale), torch.where(ok, new_zero, zero), ok
+
+
+def assign_codes(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Nearest codes for given params: ``clamp(round(W * (1 / scale) + zero), 0, qmax)``.
+
+    Args:
+        wg: float32 groups ``[r, G, g]``.
+        scale: ``[r, G, 1]`` float32.
+        zero: ``[r, G, 1]`` float32.
+        qmax: the largest code.
+        out: optional float32 buffer shaped like ``wg``.
+
+    Returns:
+        The codes as float32 ``[r, G, g]`` (``out`` when given).
+    """
+    q = torch.mul(wg, scale.reciprocal(), out=out) if out is not None else wg * scale.reciprocal()
+    return q.add_(zero).round_().clamp_(0, qmax)
+
+
+def weighted_sq_error(
+    wg: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Weighted squared error per group, ``sum(weight * (W - (q - zero) * scale)**2)``, ``[r, G, 1]``."""
+    d = (q - zero).mul_(scale).sub_(wg)
+    return d.square_().mul_(weight).sum(dim=-1, keepdim=True)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from moe_local.quant import superblock
+from moe_local.quant.lsfit import assign_codes
 from moe_local.quant.pack import pack_codes, packed_size
 from moe_local.quant.schemes import QType
 
@@ -143,25 +144,6 @@ def rtn_fp16_params(wg: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Te
     scale16 = to_fp16_values(scale)
     zero16 = to_fp16_values((zero * scale / scale16).clamp_(-FP16_MAX, FP16_MAX))
     return scale16, zero16
-
-
-def assign_codes(
-    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Nearest codes for given params: ``clamp(round(W * (1 / scale) + zero), 0, qmax)``.
-
-    Args:
-        wg: float32 groups ``[r, G, g]``.
-        scale: ``[r, G, 1]`` float32.
-        zero: ``[r, G, 1]`` float32.
-        qmax: the largest code.
-        out: optional float32 buffer shaped like ``wg``.
-
-    Returns:
-        The codes as float32 ``[r, G, g]`` (``out`` when given).
-    """
-    q = torch.mul(wg, scale.reciprocal(), out=out) if out is not None else wg * scale.reciprocal()
-    return q.add_(zero).round_().clamp_(0, qmax)
 
 
 def group_sq_error(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_local.quant.lsfit import weighted_fit
+from moe_local.quant.lsfit import assign_codes, weighted_fit, weighted_sq_error
 
 SUPERBLOCK_WEIGHTS = 256  # weights of a row under one (d, dm) pair: 8 groups of 32, 16 of 16
 SCALE_CODE_MAX = 255
@@ -175,15 +175,6 @@ def snap_params(
     return scale16, zero16, sup
 
 
-def _codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    return (wg * scale.reciprocal()).add_(zero).round_().clamp_(0, qmax)
-
-
-def _error(wg, q, scale, zero, weight) -> torch.Tensor:
-    d = (q - zero).mul_(scale).sub_(wg).square_()
-    return (d if weight is None else d.mul_(weight)).sum(dim=-1)
-
-
 def fit_on_grid(
     wg: torch.Tensor,
     scale: torch.Tensor,
@@ -217,16 +208,16 @@ def fit_on_grid(
     scale_codes, offset_codes, sup = quantize_params(*flat, group_size)
     s16, z16 = expand(scale_codes, offset_codes, sup, group_size)
     best_s, best_z = s16.float().unsqueeze(-1), z16.float().unsqueeze(-1)
-    best_err = _error(wg, _codes(wg, best_s, best_z, qmax), best_s, best_z, weight)
-    fit_weight = torch.ones_like(wg[:1]) if weight is None else weight
+    weight = torch.ones_like(wg[:1]) if weight is None else weight
+    best_err = weighted_sq_error(wg, assign_codes(wg, best_s, best_z, qmax), best_s, best_z, weight)
     for _ in range(rounds):
-        q = _codes(wg, best_s, best_z, qmax)
-        slope, zero_fit, _ok = weighted_fit(wg, q, fit_weight, best_s, best_z)
+        q = assign_codes(wg, best_s, best_z, qmax)
+        slope, zero_fit, _ok = weighted_fit(wg, q, weight, best_s, best_z)
         cs, co = codes_on(slope.view(r, n_groups), zero_fit.view(r, n_groups), sup, group_size)
         s16, z16 = expand(cs, co, sup, group_size)
         cand_s, cand_z = s16.float().unsqueeze(-1), z16.float().unsqueeze(-1)
-        err = _error(wg, _codes(wg, cand_s, cand_z, qmax), cand_s, cand_z, weight)
-        better = (err < best_err).unsqueeze(-1)
+        err = weighted_sq_error(wg, assign_codes(wg, cand_s, cand_z, qmax), cand_s, cand_z, weight)
+        better = err < best_err
         best_s, best_z = torch.where(better, cand_s, best_s), torch.where(better, cand_z, best_z)
         best_err = torch.minimum(err, best_err)
     return best_s, best_z, sup
