@@ -40,11 +40,17 @@ NATIVE = EnvVar(
     "0: never build or use moe-local's C kernel for quantized weights on the CPU (torch's kernels instead)",
 )
 
+LEAN = EnvVar(
+    "MOE_LOCAL_LEAN",
+    "1",
+    "0: decode Mixtral-structured models through transformers' forward instead of moe-local's lean step",
+)
+
 PROGRESS_SECONDS = EnvVar(
     "MOE_LOCAL_PROGRESS_SECONDS", "10", "seconds between progress lines when stderr is not a terminal"
 )
 
-REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG, NATIVE, PROGRESS_SECONDS)
+REGISTRY: tuple[EnvVar, ...] = (HOME, THREADS, DEBUG, NATIVE, LEAN, PROGRESS_SECONDS)
 
 
 def threads() -> int | None:

@@ -17,6 +17,7 @@ from moe_local import seq2seq
 from moe_local.config import SamplingParams
 from moe_local.errors import MoeLocalError, PromptTooLongError
 from moe_local.experts.store import StoreStats
+from moe_local.lean.decoder import LeanDecoder
 from moe_local.loading.loader import LoadedModel
 from moe_local.prompt import Prompt, encode_prompt
 from moe_local.sampling import LogitsProcessor, Sampler, sampler_from_params
@@ -100,16 +101,25 @@ def generate_step(
             chunk = ids[start : start + PREFILL_CHUNK][None]
             out = model(input_ids=chunk, **{keyword: cache}, use_cache=True, logits_to_keep=1)
             cache = _returned_cache(out, cache)
+        last = out.logits[0, -1]  # [V]
+        lean = LeanDecoder.build(model) if cache is not None else None
+        if lean is not None:  # the decode steps without transformers' dispatch (same values)
+            lean.start(cache)
+            cache = None
         while True:
-            logits = out.logits[0, -1].float().cpu()  # [V]
+            logits = last.float().cpu()  # [V]
             for proc in processors:
                 logits = proc(seen, logits)
             token = sampler(logits)
             yield token, torch.log_softmax(logits, dim=-1)
             seen.append(token)
+            if lean is not None:
+                last = lean.step(token)
+                continue
             step = torch.tensor([[token]], dtype=torch.long, device=device)
             out = model(input_ids=step, **{keyword: cache}, use_cache=True, logits_to_keep=1)
             cache = _returned_cache(out, cache)
+            last = out.logits[0, -1]
 
 
 def cache_keyword(model) -> str:

@@ -156,13 +156,7 @@ class OffloadedExperts(nn.Module):
         flat = idx.reshape(-1)  # [T*K]
         spans = _spans_by_expert(flat)
         needed = [e for e in spans if 0 <= e < self.num_experts]
-        if self.trace is not None:
-            self.trace.append(needed)
-        self.store.check_guess(self.layer, set(needed))
-        if self.next_router is not None:
-            guess = self.next_router.guess(x)
-            self.store.note_guess(self.next_router.layer, guess)
-            self.store.prefetch(self.next_router.layer, guess)
+        self._announce(x, needed)
         k, w_flat = idx.shape[1], wts.reshape(-1)  # [T*K] weights in the order of ``flat``
         for e in self.store.order(self.layer, needed):
             span = spans[e]
@@ -172,17 +166,51 @@ class OffloadedExperts(nn.Module):
             else:
                 tok = span // k  # [n] tokens routed to e (each once: a token's k experts differ)
                 rows, w_e = x[tok], w_flat[span, None]  # [n, H], [n, 1]
-            host_w = self.store.compute_on_host(self.layer, e, rows.shape[0])
-            if host_w is not None:  # cheaper to compute where the weights lie than to move them
-                y = self.expert_forward(rows.to("cpu"), host_w).to(x.device)
-            else:
-                y = self.expert_forward(rows, self.store.get(self.layer, e))  # [n, H]
-            y = y * w_e.to(y.dtype)
+            y = self._weighted(e, rows, w_e)
             if isinstance(span, int):
                 out[t : t + 1] += y.to(out.dtype)  # one rounding, as index_add_ rounds it
             else:
                 out.index_add_(0, tok, y.to(out.dtype))
         return out.reshape(shape)
+
+    def decode_token(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """``forward`` for one token whose routing is already a list (the lean decode step's call).
+
+        Args:
+            x: [1, H].
+            experts: the token's K distinct expert ids, in routing order.
+            weights: [K] their routing weights.
+
+        Returns:
+            [1, H], the values ``forward`` returns for the same routing.
+        """
+        needed = [e for e in experts if 0 <= e < self.num_experts]
+        self._announce(x, needed)
+        slot = {e: j for j, e in enumerate(experts)}
+        out = torch.zeros_like(x)  # [1, H]
+        for e in self.store.order(self.layer, needed):
+            j = slot[e]
+            out += self._weighted(e, x, weights[j : j + 1, None]).to(out.dtype)
+        return out
+
+    def _announce(self, x: torch.Tensor, needed: list[int]) -> None:
+        """Record the routed experts, score the last guess, and prefetch the next layer's guess."""
+        if self.trace is not None:
+            self.trace.append(needed)
+        self.store.check_guess(self.layer, set(needed))
+        if self.next_router is not None:
+            guess = self.next_router.guess(x)
+            self.store.note_guess(self.next_router.layer, guess)
+            self.store.prefetch(self.next_router.layer, guess)
+
+    def _weighted(self, e: int, rows: torch.Tensor, w_e: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on ``rows`` [n, H] times their weights ``w_e`` [n, 1]: [n, H]."""
+        host_w = self.store.compute_on_host(self.layer, e, rows.shape[0])
+        if host_w is not None:  # cheaper to compute where the weights lie than to move them
+            y = self.expert_forward(rows.to("cpu"), host_w).to(rows.device)
+        else:
+            y = self.expert_forward(rows, self.store.get(self.layer, e))  # [n, H]
+        return y * w_e.to(y.dtype)
 
 
 def _fused_call(x: torch.Tensor, w) -> torch.Tensor | None:

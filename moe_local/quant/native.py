@@ -61,13 +61,13 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(cc: str, out: Path) -> bool:
-    """Compile ``SOURCE`` into ``out`` (atomically: a half-written library is never loaded)."""
+def _build(cc: str, source: Path, out: Path) -> bool:
+    """Compile ``source`` into ``out`` (atomically: a half-written library is never loaded)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         target = Path(tmp) / out.name
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):  # without OpenMP: one thread
-            cmd = [cc, *flags, str(SOURCE), "-o", str(target), "-lm"]
+            cmd = [cc, *flags, str(source), "-o", str(target), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode == 0:
                 os.replace(target, out)
@@ -76,25 +76,41 @@ def _build(cc: str, out: Path) -> bool:
     return False
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
+def compile_and_load(source: Path, abi_symbol: str, abi: int) -> ctypes.CDLL | None:
+    """Build ``source`` once per machine into ``MOE_LOCAL_HOME/kernels`` and load it.
+
+    Args:
+        source: a C file of moe-local's.
+        abi_symbol: its function returning the ABI number.
+        abi: the number the Python side was written for.
+
+    Returns:
+        The library, or None with ``MOE_LOCAL_NATIVE=0``, without AVX2/FMA/F16C or a C compiler, when
+        it does not compile or load, or when its ABI differs.
+    """
     if env.NATIVE.get().strip() == "0" or not _cpu_has_flags():
         return None
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: quantized weights run on torch's kernels")
+        log.info("no C compiler found: %s is not used", source.name)
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    path = env.home_dir() / "kernels" / f"qlinear-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    path = env.home_dir() / "kernels" / f"{source.stem}-{key}.so"
     try:
-        if not path.exists() and not _build(cc, path):
-            log.info("the native kernel did not compile: quantized weights run on torch's kernels")
+        if not path.exists() and not _build(cc, source, path):
+            log.info("%s did not compile: torch's kernels run instead", source.name)
             return None
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
-        log.info("the native kernel cannot be loaded (%s): quantized weights run on torch's kernels", exc)
+        log.info("%s cannot be loaded (%s): torch's kernels run instead", source.name, exc)
         return None
-    if lib.moe_local_qlinear_abi() != _ABI:
+    return lib if getattr(lib, abi_symbol)() == abi else None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = compile_and_load(SOURCE, "moe_local_qlinear_abi", _ABI)
+    if lib is None:
         return None
     fn = lib.moe_local_qlinear
     ptr, i32 = ctypes.c_void_p, ctypes.c_int

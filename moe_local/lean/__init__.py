@@ -1,0 +1,1 @@
+"""The lean decode step (one token without transformers' dispatch) and its native operations."""
