@@ -1,8 +1,8 @@
 """The packages stack in layers, and nothing imports upward: no import circle between them.
 
 models (the families moe-local defines itself: transformers-style modeling files that import
-nothing else of moe-local) < quant (numerics) < experts (stores, the experts module) < format
-(readers of files on disk) < loading (open a checkpoint, load) < convert (quantize, calibrate,
+nothing else of moe-local) < quant (numerics) < experts (stores, the experts module) < lean (the
+decode step without transformers' dispatch) < format (readers of files on disk) < loading (open a checkpoint, load) < convert (quantize, calibrate,
 export, stage). Every import counts, at module level or inside a function, except those under
 ``if TYPE_CHECKING:``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import moe_local
 
 ROOT = Path(os.environ.get("MOE_LOCAL_IMPORT_ROOT") or Path(moe_local.__file__).parent)
-LAYERS = ("models", "quant", "experts", "format", "loading", "convert")
+LAYERS = ("models", "quant", "experts", "lean", "format", "loading", "convert")
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
