@@ -1,4 +1,4 @@
-"""The lean decode step: one token through a Mixtral-structured model without transformers' dispatch.
+"""The lean decode step: one token through a Mixtral- or Qwen-MoE-shaped model, no transformers dispatch.
 
 transformers' forward for one token spends about as much time in module calls, mask and cache
 bookkeeping and 5-15 small torch ops per norm, rotary embedding, attention and router as in the
@@ -8,16 +8,21 @@ projections on the weights' own kernels, and the experts through the same ``Offl
 (cache, prefetch, statistics and trace unchanged). The prompt still runs through transformers'
 forward; its keys and values are then copied once into a preallocated cache (``LeanCache``).
 
+The structures it knows (``STRUCTURES``): Mixtral; Qwen3-MoE (per-head q/k norms, ``norm_topk_prob``,
+dense MLP layers where ``mlp_only_layers`` says); Qwen2-MoE (projection biases, and the shared
+expert behind its sigmoid gate, both through their own modules). Anything else, or a model whose
+layers differ from the structure in any class, keeps transformers' forward (``LeanDecoder.build``
+says why, in the debug log); ``MOE_LOCAL_LEAN=0`` turns the path off.
+
 The values equal transformers' bf16 forward up to the order of float32 sums in attention, router and
-norms (bounded in ``tests/lean/test_decoder.py``). Only models whose every layer has exactly
-Mixtral's structure take this path (``LeanDecoder.build`` says why not, in the debug log);
-``MOE_LOCAL_LEAN=0`` turns it off.
+norms, and router ties broken by the lower expert id (``tests/lean/test_decoder.py``).
 
 Legend: H hidden size, D head size, Hq query heads, Hkv key/value heads, V vocabulary.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from torch import nn
 from moe_local import env
 from moe_local.experts.module import OffloadedExperts
 from moe_local.lean import ops
+from moe_local.lean.cache import LeanCache
 from moe_local.quant import native
 
 log = logging.getLogger(__name__)
@@ -35,81 +41,125 @@ log = logging.getLogger(__name__)
 Projection = Callable[[torch.Tensor], torch.Tensor]  # [1, I] bf16 -> [1, O] bf16
 
 
+@dataclass(frozen=True)
+class Structure:
+    """The classes of one family's decoder, as transformers defines them, and what differs from Mixtral."""
+
+    causal_lm: type
+    model: type
+    layer: type
+    attention: type
+    norm: type
+    sparse_block: type
+    router: type
+    dense_mlp: type | None = None  # layers the config keeps dense (Qwen's mlp_only_layers)
+    head_norms: bool = False  # RMSNorm of each query and key head before the rotation (Qwen3)
+    shared_expert: bool = False  # a shared expert behind a sigmoid gate, added to the routed ones (Qwen2)
+    window_in_config: bool = False  # the sliding window is read from the config (Mixtral), not the layer
+
+
+@functools.cache
+def structures() -> tuple[Structure, ...]:
+    """The families the lean step computes (their transformers classes, imported on first use)."""
+    from transformers.models.mixtral import modeling_mixtral as mx
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as q2
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as q3
+
+    return (
+        Structure(
+            mx.MixtralForCausalLM, mx.MixtralModel, mx.MixtralDecoderLayer, mx.MixtralAttention,
+            mx.MixtralRMSNorm, mx.MixtralSparseMoeBlock, mx.MixtralTopKRouter, window_in_config=True,
+        ),
+        Structure(
+            q3.Qwen3MoeForCausalLM, q3.Qwen3MoeModel, q3.Qwen3MoeDecoderLayer, q3.Qwen3MoeAttention,
+            q3.Qwen3MoeRMSNorm, q3.Qwen3MoeSparseMoeBlock, q3.Qwen3MoeTopKRouter, q3.Qwen3MoeMLP,
+            head_norms=True,
+        ),
+        Structure(
+            q2.Qwen2MoeForCausalLM, q2.Qwen2MoeModel, q2.Qwen2MoeDecoderLayer, q2.Qwen2MoeAttention,
+            q2.Qwen2MoeRMSNorm, q2.Qwen2MoeSparseMoeBlock, q2.Qwen2MoeTopKRouter, q2.Qwen2MoeMLP,
+            shared_expert=True,
+        ),
+    )  # fmt: skip
+
+
 def _projection(module: nn.Module) -> Projection:
     """The cheapest call computing ``module(x)`` for one bf16 row: the weight's kernel when it has one."""
+    from moe_local.quant.dense import NativeDenseLinear
     from moe_local.quant.linear import QuantLinear
 
     if isinstance(module, QuantLinear) and module.bias is None:
         fast = getattr(module.quantized(), "native_weight", lambda: None)()
         if fast is not None:
             return fast.linear_bf16
-    if type(module) is nn.Linear and module.bias is None and module.weight.dtype is torch.bfloat16:
+    if (
+        type(module) in (nn.Linear, NativeDenseLinear)
+        and module.bias is None
+        and module.weight.dtype is torch.bfloat16
+    ):
         weight = module.weight
         if native.available():
             return lambda x: native.dense_bf16(x, weight)
-    return module
+    return module  # biases, other weight types: the module itself
+
+
+def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
+    return module.weight, float(module.variance_epsilon)
 
 
 @dataclass(frozen=True)
 class _Layer:
     """One decoder layer's pieces, resolved once per generation."""
 
-    norm1: torch.Tensor  # [H] bf16
-    eps1: float
+    norm1: tuple[torch.Tensor, float]  # ([H] bf16 weight, eps)
     q: Projection
     k: Projection
     v: Projection
     o: Projection
-    norm2: torch.Tensor
-    eps2: float
-    router: ops.Router
-    experts: OffloadedExperts
+    q_norm: tuple[torch.Tensor, float] | None
+    k_norm: tuple[torch.Tensor, float] | None
+    norm2: tuple[torch.Tensor, float]
+    router: ops.Router | None  # None: a dense MLP layer
+    experts: OffloadedExperts | None
+    mlp: nn.Module  # the whole MLP block (a dense layer's MLP, or the sparse block for its shared expert)
+    shared: bool
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP block on the normed hidden state ``h`` [1, H]: [1, H]."""
+        if self.router is None:
+            return self.mlp(h)
+        experts, weights = self.router(h[0])
+        out = self.experts.decode_token(h, experts, weights)
+        if self.shared:  # Qwen2-MoE: out + sigmoid(gate(h)) * shared_expert(h), as its block adds them
+            block = self.mlp
+            out = out + torch.sigmoid(block.shared_expert_gate(h)) * block.shared_expert(h)
+        return out
 
 
-class LeanCache:
-    """Keys and values of every layer in preallocated bf16 buffers [Hkv, capacity, D], grown by doubling.
-
-    Args:
-        layers: decoder layers.
-        kv_heads: key/value heads.
-        head_dim: D.
-        capacity: positions to make room for at first.
-    """
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
-        self.length = 0
-        shape = (kv_heads, max(capacity, 16), head_dim)
-        self.keys = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(layers)]
-
-    @property
-    def capacity(self) -> int:
-        """Positions the buffers hold."""
-        return self.keys[0].shape[1]
-
-    def reserve(self, positions: int) -> None:
-        """Make room for ``positions`` positions (copying into buffers twice as large when needed)."""
-        if positions <= self.capacity:
-            return
-        size = max(positions, 2 * self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = torch.empty((old.shape[0], size, old.shape[2]), dtype=old.dtype)
-                new[:, : self.length] = old[:, : self.length]
-                buffers[i] = new
-
-    def fill_from(self, cache) -> None:
-        """Copy a transformers ``DynamicCache`` (after the prompt's forward) into the buffers."""
-        length = cache.get_seq_length()
-        self.reserve(length + 1)
-        for i, layer in enumerate(cache.layers):
-            self.keys[i][:, :length] = layer.keys[0]
-            self.values[i][:, :length] = layer.values[0]
-        self.length = length
+def _layer(layer: nn.Module, s: Structure) -> _Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    sparse = type(mlp) is s.sparse_block
+    gate = mlp.gate if sparse else None
+    return _Layer(
+        norm1=_norm(layer.input_layernorm),
+        q=_projection(attn.q_proj),
+        k=_projection(attn.k_proj),
+        v=_projection(attn.v_proj),
+        o=_projection(attn.o_proj),
+        q_norm=_norm(attn.q_norm) if s.head_norms else None,
+        k_norm=_norm(attn.k_norm) if s.head_norms else None,
+        norm2=_norm(layer.post_attention_layernorm),
+        router=ops.Router(gate.weight, int(gate.top_k), bool(getattr(gate, "norm_topk_prob", True)))
+        if sparse
+        else None,
+        experts=mlp.experts if sparse else None,
+        mlp=mlp,
+        shared=sparse and s.shared_expert,
+    )
 
 
 class LeanDecoder:
-    """Decode steps of one generation on a Mixtral-structured bf16 model on the CPU.
+    """Decode steps of one generation on a bf16 CPU model of a known structure.
 
     Build with ``LeanDecoder.build``; ``start`` takes over the prompt's cache, ``step`` returns the
     next logits.
@@ -118,15 +168,14 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
         cfg = model.config
         inner = model.model
-        self.model = model
         self.layers = layers
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
-        self.norm, self.norm_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
+        self.norm = _norm(inner.norm)
         self.lm_head = model.lm_head
         self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
-        self.scale = self.head_dim**-0.5
+        self.head_dim = _head_dim(cfg)
+        self.scale = float(inner.layers[0].self_attn.scaling)  # head_dim ** -0.5 in these families
         self.cache = LeanCache(len(layers), self.kv_heads, self.head_dim, 0)
         self._scores = torch.empty(0, dtype=torch.float32)
 
@@ -138,31 +187,14 @@ class LeanDecoder:
             model: a loaded model.
 
         Returns:
-            The decoder, or None: not a Mixtral-structured bf16 CPU model in eval mode, a sliding
+            The decoder, or None: not a bf16 CPU model of a known structure in eval mode, a sliding
             window, a layer of another structure, ``MOE_LOCAL_LEAN=0``, or no native operations.
         """
-        why = _unsupported(model)
-        if why:
+        structure, why = _structure_of(model)
+        if structure is None:
             log.debug("lean decode step not used: %s", why)
             return None
-        layers = []
-        for layer in model.model.layers:
-            attn, moe = layer.self_attn, layer.mlp
-            layers.append(
-                _Layer(
-                    norm1=layer.input_layernorm.weight,
-                    eps1=float(layer.input_layernorm.variance_epsilon),
-                    q=_projection(attn.q_proj),
-                    k=_projection(attn.k_proj),
-                    v=_projection(attn.v_proj),
-                    o=_projection(attn.o_proj),
-                    norm2=layer.post_attention_layernorm.weight,
-                    eps2=float(layer.post_attention_layernorm.variance_epsilon),
-                    router=ops.Router(moe.gate.weight, int(moe.gate.top_k), renormalize=True),
-                    experts=moe.experts,
-                )
-            )
-        return cls(model, layers)
+        return cls(model, [_layer(layer, structure) for layer in model.model.layers])
 
     def start(self, cache) -> None:
         """Take over the keys and values of the prompt's forward (a ``DynamicCache``)."""
@@ -175,69 +207,84 @@ class LeanDecoder:
         cache.reserve(pos + 1)
         if self._scores.numel() < pos + 1:
             self._scores = torch.empty(max(2 * (pos + 1), 256), dtype=torch.float32)
+        hq, hkv, d = self.heads, self.kv_heads, self.head_dim
         x = self.embed(torch.tensor([token]))  # [1, H]
         cos, sin = self.rotary(x[None], torch.tensor([[pos]]))  # [1, 1, D] each, bf16
         cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         for i, layer in enumerate(self.layers):
-            h = ops.rmsnorm(x[0], layer.norm1, layer.eps1)[None]  # [1, H]
-            q = ops.rope_(layer.q(h).view(self.heads, self.head_dim), cos, sin)  # [Hq, D]
-            k = ops.rope_(layer.k(h).view(self.kv_heads, self.head_dim), cos, sin)  # [Hkv, D]
+            h = ops.rmsnorm(x, *layer.norm1)  # [1, H]
+            q = layer.q(h).view(hq, d)  # [Hq, D]
+            k = layer.k(h).view(hkv, d)  # [Hkv, D]
+            if layer.q_norm is not None:
+                q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
+            ops.rope_(q, cos, sin)
+            ops.rope_(k, cos, sin)
             keys, values = cache.keys[i], cache.values[i]
             keys[:, pos] = k
-            values[:, pos] = layer.v(h).view(self.kv_heads, self.head_dim)
+            values[:, pos] = layer.v(h).view(hkv, d)
             attn = ops.attend(q, keys, values, pos + 1, self.scale, self._scores)  # [Hq * D]
             x = x + layer.o(attn[None])
-            h = ops.rmsnorm(x[0], layer.norm2, layer.eps2)[None]
-            experts, weights = layer.router(h[0])
-            x = x + layer.experts.decode_token(h, experts, weights)
+            x = x + layer.feed_forward(ops.rmsnorm(x, *layer.norm2))
         cache.length = pos + 1
-        x = ops.rmsnorm(x[0], self.norm, self.norm_eps)[None]
-        return self.lm_head(x)[0]
+        return self.lm_head(ops.rmsnorm(x, *self.norm))[0]
 
 
-def _unsupported(model: nn.Module) -> str | None:
-    """Why ``model`` cannot take the lean path, or None when it can."""
+def _head_dim(cfg) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _structure_of(model: nn.Module) -> tuple[Structure | None, str]:
+    """The structure ``model`` has exactly, or None and why not."""
     if env.LEAN.get().strip() == "0":
-        return f"{env.LEAN.name}=0"
-    from transformers.models.mixtral import modeling_mixtral as mx
-
-    if type(model) is not mx.MixtralForCausalLM or type(getattr(model, "model", None)) is not mx.MixtralModel:
-        return f"{type(model).__name__} is not Mixtral's structure"
+        return None, f"{env.LEAN.name}=0"
+    s = next((s for s in structures() if type(model) is s.causal_lm), None)
+    if s is None or type(getattr(model, "model", None)) is not s.model:
+        return None, f"{type(model).__name__} is not a structure it knows"
     if model.training:
-        return "the model is in training mode"
+        return None, "the model is in training mode"
     if getattr(model, "dtype", None) is not torch.bfloat16 or model.device.type != "cpu":
-        return "not a bf16 model on the CPU"
+        return None, "not a bf16 model on the CPU"
     cfg = model.config
-    if getattr(cfg, "sliding_window", None) is not None:
-        return "a sliding attention window"
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = _head_dim(cfg)
     if head_dim > ops.MAX_HEAD_DIM or head_dim % 2 or cfg.hidden_size > ops.MAX_ROUTER_WIDTH:
-        return "head or hidden size beyond the native operations' buffers"
+        return None, "head or hidden size beyond the native operations' buffers"
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        return "query heads not a multiple of key/value heads"
+        return None, "query heads not a multiple of key/value heads"
     inner = model.model
-    norms = [inner.norm] + [
-        n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)
-    ]
-    for norm in norms:
-        if (
-            type(norm) is not mx.MixtralRMSNorm
-            or norm.weight.dtype is not torch.bfloat16
-            or norm.weight.device.type != "cpu"
-        ):
-            return "a norm not in bf16 on the CPU"
+    if type(inner.norm) is not s.norm:
+        return None, "a final norm of another class"
     for layer in inner.layers:
-        if type(layer) is not mx.MixtralDecoderLayer or type(layer.self_attn) is not mx.MixtralAttention:
-            return "a layer of another structure"
-        gate = layer.mlp.gate
-        if type(layer.mlp) is not mx.MixtralSparseMoeBlock or type(gate) is not mx.MixtralTopKRouter:
-            return "a router of another structure"
-        if gate.weight.dtype is not torch.bfloat16 or gate.weight.device.type != "cpu":
-            return "a router not in bf16 on the CPU"
-        if not isinstance(layer.mlp.experts, OffloadedExperts):
-            return "experts not served by moe-local's store"
-        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
-            return "forward hooks on a layer"
+        why = _layer_problem(layer, s, cfg)
+        if why:
+            return None, why
     if not ops.available():
-        return "the native operations are not available"
+        return None, "the native operations are not available"
+    return s, ""
+
+
+def _layer_problem(layer: nn.Module, s: Structure, cfg) -> str | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(layer) is not s.layer or type(attn) is not s.attention:
+        return "a layer of another structure"
+    # a window also changes what transformers' cache keeps: such a model keeps transformers' forward
+    window = (
+        getattr(cfg, "sliding_window", None) if s.window_in_config else getattr(attn, "sliding_window", None)
+    )
+    if window is not None:
+        return "a sliding attention window"
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    norms += [attn.q_norm, attn.k_norm] if s.head_norms else []
+    for norm in norms:
+        if type(norm) is not s.norm or norm.weight.dtype is not torch.bfloat16:
+            return "a norm of another class or dtype"
+    if type(mlp) is s.sparse_block:
+        gate = mlp.gate
+        if type(gate) is not s.router or gate.weight.dtype is not torch.bfloat16:
+            return "a router of another class or dtype"
+        if not isinstance(mlp.experts, OffloadedExperts):
+            return "experts not served by moe-local's store"
+    elif s.dense_mlp is None or type(mlp) is not s.dense_mlp:
+        return "an MLP of another structure"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+        return "forward hooks on a layer"
     return None

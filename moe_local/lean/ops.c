@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int moe_local_lean_abi(void) { return 1; }
+int moe_local_lean_abi(void) { return 2; }
 
 static inline float f32(uint16_t b) {
     const uint32_t u = (uint32_t)b << 16;
@@ -61,16 +61,21 @@ static inline void axpy_bf16(float *acc, float p, const uint16_t *b, int n) {
     for (; i < n; i++) acc[i] += p * f32(b[i]);
 }
 
-/* y[H] = w * bf16(x * rsqrt(mean(x^2) + eps)): transformers' RMSNorm of a bf16 input (float32 inside,
- * rounded to bf16, then the bf16 product with the weight). */
-void moe_local_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int H, float eps, uint16_t *y) {
-    float ss = 0.0f;
-    for (int i = 0; i < H; i++) {
-        const float v = f32(x[i]);
-        ss += v * v;
+/* y[rows, H] = w * bf16(x * rsqrt(mean(x^2) + eps)) per row: transformers' RMSNorm of a bf16 input
+ * (float32 inside, rounded to bf16, then the bf16 product with the weight); rows > 1 for a per-head
+ * norm (Qwen3's q_norm and k_norm over [heads, D]). */
+void moe_local_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, int rows, int H, float eps, uint16_t *y) {
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *xr = x + (size_t)r * H;
+        uint16_t *yr = y + (size_t)r * H;
+        float ss = 0.0f;
+        for (int i = 0; i < H; i++) {
+            const float v = f32(xr[i]);
+            ss += v * v;
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)H + eps);
+        for (int i = 0; i < H; i++) yr[i] = bf16(f32(w[i]) * f32(bf16(f32(xr[i]) * inv)));
     }
-    const float r = 1.0f / sqrtf(ss / (float)H + eps);
-    for (int i = 0; i < H; i++) y[i] = bf16(f32(w[i]) * f32(bf16(f32(x[i]) * r)));
 }
 
 /* In place, heads x [heads, D]: x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16

@@ -17,7 +17,7 @@ import torch
 from moe_local.quant import native
 
 SOURCE = Path(__file__).with_name("ops.c")
-_ABI = 1
+_ABI = 2
 MAX_HEAD_DIM = 512  # ops.c's stack buffers
 MAX_ROUTER_WIDTH = 16384
 
@@ -28,7 +28,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.moe_local_rmsnorm_bf16.argtypes = [ptr, ptr, i32, f32, ptr]
+    lib.moe_local_rmsnorm_bf16.argtypes = [ptr, ptr, i32, i32, f32, ptr]
     lib.moe_local_rmsnorm_bf16.restype = None
     lib.moe_local_rope_bf16.argtypes = [ptr, i32, i32, ptr, ptr]
     lib.moe_local_rope_bf16.restype = None
@@ -52,18 +52,20 @@ def _lib() -> ctypes.CDLL:
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm of a bf16 vector: ``weight * bf16(x * rsqrt(mean(x^2) + eps))``.
+    """transformers' RMSNorm of bf16 rows: ``weight * bf16(x * rsqrt(mean(x^2) + eps))`` per row.
 
     Args:
-        x: [H] bfloat16.
+        x: [H] or [rows, H] bfloat16 (a per-head norm: [heads, D]).
         weight: [H] bfloat16.
         eps: the norm's epsilon.
 
     Returns:
-        [H] bfloat16.
+        ``x``'s shape, bfloat16.
     """
     out = torch.empty_like(x)
-    _lib().moe_local_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), x.numel(), eps, out.data_ptr())
+    width = x.shape[-1]
+    rows = x.numel() // width
+    _lib().moe_local_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), rows, width, eps, out.data_ptr())
     return out
 
 
