@@ -102,10 +102,10 @@ def generate_step(
             out = model(input_ids=chunk, **{keyword: cache}, use_cache=True, logits_to_keep=1)
             cache = _returned_cache(out, cache)
         last = out.logits[0, -1]  # [V]
-        lean = LeanDecoder.build(model) if cache is not None else None
+        lean = LeanDecoder.build(model, lm.context) if cache is not None else None
         if lean is not None:  # the decode steps without transformers' dispatch (same values)
             lean.start(cache)
-            cache = None
+            cache = out = None  # transformers' copy of the keys and values goes now, not at the end
         while True:
             logits = last.float().cpu()  # [V]
             for proc in processors:

@@ -16,10 +16,15 @@ class LeanCache:
         kv_heads: key/value heads.
         head_dim: D.
         capacity: positions to make room for at first.
+        limit: the most positions it ever grows to by doubling (the model's context; a request past
+            it still gets room, exactly as much as it asks for).
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, limit: int | None = None
+    ) -> None:
         self.length = 0
+        self.limit = limit
         shape = (kv_heads, max(capacity, 16), head_dim)
         self.keys = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(layers)]
@@ -33,7 +38,8 @@ class LeanCache:
         """Make room for ``positions`` positions (copying into buffers twice as large when needed)."""
         if positions <= self.capacity:
             return
-        size = max(positions, 2 * self.capacity)
+        size = 2 * self.capacity if self.limit is None else min(2 * self.capacity, self.limit)
+        size = max(positions, size)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 new = torch.empty((old.shape[0], size, old.shape[2]), dtype=old.dtype)

@@ -165,7 +165,7 @@ class LeanDecoder:
     next logits.
     """
 
-    def __init__(self, model: nn.Module, layers: list[_Layer]) -> None:
+    def __init__(self, model: nn.Module, layers: list[_Layer], context: int | None = None) -> None:
         cfg = model.config
         inner = model.model
         self.layers = layers
@@ -176,15 +176,16 @@ class LeanDecoder:
         self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
         self.head_dim = _head_dim(cfg)
         self.scale = float(inner.layers[0].self_attn.scaling)  # head_dim ** -0.5 in these families
-        self.cache = LeanCache(len(layers), self.kv_heads, self.head_dim, 0)
+        self.cache = LeanCache(len(layers), self.kv_heads, self.head_dim, 0, limit=context)
         self._scores = torch.empty(0, dtype=torch.float32)
 
     @classmethod
-    def build(cls, model: nn.Module) -> LeanDecoder | None:
+    def build(cls, model: nn.Module, context: int | None = None) -> LeanDecoder | None:
         """A lean decoder for ``model``, or None when it cannot take this path (the reason is logged).
 
         Args:
             model: a loaded model.
+            context: positions the generation may reach (its cache grows by doubling up to this).
 
         Returns:
             The decoder, or None: not a bf16 CPU model of a known structure in eval mode, a sliding
@@ -194,7 +195,7 @@ class LeanDecoder:
         if structure is None:
             log.debug("lean decode step not used: %s", why)
             return None
-        return cls(model, [_layer(layer, structure) for layer in model.model.layers])
+        return cls(model, [_layer(layer, structure) for layer in model.model.layers], context)
 
     def start(self, cache) -> None:
         """Take over the keys and values of the prompt's forward (a ``DynamicCache``)."""

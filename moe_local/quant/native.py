@@ -44,16 +44,21 @@ THREADED_MACS = 1 << 21
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
-def _cpu_has_flags() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty off x86-64 Linux)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     lines = (line for line in text.splitlines() if line.startswith("flags"))
-    flags = next((line.split(":", 1)[1].split() for line in lines), [])
-    return all(f in flags for f in _REQUIRED_CPU_FLAGS)
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines), []))
+
+
+def _cpu_has_flags() -> bool:
+    return all(f in cpu_flags() for f in _REQUIRED_CPU_FLAGS)
 
 
 def _compiler() -> str | None:

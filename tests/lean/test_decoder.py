@@ -127,3 +127,11 @@ def test_cache_grows_without_losing_positions():
     for i in range(2):
         assert torch.equal(cache.keys[i][0, :16, 0], torch.arange(16).bfloat16())
         assert torch.equal(cache.values[i][1, :16, 3], -torch.arange(16).bfloat16())
+
+
+def test_cache_doubles_only_up_to_the_context():
+    cache = LeanCache(layers=1, kv_heads=1, head_dim=2, capacity=16, limit=20)
+    cache.reserve(17)
+    assert cache.capacity == 20  # not 32: the generation cannot reach past its context
+    cache.reserve(25)
+    assert cache.capacity == 25  # asked for more than the limit: exactly that much

@@ -14,6 +14,12 @@ from moe_local.quant import dense, native, scratch
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
 
 
+@pytest.fixture(autouse=True)
+def _float32_many_rows(monkeypatch):
+    """The float32 many-row path on every machine (``BF16_GEMM`` chooses torch's bf16 GEMM on some)."""
+    monkeypatch.setattr(dense, "BF16_GEMM", False)
+
+
 def _exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """The float64 product of the bf16 values: what every path approximates."""
     out = x.double() @ w.double().T
@@ -43,6 +49,18 @@ def test_many_rows_and_bias_run_in_float32_rounded_once() -> None:
     assert torch.equal(got, want)
     few = dense.dense_linear(x[0, :2], w, b)  # a bias takes the float32 path at any row count
     assert torch.equal(few, F.linear(x[0, :2].float(), w.float(), b.float()).bfloat16())
+
+
+def test_many_rows_on_a_cpu_with_bf16_products_run_torchs_bf16_gemm(monkeypatch) -> None:
+    monkeypatch.setattr(dense, "BF16_GEMM", True)
+    torch.manual_seed(1)
+    w, b = torch.randn(40, 64).bfloat16(), torch.randn(40).bfloat16()
+    x = torch.randn(3, 50, 64).bfloat16()
+    got = dense.dense_linear(x, w, b)
+    assert got.shape == (3, 50, 40) and got.dtype == torch.bfloat16
+    assert torch.equal(got, F.linear(x, w, b))
+    ref = _exact(x, w, b)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-2).all()  # float32 sums, bf16 out
 
 
 def test_the_many_row_path_converts_a_block_of_rows_at_a_time(monkeypatch) -> None:
