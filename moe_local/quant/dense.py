@@ -10,7 +10,7 @@ products and sums, rounded once, as torch rounds them) and many rows through flo
 converted a block of rows at a time, one float32 GEMM per block, rounded once to bf16). On a CPU
 with bf16 dot-product instructions (AVX-512 BF16 or AMX) torch's own bf16 GEMM is the fast one
 (2.4-3x float32's on a 2-core AVX-512 BF16 machine, float32 sums of the same exact products), so
-many rows run there as they are (``BF16_GEMM``). Anything else, or a machine without the native
+many rows run there as they are (``native.BF16_GEMM``). Anything else, or a machine without the native
 kernel, stays ``F.linear``.
 
 ``NativeDenseLinear`` is ``nn.Linear`` with that forward; ``use_native_dense`` swaps it in for every
@@ -30,8 +30,7 @@ from moe_local.quant.rtn import row_chunks
 from moe_local.quant.scratch import float32_rows
 
 NATIVE_DENSE_MAX_ROWS = 16  # above this many rows the float32 GEMM beats the native kernel
-# many rows in torch's bf16 GEMM where the CPU multiplies bf16 pairs itself (else the float32 path)
-BF16_GEMM = bool({"avx512_bf16", "amx_bf16"} & native.cpu_flags())
+
 CONVERT_CHUNK_ELEMS = 1 << 22  # weights converted to float32 at once by the many-row path (16 MiB)
 
 
@@ -68,7 +67,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return F.linear(x, weight, bias)
     if bias is None and rows <= NATIVE_DENSE_MAX_ROWS:
         out = native.dense_bf16(x2, weight)
-    elif BF16_GEMM:
+    elif native.BF16_GEMM:
         out = F.linear(x2, weight, bias)
     else:
         xf = x2.float()

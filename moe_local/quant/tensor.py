@@ -294,6 +294,21 @@ class QuantizedTensor(QuantizedWeight):
         w.sub_(self.zeros[start:end, :, None].to(torch.float32)).mul_(self.scales[start:end, :, None])
         return w.view(rows, i).to(dtype)
 
+    def _bf16_gemm(self, x2: torch.Tensor) -> bool:
+        """Whether many bf16 rows of ``x2`` run torch's bf16 GEMM on ``W_hat`` rounded to bf16.
+
+        Where the CPU multiplies bf16 pairs (``native.BF16_GEMM``), and for codes of 4 bits or fewer:
+        rounding ``W_hat`` to bf16 moves a weight by at most 2^-9 of itself, a few percent of what
+        4-bit codes already move it; 8-bit codes, whose own error is that small, stay in float32.
+        """
+        return (
+            native.BF16_GEMM
+            and self.qtype.bits <= 4
+            and x2.dtype is torch.bfloat16
+            and self.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        )
+
     def _rows_for_matmul(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """``dequantize_rows`` for an immediate matmul: on the native kernel in float32, written into
         this thread's reused buffer (``scratch``)."""
@@ -486,6 +501,13 @@ class QuantizedTensor(QuantizedWeight):
         elif kind == _INT4:
             weight, scale_bias = self._kernel_tensors(kind, x2.dtype)
             out = kernels.int4_linear(x2, weight, self.qtype.group_size, scale_bias)
+        elif self._bf16_gemm(x2):
+            # many bf16 rows where the CPU multiplies bf16 pairs: W_hat rounded to bf16, torch's bf16 GEMM
+            parts = [
+                F.linear(x2, self._rows_for_matmul(start, end, torch.float32).to(torch.bfloat16))
+                for start, end in row_chunks(o, i, DEQUANT_CHUNK_ELEMS)
+            ]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         else:
             # many bf16 rows on the CPU: a float32 matmul (bf16's is 3-7x slower without AVX-512 BF16)
             fp32 = x2.dtype == torch.bfloat16 and self.device.type == "cpu"

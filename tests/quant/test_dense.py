@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="the native kerne
 @pytest.fixture(autouse=True)
 def _float32_many_rows(monkeypatch):
     """The float32 many-row path on every machine (``BF16_GEMM`` chooses torch's bf16 GEMM on some)."""
-    monkeypatch.setattr(dense, "BF16_GEMM", False)
+    monkeypatch.setattr(native, "BF16_GEMM", False)
 
 
 def _exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_many_rows_and_bias_run_in_float32_rounded_once() -> None:
 
 
 def test_many_rows_on_a_cpu_with_bf16_products_run_torchs_bf16_gemm(monkeypatch) -> None:
-    monkeypatch.setattr(dense, "BF16_GEMM", True)
+    monkeypatch.setattr(native, "BF16_GEMM", True)
     torch.manual_seed(1)
     w, b = torch.randn(40, 64).bfloat16(), torch.randn(40).bfloat16()
     x = torch.randn(3, 50, 64).bfloat16()
