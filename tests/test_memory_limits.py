@@ -153,6 +153,19 @@ def test_runtime_overhead_is_measured():
     assert memory.runtime_overhead(baseline=5).total == 5 + memory.SLACK
 
 
+def test_bf16_compute_counts_the_bf16_gemm_workspace_where_it_runs(monkeypatch):
+    from moe_local.quant import native
+
+    config = tiny_config("mixtral")
+    monkeypatch.setattr(native, "BF16_GEMM", False)
+    plain = memory.runtime_overhead(config, context=128, dtype_bytes=2, baseline=0).activations
+    monkeypatch.setattr(native, "BF16_GEMM", True)
+    gemm = memory.runtime_overhead(config, context=128, dtype_bytes=2, baseline=0).activations
+    assert gemm - plain == memory.BF16_GEMM_WORKSPACE  # what oneDNN keeps after the first prompt
+    fp32 = memory.runtime_overhead(config, context=128, dtype_bytes=4, baseline=0).activations
+    assert fp32 == memory.activation_bytes(config, 128, 4)  # float32 compute never runs it
+
+
 CEILING = textwrap.dedent(
     """
     import json, sys, threading, time, torch

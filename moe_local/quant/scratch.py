@@ -1,4 +1,4 @@
-"""Each computing thread's reused float32 buffer for weight rows converted just before a matmul.
+"""Each computing thread's reused buffers (float32, bf16) for weight rows converted just before a matmul.
 
 The many-row (prefill) paths dequantize or widen a block of weight rows at a time and multiply at
 once. A fresh multi-MiB buffer per block costs page faults, which once a model was loaded cost
@@ -28,11 +28,21 @@ def float32_rows(rows: int, cols: int, min_elems: int = 0) -> torch.Tensor:
     Returns:
         The view.
     """
+    return _rows("buf", torch.float32, rows, cols, min_elems)
+
+
+def bf16_rows(rows: int, cols: int, min_elems: int = 0) -> torch.Tensor:
+    """``float32_rows`` for bfloat16: a second buffer, so a block can be converted from the first."""
+    return _rows("buf16", torch.bfloat16, rows, cols, min_elems)
+
+
+def _rows(name: str, dtype: torch.dtype, rows: int, cols: int, min_elems: int) -> torch.Tensor:
     n = rows * cols
-    buf = getattr(_local, "buf", None)
+    buf = getattr(_local, name, None)
     if buf is None or buf.numel() < n:
         # a normal tensor even when first needed under inference_mode: an inference tensor could
         # not be written in place by a later call outside it
         with torch.inference_mode(False):
-            buf = _local.buf = torch.empty(max(n, min_elems), dtype=torch.float32)
+            buf = torch.empty(max(n, min_elems), dtype=dtype)
+            setattr(_local, name, buf)
     return buf[:n].view(rows, cols)

@@ -27,7 +27,7 @@ from moe_local.quant.base import QuantizedWeight, check_shape
 from moe_local.quant.pack import packed_size, unpack_codes
 from moe_local.quant.rtn import row_chunks
 from moe_local.quant.schemes import QType
-from moe_local.quant.scratch import float32_rows
+from moe_local.quant.scratch import bf16_rows, float32_rows
 
 # Shapes: [O, I] weight, [O, P] packed codes, [O, G] scales/zeros, [..., I] activations.
 # Legend: O=out features, I=in features, P=packed bytes per row (I * bits / 8), G=groups (I / group size).
@@ -504,7 +504,12 @@ class QuantizedTensor(QuantizedWeight):
         elif self._bf16_gemm(x2):
             # many bf16 rows where the CPU multiplies bf16 pairs: W_hat rounded to bf16, torch's bf16 GEMM
             parts = [
-                F.linear(x2, self._rows_for_matmul(start, end, torch.float32).to(torch.bfloat16))
+                F.linear(
+                    x2,
+                    bf16_rows(end - start, i, DEQUANT_CHUNK_ELEMS).copy_(
+                        self._rows_for_matmul(start, end, torch.float32)
+                    ),
+                )
                 for start, end in row_chunks(o, i, DEQUANT_CHUNK_ELEMS)
             ]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
