@@ -31,21 +31,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from moe_local import demo
-    from moe_local.generation import new_cache
+    from moe_local.generation import cache_keyword, new_cache
     from moe_local.lean.decoder import LeanDecoder
     from moe_local.loading.loader import load
 
     lm = load(args.model or demo.demo_path())
     ids = lm.tokenizer(args.text.read_text()[: 20 * args.tokens])["input_ids"][: args.tokens]
     cache, nll, lean_nll, agree = new_cache(lm.model), 0.0, 0.0, 0
+    keyword = cache_keyword(lm.model)
     with torch.inference_mode():
-        out = lm.model(torch.tensor([ids[:1]]), past_key_values=cache, use_cache=True)
+        out = lm.model(torch.tensor([ids[:1]]), **{keyword: cache}, use_cache=True)
         lean = LeanDecoder.build(lm.model)
         if lean is not None:
             lean.start(cache)  # a copy: transformers' cache goes on with its own forward
         for t in range(len(ids) - 1):
             if t:
-                out = lm.model(torch.tensor([[ids[t]]]), past_key_values=cache, use_cache=True)
+                out = lm.model(torch.tensor([[ids[t]]]), **{keyword: cache}, use_cache=True)
             logits = out.logits[0, -1].float()
             nll -= float(torch.log_softmax(logits, -1)[ids[t + 1]])
             if lean is not None:
