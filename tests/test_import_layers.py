@@ -2,9 +2,9 @@
 
 models (the families moe-local defines itself: transformers-style modeling files that import
 nothing else of moe-local) < quant (numerics) < experts (stores, the experts module) < lean (the
-decode step without transformers' dispatch) < format (readers of files on disk) < loading (open a checkpoint, load) < convert (quantize, calibrate,
-export, stage). Every import counts, at module level or inside a function, except those under
-``if TYPE_CHECKING:``.
+decode step without transformers' dispatch) < format (readers of files on disk) < loading (open a
+checkpoint, load) < convert (quantize, calibrate, export, stage). Every import counts, at module
+level or inside a function, except those under ``if TYPE_CHECKING:``.
 """
 
 from __future__ import annotations
