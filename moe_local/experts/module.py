@@ -187,10 +187,39 @@ class OffloadedExperts(nn.Module):
         needed = [e for e in experts if 0 <= e < self.num_experts]
         self._announce(x, needed)
         slot = {e: j for j, e in enumerate(experts)}
+        order = self.store.order(self.layer, needed)
+        fused = self._fused_token(x, order, [weights[slot[e]] for e in order])
+        if fused is not None:
+            return fused
         out = torch.zeros_like(x)  # [1, H]
-        for e in self.store.order(self.layer, needed):
+        for e in order:
             j = slot[e]
             out += self._weighted(e, x, weights[j : j + 1, None]).to(out.dtype)
+        return out
+
+    def _fused_token(
+        self, x: torch.Tensor, order: list[int], weights: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """``decode_token``'s loop in one native call, or None where it cannot run.
+
+        Only for experts resident on the CPU (each ``get`` a hit that evicts nothing, so holding
+        them all at once stays inside the budget) whose weights run on the native kernel.
+        """
+        if not (self._fusable and order and x.dtype is torch.bfloat16 and x.device.type == "cpu"):
+            return None
+        resident = self.store.resident(self.layer)
+        if any(e not in resident for e in order):
+            return None
+        if any(self.store.compute_on_host(self.layer, e, 1) is not None for e in order):
+            return None
+        fetched = [self.store.get(self.layer, e) for e in order]  # hits, counted once
+        pairs = [_native_pair(w) for w in fetched]
+        if all(p is not None for p in pairs):
+            return native.experts_bf16(x.contiguous(), pairs, torch.stack(weights))
+        out = torch.zeros_like(x)  # the loop's arithmetic on the weights already fetched
+        for w, w_e in zip(fetched, weights, strict=True):
+            y = self.expert_forward(x, w)
+            out += (y * w_e.reshape(1, 1).to(y.dtype)).to(out.dtype)
         return out
 
     def _announce(self, x: torch.Tensor, needed: list[int]) -> None:
@@ -213,20 +242,25 @@ class OffloadedExperts(nn.Module):
         return y * w_e.to(y.dtype)
 
 
-def _fused_call(x: torch.Tensor, w) -> torch.Tensor | None:
-    """``down(silu(gate) * up)`` in one native call, or None where the weights do not allow it."""
+def _native_pair(w) -> tuple[native.NativeWeight, native.NativeWeight] | None:
+    """An expert's ``(gate_up, down)`` native calls, or None where its weights do not run there."""
     gate_up, down = w.gate_up, w.down
     if (
         not (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor))
         or w.down_bias is not None
+        or w.gate_up_bias is not None
     ):
         return None
+    gu, d = gate_up.native_weight(), down.native_weight()
+    return None if gu is None or d is None else (gu, d)
+
+
+def _fused_call(x: torch.Tensor, w) -> torch.Tensor | None:
+    """``down(silu(gate) * up)`` in one native call, or None where the weights do not allow it."""
     if not 0 < x.shape[0] <= NATIVE_MAX_TOKENS:
         return None
-    gu, d = gate_up.native_weight(), down.native_weight()
-    if gu is None or d is None:
-        return None
-    return native.expert_bf16(x.contiguous(), gu, d)
+    pair = _native_pair(w)
+    return None if pair is None else native.expert_bf16(x.contiguous(), *pair)
 
 
 SMALL_ROUTING = 64  # (token, slot) pairs grouped in Python: cheaper than a sort below this many

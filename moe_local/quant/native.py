@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 6
+_ABI = 7
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the
@@ -140,6 +140,9 @@ def _library() -> ctypes.CDLL | None:
     ex = lib.moe_local_expert_bf16
     ex.argtypes = [ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32, i32]
     ex.restype = i32
+    mix = lib.moe_local_experts_bf16
+    mix.argtypes = [i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32]
+    mix.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
@@ -429,4 +432,41 @@ def expert_bf16(x2: torch.Tensor, gate_up: NativeWeight, down: NativeWeight) -> 
     )
     if rc != 0:
         raise MemoryError(f"the native kernel could not allocate its temporaries for a {m}-row input")
+    return out
+
+
+def experts_bf16(
+    x2: torch.Tensor, experts: list[tuple[NativeWeight, NativeWeight]], weights: torch.Tensor
+) -> torch.Tensor:
+    """One token's gated experts mixed by their routing weights, in one call.
+
+    The values of ``expert_bf16`` per expert, each times its weight rounded to bf16, added in the
+    given order from zero with a bf16 rounding after each addition (``OffloadedExperts``' loop).
+
+    Args:
+        x2: contiguous bfloat16 ``[1, H]`` on the CPU.
+        experts: ``(gate_up, down)`` of each expert, in the order to add them.
+        weights: ``[n]`` float32 routing weights in the same order.
+
+    Returns:
+        ``[1, H]`` bfloat16.
+
+    Raises:
+        MemoryError: the kernel's temporaries cannot be allocated.
+    """
+    first_gu, first_d = experts[0]
+    h, i = first_d.out_features, first_d.in_features
+    rows = [(*gu._args[:3], *d._args[:3]) for gu, d in experts]
+    ptrs = torch.tensor(rows, dtype=torch.int64)  # [n, 6]
+    meta = torch.tensor(
+        [(gu._args[5], gu._args[6], d._args[5], d._args[6]) for gu, d in experts], dtype=torch.int32
+    )
+    w = weights.to(torch.float32).contiguous()
+    out = torch.empty(1, h, dtype=torch.bfloat16)
+    rc = first_gu._lib.moe_local_experts_bf16(
+        len(experts), ptrs.data_ptr(), meta.data_ptr(), h, i, x2.data_ptr(), w.data_ptr(), out.data_ptr(),
+        first_gu.threads_for(1), first_d.threads_for(1),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the native kernel could not allocate its temporaries for the experts")
     return out

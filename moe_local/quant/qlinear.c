@@ -29,7 +29,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 6; }
+int moe_local_qlinear_abi(void) { return 7; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -474,4 +474,37 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
 done:
     free(xf), free(gu), free(h), free(yf);
     return rc;
+}
+
+/* A decode token's routed experts in one call: out[H] = the sum over e of bf16(y_e * bf16(w_e)), y_e =
+ * moe_local_expert_bf16(x), added in the given order with a bf16 rounding after each addition (the
+ * roundings of OffloadedExperts' loop: a bf16 product, then out += it from zeros). weights: n float32
+ * routing weights. ptrs: n rows of 6 pointers (gate_up codes, scales, zeros; down codes, scales,
+ * zeros); meta: n rows of 4 ints (gate_up bits, group; down bits, group). */
+int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int H, int I, const uint16_t *x,
+                           const float *weights, uint16_t *out, int threads_gu, int threads_d) {
+    uint16_t *y = malloc(sizeof(uint16_t) * (size_t)H);
+    if (!y) return -1;
+    for (int h = 0; h < H; h++) out[h] = 0;
+    for (int e = 0; e < n; e++) {
+        const int64_t *p = ptrs + (size_t)e * 6;
+        const int32_t *m = meta + (size_t)e * 4;
+        const int rc = moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
+                                             m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
+                                             (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, y, threads_gu, threads_d);
+        if (rc) {
+            free(y);
+            return rc;
+        }
+        const float w = round_bf16(weights[e]);
+        for (int h = 0; h < H; h++) {
+            const uint32_t yu = (uint32_t)y[h] << 16, ou = (uint32_t)out[h] << 16;
+            float yf, of;
+            memcpy(&yf, &yu, sizeof yf);
+            memcpy(&of, &ou, sizeof of);
+            out[h] = to_bf16(of + round_bf16(yf * w));
+        }
+    }
+    free(y);
+    return 0;
 }

@@ -1,0 +1,48 @@
+"""A decode token's resident quantized experts in one native call: the loop's values, to the bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_local.config import LoadOptions
+from moe_local.convert.writer import quantize_checkpoint
+from moe_local.experts.module import OffloadedExperts
+from moe_local.loading.loader import load
+from moe_local.quant import native
+from moe_local.recipes import load_recipe
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    # rows of whole 64-code chunks, so the experts run on the native kernel
+    src = tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128)
+    out = tmp_path_factory.mktemp("q") / "experts-4bit"
+    quantize_checkpoint(src, out, load_recipe("experts-4bit"))
+    return out
+
+
+@pytest.mark.parametrize("budget", [None, "two experts"])
+def test_fused_token_equals_the_loop(quantized, budget, monkeypatch):
+    lm = load(quantized, LoadOptions(dtype="bfloat16"))
+    if budget:
+        one = max(w.nbytes for w in [lm.store.get(0, e) for e in range(4)])
+        lm = load(quantized, LoadOptions(dtype="bfloat16", expert_memory=2 * one + one // 2))
+    experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
+    calls = []
+    fused = native.experts_bf16
+    monkeypatch.setattr(native, "experts_bf16", lambda *a: calls.append(1) or fused(*a))
+    gen = torch.Generator().manual_seed(0)
+    for ids in ([0, 1], [3, 2], [1, 3]):
+        x = torch.randn(1, 128, generator=gen).bfloat16()
+        weights = torch.softmax(torch.randn(2, generator=gen), -1)
+        with torch.inference_mode():
+            got = experts.decode_token(x, ids, weights)
+            reference = experts(x, torch.tensor([ids]), weights[None])  # forward: the loop
+        assert torch.equal(got, reference)
+    if budget is None:
+        assert len(calls) == 3  # every expert resident: one native call per token
+    else:
+        assert calls == []  # each token's experts were read from disk: the loop, one read each
