@@ -43,7 +43,7 @@ NATIVE = EnvVar(
 LEAN = EnvVar(
     "MOE_LOCAL_LEAN",
     "1",
-    "0: decode Mixtral and Qwen-MoE models through transformers' forward, not moe-local's lean step",
+    "0: decode Mixtral, Qwen-MoE and OLMoE models through transformers' forward, not moe-local's lean step",
 )
 
 PROGRESS_SECONDS = EnvVar(

@@ -8,9 +8,10 @@ projections on the weights' own kernels, and the experts through the same ``Offl
 (cache, prefetch, statistics and trace unchanged). The prompt still runs through transformers'
 forward; its keys and values are then copied once into a preallocated cache (``LeanCache``).
 
-The structures it knows (``STRUCTURES``): Mixtral; Qwen3-MoE (per-head q/k norms, ``norm_topk_prob``,
+The structures it knows (``structures()``): Mixtral; Qwen3-MoE (per-head q/k norms, ``norm_topk_prob``,
 dense MLP layers where ``mlp_only_layers`` says); Qwen2-MoE (projection biases, and the shared
-expert behind its sigmoid gate, both through their own modules). Anything else, or a model whose
+expert behind its sigmoid gate, both through their own modules); OLMoE (q/k norms over the whole
+projections, ``clip_qkv``). Anything else, or a model whose
 layers differ from the structure in any class, keeps transformers' forward (``LeanDecoder.build``
 says why, in the debug log); ``MOE_LOCAL_LEAN=0`` turns the path off.
 
@@ -54,6 +55,7 @@ class Structure:
     router: type
     dense_mlp: type | None = None  # layers the config keeps dense (Qwen's mlp_only_layers)
     head_norms: bool = False  # RMSNorm of each query and key head before the rotation (Qwen3)
+    projection_norms: bool = False  # RMSNorm of the whole query and key projections (OLMoE)
     shared_expert: bool = False  # a shared expert behind a sigmoid gate, added to the routed ones (Qwen2)
     window_in_config: bool = False  # the sliding window is read from the config (Mixtral), not the layer
 
@@ -62,6 +64,7 @@ class Structure:
 def structures() -> tuple[Structure, ...]:
     """The families the lean step computes (their transformers classes, imported on first use)."""
     from transformers.models.mixtral import modeling_mixtral as mx
+    from transformers.models.olmoe import modeling_olmoe as ol
     from transformers.models.qwen2_moe import modeling_qwen2_moe as q2
     from transformers.models.qwen3_moe import modeling_qwen3_moe as q3
 
@@ -79,6 +82,11 @@ def structures() -> tuple[Structure, ...]:
             q2.Qwen2MoeForCausalLM, q2.Qwen2MoeModel, q2.Qwen2MoeDecoderLayer, q2.Qwen2MoeAttention,
             q2.Qwen2MoeRMSNorm, q2.Qwen2MoeSparseMoeBlock, q2.Qwen2MoeTopKRouter, q2.Qwen2MoeMLP,
             shared_expert=True,
+        ),
+        Structure(
+            ol.OlmoeForCausalLM, ol.OlmoeModel, ol.OlmoeDecoderLayer, ol.OlmoeAttention,
+            ol.OlmoeRMSNorm, ol.OlmoeSparseMoeBlock, ol.OlmoeTopKRouter,
+            projection_norms=True, window_in_config=True,
         ),
     )  # fmt: skip
 
@@ -118,6 +126,8 @@ class _Layer:
     o: Projection
     q_norm: tuple[torch.Tensor, float] | None
     k_norm: tuple[torch.Tensor, float] | None
+    norms_per_head: bool  # q_norm/k_norm over each head (Qwen3), else over the whole projection (OLMoE)
+    clip: float | None  # OLMoE's clip_qkv: q, k and v clamped to [-clip, clip] after the norms
     norm2: tuple[torch.Tensor, float]
     router: ops.Router | None  # None: a dense MLP layer
     experts: OffloadedExperts | None
@@ -146,8 +156,10 @@ def _layer(layer: nn.Module, s: Structure) -> _Layer:
         k=_projection(attn.k_proj),
         v=_projection(attn.v_proj),
         o=_projection(attn.o_proj),
-        q_norm=_norm(attn.q_norm) if s.head_norms else None,
-        k_norm=_norm(attn.k_norm) if s.head_norms else None,
+        q_norm=_norm(attn.q_norm) if s.head_norms or s.projection_norms else None,
+        k_norm=_norm(attn.k_norm) if s.head_norms or s.projection_norms else None,
+        norms_per_head=s.head_norms,
+        clip=None if getattr(attn.config, "clip_qkv", None) is None else float(attn.config.clip_qkv),
         norm2=_norm(layer.post_attention_layernorm),
         router=ops.Router(gate.weight, int(gate.top_k), bool(getattr(gate, "norm_topk_prob", True)))
         if sparse
@@ -214,15 +226,19 @@ class LeanDecoder:
         cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
         for i, layer in enumerate(self.layers):
             h = ops.rmsnorm(x, *layer.norm1)  # [1, H]
-            q = layer.q(h).view(hq, d)  # [Hq, D]
-            k = layer.k(h).view(hkv, d)  # [Hkv, D]
-            if layer.q_norm is not None:
+            q, k, v = layer.q(h), layer.k(h), layer.v(h)  # [1, Hq * D], [1, Hkv * D], [1, Hkv * D]
+            if layer.q_norm is not None and not layer.norms_per_head:
                 q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
-            ops.rope_(q, cos, sin)
+            if layer.clip is not None:
+                q, k, v = (t.clamp(-layer.clip, layer.clip) for t in (q, k, v))
+            q, k = q.view(hq, d), k.view(hkv, d)  # [Hq, D], [Hkv, D]
+            if layer.q_norm is not None and layer.norms_per_head:
+                q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
+            ops.rope_(q, cos, sin)  # in place: every tensor here is a fresh contiguous one
             ops.rope_(k, cos, sin)
             keys, values = cache.keys[i], cache.values[i]
             keys[:, pos] = k
-            values[:, pos] = layer.v(h).view(hkv, d)
+            values[:, pos] = v.view(hkv, d)
             attn = ops.attend(q, keys, values, pos + 1, self.scale, self._scores)  # [Hq * D]
             x = x + layer.o(attn[None])
             x = x + layer.feed_forward(ops.rmsnorm(x, *layer.norm2))
@@ -274,7 +290,7 @@ def _layer_problem(layer: nn.Module, s: Structure, cfg) -> str | None:
     if window is not None:
         return "a sliding attention window"
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    norms += [attn.q_norm, attn.k_norm] if s.head_norms else []
+    norms += [attn.q_norm, attn.k_norm] if s.head_norms or s.projection_norms else []
     for norm in norms:
         if type(norm) is not s.norm or norm.weight.dtype is not torch.bfloat16:
             return "a norm of another class or dtype"

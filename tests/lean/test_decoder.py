@@ -1,4 +1,4 @@
-"""The lean decode step computes transformers' forward (Mixtral, Qwen3-MoE, Qwen2-MoE), only where it can."""
+"""The lean decode step computes transformers' forward (Mixtral, Qwen-MoE, OLMoE), only where it can."""
 
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ STEPS = 40
 
 
 # each structure, and the variants its config allows: Qwen3 with renormalized top-k and a dense
-# first layer (mlp_only_layers), Qwen2 with its shared expert and projection biases
+# first layer (decoder_sparse_step), Qwen2 with its shared expert and projection biases, OLMoE with
+# and without clip_qkv
 CASES = {
     "mixtral": ("mixtral", {}),
     "qwen3_moe": ("qwen3_moe", {}),
     "qwen3_moe-dense-layer": ("qwen3_moe", {"decoder_sparse_step": 2, "norm_topk_prob": True}),
     "qwen2_moe": ("qwen2_moe", {}),
+    "olmoe": ("olmoe", {}),
+    "olmoe-clip": ("olmoe", {"clip_qkv": 1.0, "norm_topk_prob": True}),
 }
 
 
@@ -109,8 +112,8 @@ def test_offloaded_experts_keep_their_statistics_and_trace(tiny_mixtral):
 
 def test_models_it_cannot_compute_keep_transformers_forward(tiny_mixtral, tiny_checkpoint, monkeypatch):
     assert LeanDecoder.build(load(tiny_mixtral).model) is None  # float32: the native ops are bf16
-    other = load(tiny_checkpoint("olmoe"), LoadOptions(dtype="bfloat16"))
-    assert LeanDecoder.build(other.model) is None  # q/k norms over whole projections: not a known structure
+    other = load(tiny_checkpoint("phimoe"), LoadOptions(dtype="bfloat16"))
+    assert LeanDecoder.build(other.model) is None  # LayerNorm and sparsemixer routing: not a known structure
     bf16 = load(tiny_mixtral, LoadOptions(dtype="bfloat16"))
     monkeypatch.setenv("MOE_LOCAL_LEAN", "0")
     assert LeanDecoder.build(bf16.model) is None
