@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 7
+_ABI = 8
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the

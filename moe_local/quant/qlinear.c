@@ -29,7 +29,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 7; }
+int moe_local_qlinear_abi(void) { return 8; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -483,18 +483,36 @@ done:
  * zeros); meta: n rows of 4 ints (gate_up bits, group; down bits, group). */
 int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int H, int I, const uint16_t *x,
                            const float *weights, uint16_t *out, int threads_gu, int threads_d) {
-    uint16_t *y = malloc(sizeof(uint16_t) * (size_t)H);
-    if (!y) return -1;
+    /* with several threads and experts, each thread computes whole experts (one thread each: the same
+       values, since a row's sum never depends on the split) instead of splitting every matrix: half
+       the thread start-ups and waits, and the activations between the matrices overlap */
+    const int threads = threads_gu > threads_d ? threads_gu : threads_d;
+    const int per_expert = threads > 1 && n > 1;
+    uint16_t *ys = malloc(sizeof(uint16_t) * (size_t)H * (per_expert ? n : 1));
+    if (!ys) return -1;
+    int failed = 0;
+    if (per_expert) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads < n ? threads : n) reduction(| : failed)
+        for (int e = 0; e < n; e++) {
+            const int64_t *p = ptrs + (size_t)e * 6;
+            const int32_t *m = meta + (size_t)e * 4;
+            failed |= moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
+                                            m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
+                                            (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, ys + (size_t)e * H, 1,
+                                            1) != 0;
+        }
+    }
     for (int h = 0; h < H; h++) out[h] = 0;
-    for (int e = 0; e < n; e++) {
-        const int64_t *p = ptrs + (size_t)e * 6;
-        const int32_t *m = meta + (size_t)e * 4;
-        const int rc = moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
-                                             m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
-                                             (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, y, threads_gu, threads_d);
-        if (rc) {
-            free(y);
-            return rc;
+    for (int e = 0; e < n && !failed; e++) {
+        uint16_t *y = per_expert ? ys + (size_t)e * H : ys;
+        if (!per_expert) {
+            const int64_t *p = ptrs + (size_t)e * 6;
+            const int32_t *m = meta + (size_t)e * 4;
+            failed = moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
+                                           m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
+                                           (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, y, threads_gu,
+                                           threads_d) != 0;
+            if (failed) break;
         }
         const float w = round_bf16(weights[e]);
         for (int h = 0; h < H; h++) {
@@ -505,6 +523,6 @@ int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int 
             out[h] = to_bf16(of + round_bf16(yf * w));
         }
     }
-    free(y);
-    return 0;
+    free(ys);
+    return failed ? -1 : 0;
 }
