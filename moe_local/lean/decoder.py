@@ -265,7 +265,7 @@ def _structure_of(model: nn.Module) -> tuple[Structure | None, str]:
     head_dim = _head_dim(cfg)
     if head_dim > ops.MAX_HEAD_DIM or head_dim % 2 or cfg.hidden_size > ops.MAX_ROUTER_WIDTH:
         return None, "head or hidden size beyond the native operations' buffers"
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
+    if not cfg.num_key_value_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
         return None, "query heads not a multiple of key/value heads"
     inner = model.model
     if type(inner.norm) is not s.norm:
