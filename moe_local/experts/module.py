@@ -187,40 +187,31 @@ class OffloadedExperts(nn.Module):
         needed = [e for e in experts if 0 <= e < self.num_experts]
         self._announce(x, needed)
         slot = {e: j for j, e in enumerate(experts)}
-        order = self.store.order(self.layer, needed)
-        fused = self._fused_token(x, order, [weights[slot[e]] for e in order])
-        if fused is not None:
-            return fused
+        resident = self.store.resident(self.layer)
+        order = self.store.order(self.layer, needed, resident)
+        fetched = self._fetch_all(x, order, resident)
+        if fetched is not None:
+            pairs = [_native_pair(w) for w in fetched]
+            if all(p is not None for p in pairs):  # one native call, the loop's roundings
+                return native.experts_bf16(x.contiguous(), pairs, weights[[slot[e] for e in order]])
         out = torch.zeros_like(x)  # [1, H]
-        for e in order:
+        for i, e in enumerate(order):
             j = slot[e]
-            out += self._weighted(e, x, weights[j : j + 1, None]).to(out.dtype)
+            w = None if fetched is None else fetched[i]
+            out += self._weighted(e, x, weights[j : j + 1, None], w).to(out.dtype)
         return out
 
-    def _fused_token(
-        self, x: torch.Tensor, order: list[int], weights: list[torch.Tensor]
-    ) -> torch.Tensor | None:
-        """``decode_token``'s loop in one native call, or None where it cannot run.
+    def _fetch_all(self, x: torch.Tensor, order: list[int], resident: set[int]) -> list | None:
+        """Every expert of ``order`` at once, for one native call, or None where that cannot run.
 
-        Only for experts resident on the CPU (each ``get`` a hit that evicts nothing, so holding
-        them all at once stays inside the budget) whose weights run on the native kernel.
+        Only SwiGLU experts all resident on the CPU: each ``get`` is then a hit that evicts nothing,
+        so holding them all at once stays inside the budget.
         """
         if not (self._fusable and order and x.dtype is torch.bfloat16 and x.device.type == "cpu"):
             return None
-        resident = self.store.resident(self.layer)
-        if any(e not in resident for e in order):
+        if any(e not in resident or self.store.compute_on_host(self.layer, e, 1) is not None for e in order):
             return None
-        if any(self.store.compute_on_host(self.layer, e, 1) is not None for e in order):
-            return None
-        fetched = [self.store.get(self.layer, e) for e in order]  # hits, counted once
-        pairs = [_native_pair(w) for w in fetched]
-        if all(p is not None for p in pairs):
-            return native.experts_bf16(x.contiguous(), pairs, torch.stack(weights))
-        out = torch.zeros_like(x)  # the loop's arithmetic on the weights already fetched
-        for w, w_e in zip(fetched, weights, strict=True):
-            y = self.expert_forward(x, w)
-            out += (y * w_e.reshape(1, 1).to(y.dtype)).to(out.dtype)
-        return out
+        return [self.store.get(self.layer, e) for e in order]  # hits, counted once
 
     def _announce(self, x: torch.Tensor, needed: list[int]) -> None:
         """Record the routed experts, score the last guess, and prefetch the next layer's guess."""
@@ -232,11 +223,15 @@ class OffloadedExperts(nn.Module):
             self.store.note_guess(self.next_router.layer, guess)
             self.store.prefetch(self.next_router.layer, guess)
 
-    def _weighted(self, e: int, rows: torch.Tensor, w_e: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on ``rows`` [n, H] times their weights ``w_e`` [n, 1]: [n, H]."""
-        host_w = self.store.compute_on_host(self.layer, e, rows.shape[0])
-        if host_w is not None:  # cheaper to compute where the weights lie than to move them
-            y = self.expert_forward(rows.to("cpu"), host_w).to(rows.device)
+    def _weighted(self, e: int, rows: torch.Tensor, w_e: torch.Tensor, fetched=None) -> torch.Tensor:
+        """Expert ``e`` on ``rows`` [n, H] times their weights ``w_e`` [n, 1]: [n, H].
+
+        ``fetched``: its weights, already taken from the store (``_fetch_all``), not asked for again.
+        """
+        if fetched is not None:
+            y = self.expert_forward(rows, fetched)
+        elif (host_w := self.store.compute_on_host(self.layer, e, rows.shape[0])) is not None:
+            y = self.expert_forward(rows.to("cpu"), host_w).to(rows.device)  # cheaper where it lies
         else:
             y = self.expert_forward(rows, self.store.get(self.layer, e))  # [n, H]
         return y * w_e.to(y.dtype)

@@ -111,9 +111,15 @@ class ExpertStore(ABC):
         """Experts of ``layer`` that ``get`` serves without a read."""
         return set()
 
-    def order(self, layer: int, experts: Iterable[int]) -> list[int]:
-        """Order a layer's needed experts so the resident ones are computed first."""
-        res = self.resident(layer)
+    def order(self, layer: int, experts: Iterable[int], resident: set[int] | None = None) -> list[int]:
+        """Order a layer's needed experts so the resident ones are computed first.
+
+        Args:
+            layer: the layer.
+            experts: its needed experts.
+            resident: ``resident(layer)`` when the caller has it already (not computed twice).
+        """
+        res = self.resident(layer) if resident is None else resident
         needed = list(experts)
         return [e for e in needed if e in res] + [e for e in needed if e not in res]
 

@@ -234,8 +234,8 @@ class LeanDecoder:
             q, k = q.view(hq, d), k.view(hkv, d)  # [Hq, D], [Hkv, D]
             if layer.q_norm is not None and layer.norms_per_head:
                 q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
-            ops.rope_(q, cos, sin)  # in place: every tensor here is a fresh contiguous one
-            ops.rope_(k, cos, sin)
+            q = ops.rope_(q.contiguous(), cos, sin)  # in place (contiguous() is q itself here)
+            k = ops.rope_(k.contiguous(), cos, sin)
             keys, values = cache.keys[i], cache.values[i]
             keys[:, pos] = k
             values[:, pos] = v.view(hkv, d)
@@ -298,6 +298,8 @@ def _layer_problem(layer: nn.Module, s: Structure, cfg) -> str | None:
         gate = mlp.gate
         if type(gate) is not s.router or gate.weight.dtype is not torch.bfloat16:
             return "a router of another class or dtype"
+        if not 1 <= int(gate.top_k) <= gate.weight.shape[0]:
+            return "a router choosing more experts than it has"
         if not isinstance(mlp.experts, OffloadedExperts):
             return "experts not served by moe-local's store"
     elif s.dense_mlp is None or type(mlp) is not s.dense_mlp:

@@ -51,6 +51,13 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _bf16(*tensors: torch.Tensor) -> None:
+    """The C side reads raw pointers: anything but contiguous bf16 CPU memory would be read wrong."""
+    for t in tensors:
+        if t.dtype is not torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the lean operations take contiguous bfloat16 CPU tensors")
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm of bf16 rows: ``weight * bf16(x * rsqrt(mean(x^2) + eps))`` per row.
 
@@ -62,8 +69,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         ``x``'s shape, bfloat16.
     """
-    out = torch.empty_like(x)
+    _bf16(x, weight)
     width = x.shape[-1]
+    if weight.numel() != width:
+        raise ValueError(f"a norm weight of {weight.numel()} values for rows of {width}")
+    out = torch.empty_like(x)
     rows = x.numel() // width
     _lib().moe_local_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), rows, width, eps, out.data_ptr())
     return out
@@ -80,7 +90,10 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     Returns:
         ``x``.
     """
+    _bf16(x, cos, sin)
     heads, d = x.shape
+    if d % 2 or cos.numel() != d or sin.numel() != d:
+        raise ValueError(f"rotation tables of {cos.numel()} values for heads of {d}")
     _lib().moe_local_rope_bf16(x.data_ptr(), heads, d, cos.data_ptr(), sin.data_ptr())
     return x
 
@@ -101,8 +114,13 @@ def attend(
     Returns:
         [Hq * D] bfloat16.
     """
+    _bf16(q, k, v)
     hq, d = q.shape
     hkv, capacity, _ = k.shape
+    if d > MAX_HEAD_DIM or k.shape != v.shape or k.shape[2] != d or hq % hkv or not 0 < length <= capacity:
+        raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, {length} positions")
+    if scores.dtype is not torch.float32 or not scores.is_contiguous() or scores.numel() < length:
+        raise ValueError(f"scores must be contiguous float32 of at least {length} values")
     out = torch.empty(hq * d, dtype=torch.bfloat16)
     _lib().moe_local_attend_bf16(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), hq, hkv, d, length, capacity, scale,
@@ -122,7 +140,10 @@ class Router:
 
     def __init__(self, weight: torch.Tensor, top_k: int, renormalize: bool) -> None:
         self.weight = weight.contiguous()
+        _bf16(self.weight)
         self.experts, self.width = self.weight.shape
+        if not 1 <= top_k <= self.experts or self.width > MAX_ROUTER_WIDTH:
+            raise ValueError(f"top-{top_k} of {self.experts} experts, width {self.width}: not routable here")
         self.top_k, self.renormalize = top_k, renormalize
         self._logits = torch.empty(self.experts, dtype=torch.float32)
         self._ids = torch.empty(top_k, dtype=torch.int32)
@@ -134,6 +155,9 @@ class Router:
         Returns:
             (expert ids, most probable first; their routing weights [K] float32).
         """
+        _bf16(h)
+        if h.numel() != self.width:
+            raise ValueError(f"a router of width {self.width} given {h.numel()} values")
         _lib().moe_local_route_bf16(
             h.data_ptr(), self.weight.data_ptr(), self.experts, self.width, self.top_k,
             int(self.renormalize), self._logits.data_ptr(), self._ids.data_ptr(), self._weights.data_ptr(),

@@ -78,3 +78,18 @@ def test_router_picks_transformers_experts_and_weights(experts, top_k):
         assert len(set(ids)) == top_k
         assert chosen.min() >= max((p for e, p in enumerate(probs.tolist()) if e not in ids), default=0)
         assert (chosen[:-1] >= chosen[1:]).all()
+
+
+def test_misshapen_inputs_are_refused_not_read():
+    x = torch.randn(4, 8).bfloat16()
+    with pytest.raises(ValueError, match="contiguous bfloat16"):
+        ops.rope_(x.t(), torch.ones(4).bfloat16(), torch.zeros(4).bfloat16())  # a transposed view
+    with pytest.raises(ValueError, match="contiguous bfloat16"):
+        ops.rmsnorm(x.float(), torch.ones(8).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="norm weight"):
+        ops.rmsnorm(x, torch.ones(7).bfloat16(), 1e-6)
+    k = torch.randn(2, 5, 8).bfloat16()
+    with pytest.raises(ValueError, match="attention shapes"):
+        ops.attend(x, k, k, 6, 1.0, torch.empty(8))  # more positions than the cache holds
+    with pytest.raises(ValueError, match="not routable"):
+        ops.Router(torch.randn(4, 8).bfloat16(), 5, renormalize=True)
