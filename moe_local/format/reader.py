@@ -149,12 +149,24 @@ class BlobExperts(ExpertSource):
                     parts[part] = rebuild(tensors, tuple(shape), qtype)
                 except (ValueError, RuntimeError, KeyError) as exc:
                     raise ExpertBlobError(layer, expert, f"{part} does not match its scheme ({exc})") from exc
+        parts = _kernel_layout(parts)
         try:
             return ExpertWeights(**parts)
         except TypeError as exc:
             raise ExpertBlobError(
                 layer, expert, f"the manifest lists parts {sorted(parts)}, not an expert's"
             ) from exc
+
+
+def _kernel_layout(parts: dict[str, object]) -> dict[str, object]:
+    """The expert's native-kernel weights with each row's codes, scales and zeros side by side, in one
+    new buffer (``moe_local.quant.interleave``: a third faster to read from RAM); the read blob goes."""
+    from moe_local.quant.interleave import interleavable, interleave
+
+    names = [name for name, w in parts.items() if interleavable(w)]
+    if not names:
+        return parts
+    return {**parts, **dict(zip(names, interleave([parts[n] for n in names]), strict=True))}
 
 
 def load_dense(
@@ -166,6 +178,7 @@ def load_dense(
     """
     from moe_local.quant.api import make_linear_module, rebuild
     from moe_local.quant.embedding import QuantEmbedding
+    from moe_local.quant.interleave import interleavable, interleave
 
     f = SafetensorsFile(file_inside(folder, DENSE_FILE, "the moe-local folder"), drop_cache=drop_cache)
     sums: dict[str, int] | None = manifest.get("dense_crc32")
@@ -204,6 +217,8 @@ def load_dense(
         shape = (linear.out_features, linear.in_features) if linear is not None else tuple(table.weight.shape)
         try:
             qt = rebuild(tensors, shape, _scheme(schemes[name], name))
+            if linear is not None and interleavable(qt):
+                qt = interleave([qt])[0]  # a decode step reads it a third faster (moe_local.quant.interleave)
             module = (
                 make_linear_module(qt, kept.pop(f"{mod_name}.bias", None))
                 if linear is not None

@@ -218,9 +218,9 @@ class LeanDecoder:
         cache = self.cache
         pos = cache.length
         cache.reserve(pos + 1)
-        if self._scores.numel() < pos + 1:
-            self._scores = torch.empty(max(2 * (pos + 1), 256), dtype=torch.float32)
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
+        if self._scores.numel() < ops.scores_size(hq, hkv, pos + 1):  # the attention's float32 scratch
+            self._scores = torch.empty(ops.scores_size(hq, hkv, max(2 * (pos + 1), 256)), dtype=torch.float32)
         x = self.embed(torch.tensor([token]))  # [1, H]
         cos, sin = self.rotary(x[None], torch.tensor([[pos]]))  # [1, 1, D] each, bf16
         cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()

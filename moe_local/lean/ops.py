@@ -17,7 +17,7 @@ import torch
 from moe_local.quant import native
 
 SOURCE = Path(__file__).with_name("ops.c")
-_ABI = 2
+_ABI = 3
 MAX_HEAD_DIM = 512  # ops.c's stack buffers
 MAX_ROUTER_WIDTH = 16384
 
@@ -32,7 +32,7 @@ def _library() -> ctypes.CDLL | None:
     lib.moe_local_rmsnorm_bf16.restype = None
     lib.moe_local_rope_bf16.argtypes = [ptr, i32, i32, ptr, ptr]
     lib.moe_local_rope_bf16.restype = None
-    lib.moe_local_attend_bf16.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, f32, ptr, ptr]
+    lib.moe_local_attend_bf16.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, f32, ptr, ptr, i32]
     lib.moe_local_attend_bf16.restype = None
     lib.moe_local_route_bf16.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr]
     lib.moe_local_route_bf16.restype = None
@@ -98,6 +98,11 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x
 
 
+def scores_size(heads: int, kv_heads: int, length: int) -> int:
+    """Float32 values of scratch ``attend`` needs: 4 lanes per group of up to 4 query heads per position."""
+    return kv_heads * -(-(heads // kv_heads) // 4) * 4 * length
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float, scores: torch.Tensor
 ) -> torch.Tensor:
@@ -109,7 +114,7 @@ def attend(
         v: [Hkv, capacity, D] bfloat16 values.
         length: positions to attend to (the query's own included).
         scale: the scores' factor (``head_dim ** -0.5``).
-        scores: float32 scratch of at least ``length`` values.
+        scores: float32 scratch of at least ``scores_size(Hq, Hkv, length)`` values.
 
     Returns:
         [Hq * D] bfloat16.
@@ -119,12 +124,15 @@ def attend(
     hkv, capacity, _ = k.shape
     if d > MAX_HEAD_DIM or k.shape != v.shape or k.shape[2] != d or hq % hkv or not 0 < length <= capacity:
         raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, {length} positions")
-    if scores.dtype is not torch.float32 or not scores.is_contiguous() or scores.numel() < length:
-        raise ValueError(f"scores must be contiguous float32 of at least {length} values")
+    need = scores_size(hq, hkv, length)
+    if scores.dtype is not torch.float32 or not scores.is_contiguous() or scores.numel() < need:
+        raise ValueError(f"scores must be contiguous float32 of at least {need} values")
+    # split across threads once the call is worth it (q k and p v: 2 Hq S D multiply-adds)
+    threads = torch.get_num_threads() if 2 * hq * length * d >= native.THREADED_MACS else 1
     out = torch.empty(hq * d, dtype=torch.bfloat16)
     _lib().moe_local_attend_bf16(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), hq, hkv, d, length, capacity, scale,
-        scores.data_ptr(), out.data_ptr(),
+        scores.data_ptr(), out.data_ptr(), threads,
     )  # fmt: skip
     return out
 

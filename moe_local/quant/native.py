@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 8
+_ABI = 9
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the
@@ -126,7 +126,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.moe_local_qlinear
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32]
+    fn.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, ptr, i32, ptr, i32]
     fn.restype = i32
     fn16 = lib.moe_local_qlinear_bf16
     fn16.argtypes = fn.argtypes
@@ -138,15 +138,46 @@ def _library() -> ctypes.CDLL | None:
     mx.argtypes = [ptr, ptr, i32, i32, ptr, i32, ptr, i32]
     mx.restype = i32
     ex = lib.moe_local_expert_bf16
-    ex.argtypes = [ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32, ptr, i32, ptr, i32, i32]
+    ex.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32]
+    ex.argtypes += [i32, i32, ptr, i32, ptr, i32, i32]
     ex.restype = i32
     mix = lib.moe_local_experts_bf16
     mix.argtypes = [i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32]
     mix.restype = i32
     deq = lib.moe_local_dequantize
-    deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, ptr, i32]
+    deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
     return lib
+
+
+def row_strides(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[int, int] | None:
+    """The kernel's row strides of a weight's tensors: (code bytes, scale values) between rows.
+
+    Rows may lie apart (``moe_local.quant.interleave`` puts each row's codes, scales and zeros side
+    by side), but each row must be contiguous and scales and zeros must share a stride.
+
+    Returns:
+        The strides, or None where the kernel cannot read the tensors as they lie.
+    """
+    if packed.dim() != 2 or scales.dim() != 2 or zeros.dim() != 2:
+        return None
+    if any(t.shape[1] > 1 and t.stride(1) != 1 for t in (packed, scales, zeros)):
+        return None
+    code_stride, scale_stride = packed.stride(0), scales.stride(0)
+    if zeros.stride(0) != scale_stride or code_stride < packed.shape[1] or scale_stride < scales.shape[1]:
+        return None
+    return code_stride, scale_stride
+
+
+def _readable(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The tensors as the kernel can read them (copied only where their rows are not), and strides."""
+    strides = row_strides(packed, scales, zeros)
+    if strides is None:
+        packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
+        strides = (packed.shape[1], scales.shape[1])
+    return packed, scales, zeros, strides
 
 
 def available() -> bool:
@@ -211,7 +242,7 @@ def qlinear(
     out = torch.empty(m, o, dtype=torch.bfloat16 if bf16 else torch.float32)
     threads = torch.get_num_threads() if m * o * i >= THREADED_MACS else 1
     call = lib.moe_local_qlinear_bf16 if bf16 else lib.moe_local_qlinear
-    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()  # no-ops as read
+    packed, scales, zeros, strides = _readable(packed, scales, zeros)  # no copies as read
     rc = call(
         packed.data_ptr(),
         scales.data_ptr(),
@@ -220,6 +251,7 @@ def qlinear(
         i,
         bits,
         group_size,
+        *strides,
         x.data_ptr(),
         m,
         out.data_ptr(),
@@ -299,9 +331,9 @@ class NativeWeight:
     so the pointers stay valid as long as this object lives.
 
     Args:
-        packed: codes ``[O, I * bits / 8]`` uint8, contiguous.
-        scales: ``[O, G]`` fp16, contiguous.
-        zeros: ``[O, G]`` fp16, contiguous.
+        packed: codes ``[O, I * bits / 8]`` uint8, rows contiguous (``row_strides``).
+        scales: ``[O, G]`` fp16, likewise.
+        zeros: ``[O, G]`` fp16, with the stride of ``scales``.
         shape: ``(O, I)``.
         bits: 8, 4 or 2.
         group_size: weights per group (see ``supports``).
@@ -321,13 +353,14 @@ class NativeWeight:
         lib = _library()
         if lib is None:
             raise RuntimeError("the native kernel is not available (check native.available() first)")
-        if not (packed.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
-            raise ValueError("the native kernel reads contiguous codes, scales and zeros")
+        strides = row_strides(packed, scales, zeros)
+        if strides is None:
+            raise ValueError("the native kernel reads codes, scales and zeros of contiguous rows")
         self._lib = lib
         self._tensors = (packed, scales, zeros)
         self.out_features, self.in_features = shape
         pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
-        self._args = (*pointers, shape[0], shape[1], bits, group_size)
+        self._args = (*pointers, shape[0], shape[1], bits, group_size, *strides)
 
     def threads_for(self, rows: int) -> int:
         """Threads for ``rows`` rows of x: torch's, once the call is big enough to be worth splitting."""
@@ -386,14 +419,14 @@ def dequantize_rows(
     if lib is None:
         raise RuntimeError("the native kernel is not available (check native.available() first)")
     i = shape[1]
-    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    packed, scales, zeros, strides = _readable(packed, scales, zeros)
     if out is None:
         out = torch.empty(end - start, i, dtype=torch.float32)
     elif out.dtype != torch.float32 or tuple(out.shape) != (end - start, i) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 [{end - start}, {i}]")
     threads = torch.get_num_threads() if (end - start) * i >= THREADED_MACS else 1
     pointers = (packed.data_ptr(), scales.data_ptr(), zeros.data_ptr())
-    lib.moe_local_dequantize(*pointers, i, bits, group_size, start, end, out.data_ptr(), threads)
+    lib.moe_local_dequantize(*pointers, i, bits, group_size, *strides, start, end, out.data_ptr(), threads)
     return out
 
 
@@ -414,14 +447,12 @@ def expert_bf16(x2: torch.Tensor, gate_up: NativeWeight, down: NativeWeight) -> 
     m = x2.shape[0]
     h, i = down.out_features, down.in_features
     out = torch.empty(m, h, dtype=torch.bfloat16)
-    gu, d = gate_up._args, down._args  # (codes, scales, zeros, O, I, bits, group)
+    gu, d = gate_up._args, down._args  # (codes, scales, zeros, O, I, bits, group, code/scale strides)
     rc = gate_up._lib.moe_local_expert_bf16(
         *gu[:3],
-        gu[5],
-        gu[6],
+        *gu[5:9],
         *d[:3],
-        d[5],
-        d[6],
+        *d[5:9],
         h,
         i,
         x2.data_ptr(),
@@ -458,9 +489,7 @@ def experts_bf16(
     h, i = first_d.out_features, first_d.in_features
     rows = [(*gu._args[:3], *d._args[:3]) for gu, d in experts]
     ptrs = torch.tensor(rows, dtype=torch.int64)  # [n, 6]
-    meta = torch.tensor(
-        [(gu._args[5], gu._args[6], d._args[5], d._args[6]) for gu, d in experts], dtype=torch.int32
-    )
+    meta = torch.tensor([(*gu._args[5:9], *d._args[5:9]) for gu, d in experts], dtype=torch.int32)
     w = weights.to(torch.float32).contiguous()
     out = torch.empty(1, h, dtype=torch.bfloat16)
     rc = first_gu._lib.moe_local_experts_bf16(

@@ -18,7 +18,11 @@
  * once per call, so no code is ever moved. 8-bit codes run signed (q - 128) with the sign trick,
  * since maddubs multiplies an unsigned byte by a signed one and 255 * 127 * 2 would saturate.
  *
- * Shapes: x [M, I] float32, y [M, O] float32, codes [O, I * bits / 8] uint8, scales/zeros [O, G].
+ * Shapes: x [M, I] float32, y [M, O] float32, codes [O, I * bits / 8] uint8, scales/zeros [O, G]. Rows
+ * may lie apart: row o's codes start at codes + o * code_stride (bytes), its scales and zeros at
+ * o * scale_stride (values), so a weight whose rows hold their codes, scales and zeros side by side
+ * (moe_local/quant/interleave.py: one stream through memory instead of three) runs unchanged; a
+ * stride of 0 means packed rows (I * bits / 8 bytes, G values).
  * Built at first use by moe_local/quant/native.py with the machine's C compiler (-mavx2 -mfma -mf16c).
  */
 #include <immintrin.h>
@@ -29,7 +33,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 8; }
+int moe_local_qlinear_abi(void) { return 9; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -181,31 +185,42 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *codes, 
     for (int t = 0; t < NT; t++) y[(size_t)t * y_stride] = hsum(acc[t]) - zterm[t];
 }
 
-/* All rows, tokens 4 at a time, for one code width. */
-#define ROWS_NT(BITS, NT)                                                                                  \
-    row_dot(w, s, z, I, BITS, group, xq + (size_t)m * I, dx + (size_t)m * chunks, sumx + (size_t)m * groups, \
+/* All rows, tokens 4 at a time, for one code width and group size (a constant where the caller passes
+ * one: the group loops of row_dot then fold away, which measured a third faster on one core). */
+#define ROWS_NT(BITS, GROUP, NT)                                                                              \
+    row_dot(w, s, z, I, BITS, GROUP, xq + (size_t)m * I, dx + (size_t)m * chunks, sumx + (size_t)m * groups,  \
             NT, y + (size_t)m * O + o, O)
-#define ROWS(BITS)                                                                                        \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                   \
-    for (int o = 0; o < O; o++) {                                                                        \
-        const uint8_t *w = codes + (size_t)o * row_bytes;                                                 \
-        const uint16_t *s = scales + (size_t)o * groups, *z = zeros + (size_t)o * groups;                \
-        int m = 0;                                                                                        \
-        for (; m + 4 <= M; m += 4) ROWS_NT(BITS, 4);                                                      \
-        switch (M - m) {                                                                                  \
-            case 3: ROWS_NT(BITS, 3); break;                                                              \
-            case 2: ROWS_NT(BITS, 2); break;                                                              \
-            case 1: ROWS_NT(BITS, 1); break;                                                              \
-        }                                                                                                 \
+#define ROW_BODY(BITS, GROUP)                                                                                 \
+    {                                                                                                         \
+        const uint8_t *w = codes + (size_t)o * code_stride;                                                   \
+        const uint16_t *s = scales + (size_t)o * scale_stride, *z = zeros + (size_t)o * scale_stride;         \
+        int m = 0;                                                                                            \
+        for (; m + 4 <= M; m += 4) ROWS_NT(BITS, GROUP, 4);                                                   \
+        switch (M - m) {                                                                                      \
+            case 3: ROWS_NT(BITS, GROUP, 3); break;                                                           \
+            case 2: ROWS_NT(BITS, GROUP, 2); break;                                                           \
+            case 1: ROWS_NT(BITS, GROUP, 1); break;                                                           \
+        }                                                                                                     \
+    }
+/* One thread runs a plain loop: inside an OpenMP region, even one of one thread, the outlined body
+ * read the shared sizes through memory and ran a third slower (8 against 12.8 GB/s on one core). */
+#define ROWS(BITS, GROUP)                                                                                     \
+    if (threads > 1) {                                                                                        \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                     \
+        for (int o = 0; o < O; o++) ROW_BODY(BITS, GROUP)                                                     \
+    } else {                                                                                                  \
+        for (int o = 0; o < O; o++) ROW_BODY(BITS, GROUP)                                                     \
     }
 
 /* y[M, O] = x[M, I] @ W_hat^T. Returns 0, or -1 when a temporary buffer cannot be allocated. */
 int moe_local_qlinear(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int O, int I,
-                      int bits, int group, const float *x, int M, float *y, int threads) {
+                      int bits, int group, int code_stride, int scale_stride, const float *x, int M, float *y,
+                      int threads) {
     const int planes = 8 / bits;
     const int chunks = I / (CHUNK_BYTES * planes);
     const int groups = I / group;
-    const size_t row_bytes = (size_t)I * bits / 8;
+    if (code_stride <= 0) code_stride = I * bits / 8;
+    if (scale_stride <= 0) scale_stride = groups;
     int8_t *xq = malloc((size_t)M * I);
     float *dx = malloc(sizeof(float) * (size_t)M * chunks);
     float *sumx = malloc(sizeof(float) * (size_t)M * groups);
@@ -216,12 +231,25 @@ int moe_local_qlinear(const uint8_t *codes, const uint16_t *scales, const uint16
     for (int m = 0; m < M; m++)
         quantize_x(x + (size_t)m * I, I, bits, group, xq + (size_t)m * I, dx + (size_t)m * chunks,
                    sumx + (size_t)m * groups);
-    if (bits == 4) {
-        ROWS(4)
+    /* the schemes moe-local's recipes use get their own constant-folded loops; others the general one */
+    if (bits == 4 && group == 64) {
+        ROWS(4, 64)
+    } else if (bits == 4 && group == 32) {
+        ROWS(4, 32)
+    } else if (bits == 4 && group == 128) {
+        ROWS(4, 128)
+    } else if (bits == 4) {
+        ROWS(4, group)
+    } else if (bits == 8 && group == 128) {
+        ROWS(8, 128)
+    } else if (bits == 8 && group == 64) {
+        ROWS(8, 64)
     } else if (bits == 8) {
-        ROWS(8)
+        ROWS(8, group)
+    } else if (bits == 2 && group == 64) {
+        ROWS(2, 64)
     } else {
-        ROWS(2)
+        ROWS(2, group)
     }
     free(xq), free(dx), free(sumx);
     return 0;
@@ -230,9 +258,11 @@ int moe_local_qlinear(const uint8_t *codes, const uint16_t *scales, const uint16
 /* W_hat rows [start, end) as float32 [end - start, I]: the prefill path's dequantization (many tokens
  * then run as one float32 matmul, which on AVX2 is several times faster than bf16's). */
 void moe_local_dequantize(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int I, int bits,
-                          int group, int start, int end, float *out, int threads) {
+                          int group, int code_stride, int scale_stride, int start, int end, float *out,
+                          int threads) {
     const int groups = I / group;
-    const size_t row_bytes = (size_t)I * bits / 8;
+    const size_t row_bytes = code_stride > 0 ? (size_t)code_stride : (size_t)I * bits / 8;
+    const size_t scale_row = scale_stride > 0 ? (size_t)scale_stride : (size_t)groups;
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int r = start; r < end; r++) {
@@ -240,8 +270,8 @@ void moe_local_dequantize(const uint8_t *codes, const uint16_t *scales, const ui
         float *o = out + (size_t)(r - start) * I;
         for (int g = 0; g < groups; g++) {
             /* (q - z) * s in float32, rounded as torch's reference path rounds it: bit-identical */
-            const float s = _cvtsh_ss(scales[(size_t)r * groups + g]);
-            const float z = _cvtsh_ss(zeros[(size_t)r * groups + g]);
+            const float s = _cvtsh_ss(scales[(size_t)r * scale_row + g]);
+            const float z = _cvtsh_ss(zeros[(size_t)r * scale_row + g]);
             const uint8_t *wg = w + (size_t)g * group / per_byte;
             float *og = o + (size_t)g * group;
             if (bits == 8) {
@@ -283,7 +313,8 @@ static void narrow_bf16(const float *yf, uint16_t *y, size_t n) {
 /* moe_local_qlinear with bf16 activations in and out (what a bf16 model computes in): the two
  * conversions run here instead of as two more torch calls per weight and token. */
 int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros, int O, int I,
-                           int bits, int group, const uint16_t *x, int M, uint16_t *y, int threads) {
+                           int bits, int group, int code_stride, int scale_stride, const uint16_t *x, int M,
+                           uint16_t *y, int threads) {
     float *xf = malloc(sizeof(float) * (size_t)M * I);
     float *yf = malloc(sizeof(float) * (size_t)M * O);
     if (!xf || !yf) {
@@ -291,7 +322,8 @@ int moe_local_qlinear_bf16(const uint8_t *codes, const uint16_t *scales, const u
         return -1;
     }
     widen_bf16(x, xf, (size_t)M * I);
-    const int rc = moe_local_qlinear(codes, scales, zeros, O, I, bits, group, xf, M, yf, threads);
+    const int rc = moe_local_qlinear(codes, scales, zeros, O, I, bits, group, code_stride, scale_stride, xf, M, yf,
+                                     threads);
     if (rc == 0)
         narrow_bf16(yf, y, (size_t)M * O);
     free(xf), free(yf);
@@ -448,9 +480,10 @@ static inline float round_bf16(float v) {
 }
 
 int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, const uint16_t *gu_zeros,
-                          int gu_bits, int gu_group, const uint8_t *d_codes, const uint16_t *d_scales,
-                          const uint16_t *d_zeros, int d_bits, int d_group, int H, int I, const uint16_t *x,
-                          int M, uint16_t *y, int threads_gu, int threads_d) {
+                          int gu_bits, int gu_group, int gu_cs, int gu_ss, const uint8_t *d_codes,
+                          const uint16_t *d_scales, const uint16_t *d_zeros, int d_bits, int d_group, int d_cs,
+                          int d_ss, int H, int I, const uint16_t *x, int M, uint16_t *y, int threads_gu,
+                          int threads_d) {
     float *xf = malloc(sizeof(float) * (size_t)M * H);
     float *gu = malloc(sizeof(float) * (size_t)M * 2 * I);
     float *h = malloc(sizeof(float) * (size_t)M * I);
@@ -458,7 +491,9 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
     int rc = -1;
     if (!xf || !gu || !h || !yf) goto done;
     widen_bf16(x, xf, (size_t)M * H);
-    if (moe_local_qlinear(gu_codes, gu_scales, gu_zeros, 2 * I, H, gu_bits, gu_group, xf, M, gu, threads_gu)) goto done;
+    if (moe_local_qlinear(gu_codes, gu_scales, gu_zeros, 2 * I, H, gu_bits, gu_group, gu_cs, gu_ss, xf, M, gu,
+                          threads_gu))
+        goto done;
     for (int m = 0; m < M; m++) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
         float *hm = h + (size_t)m * I;
@@ -468,7 +503,8 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
             hm[j] = round_bf16(act * round_bf16(u[j]));
         }
     }
-    if (moe_local_qlinear(d_codes, d_scales, d_zeros, H, I, d_bits, d_group, h, M, yf, threads_d)) goto done;
+    if (moe_local_qlinear(d_codes, d_scales, d_zeros, H, I, d_bits, d_group, d_cs, d_ss, h, M, yf, threads_d))
+        goto done;
     narrow_bf16(yf, y, (size_t)M * H);
     rc = 0;
 done:
@@ -480,7 +516,7 @@ done:
  * moe_local_expert_bf16(x), added in the given order with a bf16 rounding after each addition (the
  * roundings of OffloadedExperts' loop: a bf16 product, then out += it from zeros). weights: n float32
  * routing weights. ptrs: n rows of 6 pointers (gate_up codes, scales, zeros; down codes, scales,
- * zeros); meta: n rows of 4 ints (gate_up bits, group; down bits, group). */
+ * zeros); meta: n rows of 8 ints (gate_up bits, group, code stride, scale stride; the same of down). */
 int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int H, int I, const uint16_t *x,
                            const float *weights, uint16_t *out, int threads_gu, int threads_d) {
     /* with several threads and experts, each thread computes whole experts (one thread each: the same
@@ -495,11 +531,11 @@ int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < n ? threads : n) reduction(| : failed)
         for (int e = 0; e < n; e++) {
             const int64_t *p = ptrs + (size_t)e * 6;
-            const int32_t *m = meta + (size_t)e * 4;
+            const int32_t *m = meta + (size_t)e * 8;
             failed |= moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
-                                            m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
-                                            (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, ys + (size_t)e * H, 1,
-                                            1) != 0;
+                                            m[0], m[1], m[2], m[3], (const uint8_t *)p[3], (const uint16_t *)p[4],
+                                            (const uint16_t *)p[5], m[4], m[5], m[6], m[7], H, I, x, 1,
+                                            ys + (size_t)e * H, 1, 1) != 0;
         }
     }
     for (int h = 0; h < H; h++) out[h] = 0;
@@ -507,11 +543,11 @@ int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int 
         uint16_t *y = per_expert ? ys + (size_t)e * H : ys;
         if (!per_expert) {
             const int64_t *p = ptrs + (size_t)e * 6;
-            const int32_t *m = meta + (size_t)e * 4;
+            const int32_t *m = meta + (size_t)e * 8;
             failed = moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
-                                           m[0], m[1], (const uint8_t *)p[3], (const uint16_t *)p[4],
-                                           (const uint16_t *)p[5], m[2], m[3], H, I, x, 1, y, threads_gu,
-                                           threads_d) != 0;
+                                           m[0], m[1], m[2], m[3], (const uint8_t *)p[3], (const uint16_t *)p[4],
+                                           (const uint16_t *)p[5], m[4], m[5], m[6], m[7], H, I, x, 1, y,
+                                           threads_gu, threads_d) != 0;
             if (failed) break;
         }
         const float w = round_bf16(weights[e]);

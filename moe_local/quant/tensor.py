@@ -358,7 +358,7 @@ class QuantizedTensor(QuantizedWeight):
         if self._kernel_kind() != _NATIVE:
             return None
         held = (self._packed, self.scales, self.zeros)
-        if not all(t is not None and t.is_contiguous() for t in held):
+        if any(t is None for t in held) or native.row_strides(*held) is None:
             return None
         bits, group = self.qtype.bits, self.qtype.group_size
         return native.NativeWeight(*held, self.shape, bits, group)

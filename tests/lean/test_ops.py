@@ -41,10 +41,13 @@ def test_rope_is_bit_identical_to_transformers(heads, dim):
     assert torch.equal(got, want[0, :, 0])
 
 
-@pytest.mark.parametrize(("hq", "hkv", "length"), [(8, 2, 1), (8, 2, 37), (4, 4, 300), (6, 1, 5)])
-def test_attention_equals_float32_sdpa_to_one_rounding(hq, hkv, length):
+@pytest.mark.parametrize(
+    ("hq", "hkv", "length", "dim"),
+    [(8, 2, 1, 64), (8, 2, 37, 128), (4, 4, 300, 64), (6, 1, 5, 64), (12, 2, 9, 40), (16, 2, 700, 128)],
+)  # groups of 4, 1 and 6 heads per KV head; head sizes past and short of the 32-wide blocks; threaded
+def test_attention_equals_float32_sdpa_to_one_rounding(hq, hkv, length, dim):
     gen = torch.Generator().manual_seed(length)
-    dim, capacity = 64, length + 7  # positions past ``length`` hold garbage the call must not read
+    capacity = length + 7  # positions past ``length`` hold garbage the call must not read
     q = torch.randn(hq, dim, generator=gen).bfloat16()
     k = torch.randn(hkv, capacity, dim, generator=gen).bfloat16()
     v = torch.randn(hkv, capacity, dim, generator=gen).bfloat16()
@@ -52,7 +55,7 @@ def test_attention_equals_float32_sdpa_to_one_rounding(hq, hkv, length):
     want = F.scaled_dot_product_attention(
         q[None, :, None].float(), k[None, :, :length].float(), v[None, :, :length].float(), enable_gqa=True
     )[0, :, 0].reshape(-1)  # [Hq * D] float32
-    got = ops.attend(q, k, v, length, dim**-0.5, torch.empty(length))
+    got = ops.attend(q, k, v, length, dim**-0.5, torch.empty(ops.scores_size(hq, hkv, length)))
     assert torch.isfinite(got.float()).all()
     assert (got.float() - want).abs().max() <= want.abs().max() * 2**-7  # one bf16 rounding, plus order
 
