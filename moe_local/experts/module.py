@@ -191,7 +191,7 @@ class OffloadedExperts(nn.Module):
         order = self.store.order(self.layer, needed, resident)
         fetched = self._fetch_all(x, order, resident)
         if fetched is not None:
-            pairs = [_native_pair(w) for w in fetched]
+            pairs = [_native_pair(w, dense=True) for w in fetched]
             if all(p is not None for p in pairs):  # one native call, the loop's roundings
                 return native.experts_bf16(x.contiguous(), pairs, weights[[slot[e] for e in order]])
         out = torch.zeros_like(x)  # [1, H]
@@ -237,17 +237,31 @@ class OffloadedExperts(nn.Module):
         return y * w_e.to(y.dtype)
 
 
-def _native_pair(w) -> tuple[native.NativeWeight, native.NativeWeight] | None:
-    """An expert's ``(gate_up, down)`` native calls, or None where its weights do not run there."""
+def _native_pair(w, dense: bool = False) -> tuple[native.FusedWeight, native.FusedWeight] | None:
+    """An expert's ``(gate_up, down)`` native calls, or None where its weights do not run there.
+
+    ``dense``: plain bf16 CPU matrices too (the decode token's call: one row, where the dense kernel
+    is what ``dense_linear`` runs anyway; many rows keep torch's GEMM).
+    """
     gate_up, down = w.gate_up, w.down
-    if (
-        not (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor))
-        or w.down_bias is not None
-        or w.gate_up_bias is not None
-    ):
+    if w.down_bias is not None or w.gate_up_bias is not None:
+        return None
+    if dense and all(_dense_cpu_bf16(t) for t in (gate_up, down)) and native.available():
+        return native.DenseWeight(gate_up), native.DenseWeight(down)
+    if not (isinstance(gate_up, QuantizedTensor) and isinstance(down, QuantizedTensor)):
         return None
     gu, d = gate_up.native_weight(), down.native_weight()
     return None if gu is None or d is None else (gu, d)
+
+
+def _dense_cpu_bf16(t) -> bool:
+    return (
+        isinstance(t, torch.Tensor)
+        and t.dtype is torch.bfloat16
+        and t.device.type == "cpu"
+        and t.dim() == 2
+        and t.is_contiguous()
+    )
 
 
 def _fused_call(x: torch.Tensor, w) -> torch.Tensor | None:

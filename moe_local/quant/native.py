@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 9
+_ABI = 10
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the
@@ -387,6 +387,34 @@ class NativeWeight:
         return out
 
 
+class DenseWeight:
+    """A plain bf16 weight's arguments to the fused expert calls (``expert_bf16``, ``experts_bf16``).
+
+    The kernel takes it as a weight of 16 "bits": the matrix itself, computed as ``dense_bf16`` computes
+    it, so the experts of a bf16 model run a decode token in one call like quantized ones.
+
+    Args:
+        weight: ``[O, I]`` bfloat16, contiguous, on the CPU.
+    """
+
+    __slots__ = ("_args", "_lib", "_tensors", "in_features", "out_features")
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the native kernel is not available (check native.available() first)")
+        if weight.dtype is not torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError("a dense weight of the fused calls is a contiguous bf16 matrix")
+        if weight.device.type != "cpu":
+            raise ValueError("a dense weight of the fused calls lies on the CPU")
+        self._lib = lib
+        self._tensors = (weight,)
+        self.out_features, self.in_features = weight.shape
+        self._args = (weight.data_ptr(), None, None, self.out_features, self.in_features, 16, 0, 0, 0)
+
+    threads_for = NativeWeight.threads_for
+
+
 def dequantize_rows(
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -430,7 +458,10 @@ def dequantize_rows(
     return out
 
 
-def expert_bf16(x2: torch.Tensor, gate_up: NativeWeight, down: NativeWeight) -> torch.Tensor:
+FusedWeight = NativeWeight | DenseWeight
+
+
+def expert_bf16(x2: torch.Tensor, gate_up: FusedWeight, down: FusedWeight) -> torch.Tensor:
     """One gated expert, ``down(silu(gate) * up)``, in one call (the values the separate calls give).
 
     Args:
@@ -467,7 +498,7 @@ def expert_bf16(x2: torch.Tensor, gate_up: NativeWeight, down: NativeWeight) -> 
 
 
 def experts_bf16(
-    x2: torch.Tensor, experts: list[tuple[NativeWeight, NativeWeight]], weights: torch.Tensor
+    x2: torch.Tensor, experts: list[tuple[FusedWeight, FusedWeight]], weights: torch.Tensor
 ) -> torch.Tensor:
     """One token's gated experts mixed by their routing weights, in one call.
 
@@ -487,7 +518,7 @@ def experts_bf16(
     """
     first_gu, first_d = experts[0]
     h, i = first_d.out_features, first_d.in_features
-    rows = [(*gu._args[:3], *d._args[:3]) for gu, d in experts]
+    rows = [tuple(p or 0 for p in (*gu._args[:3], *d._args[:3])) for gu, d in experts]
     ptrs = torch.tensor(rows, dtype=torch.int64)  # [n, 6]
     meta = torch.tensor([(*gu._args[5:9], *d._args[5:9]) for gu, d in experts], dtype=torch.int32)
     w = weights.to(torch.float32).contiguous()

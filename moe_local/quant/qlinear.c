@@ -33,7 +33,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 9; }
+int moe_local_qlinear_abi(void) { return 10; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -361,9 +361,30 @@ static inline __attribute__((always_inline)) void bf16_row(const uint16_t *w, co
     }
 }
 
+#define BF16_ROW_BODY                                                                                     \
+    {                                                                                                         \
+        const uint16_t *wo = w + (size_t)o * I;                                                               \
+        int m = 0;                                                                                            \
+        for (; m + 4 <= M; m += 4) bf16_row(wo, xf + (size_t)m * I, I, 4, yf + (size_t)m * O + o, O);         \
+        switch (M - m) {                                                                                      \
+            case 3: bf16_row(wo, xf + (size_t)m * I, I, 3, yf + (size_t)m * O + o, O); break;                 \
+            case 2: bf16_row(wo, xf + (size_t)m * I, I, 2, yf + (size_t)m * O + o, O); break;                 \
+            case 1: bf16_row(wo, xf + (size_t)m * I, I, 1, yf + (size_t)m * O + o, O); break;                 \
+        }                                                                                                     \
+    }
+
 /* y[M, O] = x[M, I] @ W^T for a bf16 weight W [O, I], bf16 activations in and out, float32 inside
  * (the decode path of a bf16 model: torch's bf16 matmul converts on the fly at about half the
  * memory bandwidth a matrix-vector product needs). Returns 0, or -1 when a buffer cannot be allocated. */
+static void dense_f32(const uint16_t *w, int O, int I, const float *xf, int M, float *yf, int threads) {
+    if (threads > 1) { /* one thread: a plain loop (see ROWS) */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int o = 0; o < O; o++) BF16_ROW_BODY
+    } else {
+        for (int o = 0; o < O; o++) BF16_ROW_BODY
+    }
+}
+
 int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, int M, uint16_t *y, int threads) {
     float *xf = malloc(sizeof(float) * (size_t)M * I);
     float *yf = malloc(sizeof(float) * (size_t)M * O);
@@ -372,17 +393,7 @@ int moe_local_linear_bf16(const uint16_t *w, int O, int I, const uint16_t *x, in
         return -1;
     }
     widen_bf16(x, xf, (size_t)M * I);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int o = 0; o < O; o++) {
-        const uint16_t *wo = w + (size_t)o * I;
-        int m = 0;
-        for (; m + 4 <= M; m += 4) bf16_row(wo, xf + (size_t)m * I, I, 4, yf + (size_t)m * O + o, O);
-        switch (M - m) {
-            case 3: bf16_row(wo, xf + (size_t)m * I, I, 3, yf + (size_t)m * O + o, O); break;
-            case 2: bf16_row(wo, xf + (size_t)m * I, I, 2, yf + (size_t)m * O + o, O); break;
-            case 1: bf16_row(wo, xf + (size_t)m * I, I, 1, yf + (size_t)m * O + o, O); break;
-        }
-    }
+    dense_f32(w, O, I, xf, M, yf, threads);
     narrow_bf16(yf, y, (size_t)M * O);
     free(xf), free(yf);
     return 0;
@@ -470,7 +481,9 @@ int moe_local_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, int O, in
  * calls from Python, the glue (checks, three torch ops, two more calls) cost about as much as the
  * arithmetic for small experts. This computes the same values the separate calls compute: every
  * intermediate rounded to bf16 where those calls round it (gate_up out, silu out, the product), silu
- * as x / (1 + exp(-x)) in float32. gate_up [2I, H] holds the gate rows first, then the up rows. */
+ * as x / (1 + exp(-x)) in float32. gate_up [2I, H] holds the gate rows first, then the up rows.
+ * A weight of `bits` 16 is a plain bf16 matrix (its codes pointer; scales and zeros unused), computed
+ * as moe_local_linear_bf16 computes it: the experts of a bf16 model take the same single call. */
 
 static inline float round_bf16(float v) {
     const uint32_t u = (uint32_t)to_bf16(v) << 16;
@@ -491,8 +504,10 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
     int rc = -1;
     if (!xf || !gu || !h || !yf) goto done;
     widen_bf16(x, xf, (size_t)M * H);
-    if (moe_local_qlinear(gu_codes, gu_scales, gu_zeros, 2 * I, H, gu_bits, gu_group, gu_cs, gu_ss, xf, M, gu,
-                          threads_gu))
+    if (gu_bits == 16)
+        dense_f32((const uint16_t *)gu_codes, 2 * I, H, xf, M, gu, threads_gu);
+    else if (moe_local_qlinear(gu_codes, gu_scales, gu_zeros, 2 * I, H, gu_bits, gu_group, gu_cs, gu_ss, xf, M, gu,
+                               threads_gu))
         goto done;
     for (int m = 0; m < M; m++) {
         const float *g = gu + (size_t)m * 2 * I, *u = g + I;
@@ -503,7 +518,9 @@ int moe_local_expert_bf16(const uint8_t *gu_codes, const uint16_t *gu_scales, co
             hm[j] = round_bf16(act * round_bf16(u[j]));
         }
     }
-    if (moe_local_qlinear(d_codes, d_scales, d_zeros, H, I, d_bits, d_group, d_cs, d_ss, h, M, yf, threads_d))
+    if (d_bits == 16)
+        dense_f32((const uint16_t *)d_codes, H, I, h, M, yf, threads_d);
+    else if (moe_local_qlinear(d_codes, d_scales, d_zeros, H, I, d_bits, d_group, d_cs, d_ss, h, M, yf, threads_d))
         goto done;
     narrow_bf16(yf, y, (size_t)M * H);
     rc = 0;

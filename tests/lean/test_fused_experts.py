@@ -1,4 +1,4 @@
-"""A decode token's resident quantized experts in one native call: the loop's values, to the bit."""
+"""A decode token's resident experts (quantized or bf16) in one native call: the loop's values, to the bit."""
 
 from __future__ import annotations
 
@@ -46,3 +46,29 @@ def test_fused_token_equals_the_loop(quantized, budget, monkeypatch):
         assert len(calls) == 3  # every expert resident: one native call per token
     else:
         assert calls == []  # each token's experts were read from disk: the loop, one read each
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_experts_take_the_same_single_call(tiny_checkpoint, threads, monkeypatch):
+    lm = load(
+        tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128), LoadOptions(dtype="bfloat16")
+    )
+    experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
+    assert lm.store.get(experts.layer, 0).gate_up.dtype is torch.bfloat16  # plain matrices, not codes
+    calls = []
+    fused = native.experts_bf16
+    monkeypatch.setattr(native, "experts_bf16", lambda *a: calls.append(1) or fused(*a))
+    gen = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for ids in ([0, 1], [3, 2], [1, 3]):
+            x = torch.randn(1, 128, generator=gen).bfloat16()
+            weights = torch.softmax(torch.randn(2, generator=gen), -1)
+            with torch.inference_mode():
+                got = experts.decode_token(x, ids, weights)
+                reference = experts(x, torch.tensor([ids]), weights[None])  # forward: the loop
+            assert torch.equal(got, reference)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 3

@@ -63,6 +63,7 @@ def test_fused_expert_calls_give_the_same_bits():
         return [(gu.native_weight(), d.native_weight()) for gu, d in pairs]
 
     for threads in (1, 2):
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             assert torch.equal(
@@ -72,7 +73,7 @@ def test_fused_expert_calls_give_the_same_bits():
                 native.expert_bf16(x, *calls(mixed)[0]), native.expert_bf16(x, *calls(experts)[0])
             )
         finally:
-            torch.set_num_threads(2)
+            torch.set_num_threads(before)
 
 
 def test_tensors_the_kernel_cannot_stride_through_are_copied_not_misread():
