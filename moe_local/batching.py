@@ -15,6 +15,9 @@ tests check token identity on float32 tiny models). Families whose cache is not 
 full-attention layers (sliding windows, linear attention, MiniMax's own cache) and encoder-decoder
 models (Switch Transformers) are not batched:
 ``batch_support`` says why, and the server decodes them one at a time.
+Models the lean decode step computes (``moe_local.lean``) are batched by ``LeanBatch`` instead
+(``new_batch`` picks): no padding, each sequence's own cache, each row's logits those of decoding
+it alone.
 Legend: B=sequences in the batch, W=padded length, P=prompt tokens, V=vocabulary size.
 """
 
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_local.generation import PREFILL_CHUNK, _returned_cache, cache_keyword, new_cache
+from moe_local.lean.batch import LeanBatch
+from moe_local.lean.decoder import LeanDecoder
 from moe_local.loading.loader import LoadedModel
 from moe_local.sampling import LogitsProcessor, Sampler
 from moe_local.seq2seq import is_encoder_decoder
@@ -44,6 +49,8 @@ def batch_support(lm: LoadedModel) -> str | None:
     from transformers.cache_utils import DynamicLayer
 
     model = lm.model
+    if LeanDecoder.build(model, lm.context) is not None:
+        return None  # the lean batch: each sequence prefilled alone, decoded unpadded (any attention)
     family = getattr(model.config, "model_type", "")
     if is_encoder_decoder(model):
         return "an encoder-decoder model's decoding is not batched here"
@@ -62,6 +69,16 @@ def batch_support(lm: LoadedModel) -> str | None:
     if odd:
         return f"its cache has {', '.join(sorted(odd))} layers (sliding window or linear attention)"
     return None
+
+
+def new_batch(lm: LoadedModel) -> DecodeBatch | LeanBatch:
+    """An empty decode batch for ``lm``: the lean step's where it computes the model, else the padded one.
+
+    The lean batch gives each sequence the logits of decoding it alone and skips transformers'
+    forward (``moe_local.lean.batch``); ``MOE_LOCAL_LEAN=0`` keeps the padded batch.
+    """
+    decoder = LeanDecoder.build(lm.model, lm.context)
+    return DecodeBatch(lm) if decoder is None else LeanBatch(decoder)
 
 
 def prefill(lm: LoadedModel, prompt_ids: Sequence[int]) -> tuple[object, torch.Tensor]:

@@ -92,7 +92,9 @@ def _parse_llama(stdout: str) -> tuple[float | None, float | None, dict]:
     if not rows:
         return None, None, {}
     # decode at the deepest context timed (the prompt's length, as moe-local's), prefill from empty
-    gen = sorted((r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0), key=lambda r: r.get("n_depth", 0))
+    gen = sorted(
+        (r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0), key=lambda r: r.get("n_depth", 0)
+    )
     decode = gen[-1]["avg_ts"] if gen else None
     prefill = next(
         (r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0 and not r.get("n_depth")), None

@@ -201,6 +201,42 @@ class OffloadedExperts(nn.Module):
             out += self._weighted(e, x, weights[j : j + 1, None], w).to(out.dtype)
         return out
 
+    def decode_rows(
+        self, x: torch.Tensor, experts: list[list[int]], weights: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``decode_token`` for the newest tokens of several sequences (the batched lean step).
+
+        Each expert is computed once for every row routed to it (one read of its weights serves
+        them all), and each row's weighted outputs are added in the order ``decode_token`` adds
+        them, so a row's values are those of decoding it alone while the store holds the same.
+
+        Args:
+            x: [B, H].
+            experts: each row's K distinct expert ids, in routing order.
+            weights: each row's [K] routing weights.
+
+        Returns:
+            [B, H].
+        """
+        if len(experts) == 1:
+            return self.decode_token(x, experts[0], weights[0])
+        needed = [[e for e in ids if 0 <= e < self.num_experts] for ids in experts]
+        union = list(dict.fromkeys(e for ids in needed for e in ids))
+        self._announce(x, union)
+        resident = self.store.resident(self.layer)
+        products: dict[tuple[int, int], torch.Tensor] = {}  # (row, expert) -> [1, H] weighted output
+        for e in self.store.order(self.layer, union, resident):
+            rows = [b for b, ids in enumerate(needed) if e in ids]
+            w_e = torch.stack([weights[b][experts[b].index(e)] for b in rows])[:, None]  # [n, 1]
+            y = self._weighted(e, x[rows], w_e)  # [n, H]
+            for j, b in enumerate(rows):
+                products[b, e] = y[j : j + 1]
+        out = torch.zeros_like(x)  # [B, H]
+        for b, ids in enumerate(needed):
+            for e in self.store.order(self.layer, ids, resident):
+                out[b : b + 1] += products[b, e].to(out.dtype)
+        return out
+
     def _fetch_all(self, x: torch.Tensor, order: list[int], resident: set[int]) -> list | None:
         """Every expert of ``order`` at once, for one native call, or None where that cannot run.
 

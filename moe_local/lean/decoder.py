@@ -39,7 +39,7 @@ from moe_local.quant import native
 
 log = logging.getLogger(__name__)
 
-Projection = Callable[[torch.Tensor], torch.Tensor]  # [1, I] bf16 -> [1, O] bf16
+Projection = Callable[[torch.Tensor], torch.Tensor]  # [B, I] bf16 -> [B, O] bf16
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,11 @@ class _Layer:
     shared: bool
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The MLP block on the normed hidden state ``h`` [1, H]: [1, H]."""
+        """The MLP block on the normed hidden states ``h`` [B, H] (one row per sequence): [B, H]."""
         if self.router is None:
             return self.mlp(h)
-        experts, weights = self.router(h[0])
-        out = self.experts.decode_token(h, experts, weights)
+        routes = [self.router(row) for row in h]
+        out = self.experts.decode_rows(h, [r[0] for r in routes], [r[1] for r in routes])
         if self.shared:  # Qwen2-MoE: out + sigmoid(gate(h)) * shared_expert(h), as its block adds them
             block = self.mlp
             out = out + torch.sigmoid(block.shared_expert_gate(h)) * block.shared_expert(h)
@@ -174,7 +174,9 @@ class LeanDecoder:
     """Decode steps of one generation on a bf16 CPU model of a known structure.
 
     Build with ``LeanDecoder.build``; ``start`` takes over the prompt's cache, ``step`` returns the
-    next logits.
+    next logits. ``step_rows`` decodes several sequences together, each with its own ``LeanCache``
+    (``new_cache``): one pass over each weight serves them all, and each row's values are those of
+    its sequence decoded alone.
     """
 
     def __init__(self, model: nn.Module, layers: list[_Layer], context: int | None = None) -> None:
@@ -188,7 +190,8 @@ class LeanDecoder:
         self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
         self.head_dim = _head_dim(cfg)
         self.scale = float(inner.layers[0].self_attn.scaling)  # head_dim ** -0.5 in these families
-        self.cache = LeanCache(len(layers), self.kv_heads, self.head_dim, 0, limit=context)
+        self.context = context
+        self.cache = self.new_cache()
         self._scores = torch.empty(0, dtype=torch.float32)
 
     @classmethod
@@ -209,41 +212,60 @@ class LeanDecoder:
             return None
         return cls(model, [_layer(layer, structure) for layer in model.model.layers], context)
 
+    def new_cache(self) -> LeanCache:
+        """An empty cache for one more sequence of this model (``step_rows``)."""
+        return LeanCache(len(self.layers), self.kv_heads, self.head_dim, 0, limit=self.context)
+
     def start(self, cache) -> None:
         """Take over the keys and values of the prompt's forward (a ``DynamicCache``)."""
         self.cache.fill_from(cache)
 
     def step(self, token: int) -> torch.Tensor:
         """The next token's logits [V] (bf16) after ``token``, which joins the cache."""
-        cache = self.cache
-        pos = cache.length
-        cache.reserve(pos + 1)
+        return self.step_rows([token], [self.cache])[0]
+
+    def step_rows(self, tokens: list[int], caches: list[LeanCache]) -> torch.Tensor:
+        """Each sequence's next logits [B, V] (bf16) after its token, which joins its cache.
+
+        Args:
+            tokens: the newest token of each of B sequences.
+            caches: their caches, in the same order (each grows by one position).
+        """
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
-        if self._scores.numel() < ops.scores_size(hq, hkv, pos + 1):  # the attention's float32 scratch
-            self._scores = torch.empty(ops.scores_size(hq, hkv, max(2 * (pos + 1), 256)), dtype=torch.float32)
-        x = self.embed(torch.tensor([token]))  # [1, H]
-        cos, sin = self.rotary(x[None], torch.tensor([[pos]]))  # [1, 1, D] each, bf16
-        cos, sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+        positions = [cache.length for cache in caches]
+        for cache, pos in zip(caches, positions, strict=True):
+            cache.reserve(pos + 1)
+        need = ops.scores_size(hq, hkv, max(positions) + 1)
+        if self._scores.numel() < need:  # the attention's float32 scratch, shared by the rows in turn
+            self._scores = torch.empty(2 * need, dtype=torch.float32)
+        rows = len(tokens)
+        x = self.embed(torch.tensor(tokens))  # [B, H]
+        cos, sin = self.rotary(x[None], torch.tensor([positions]))  # [1, B, D] each, bf16
+        tables = [(cos[0, b].contiguous(), sin[0, b].contiguous()) for b in range(rows)]
         for i, layer in enumerate(self.layers):
-            h = ops.rmsnorm(x, *layer.norm1)  # [1, H]
-            q, k, v = layer.q(h), layer.k(h), layer.v(h)  # [1, Hq * D], [1, Hkv * D], [1, Hkv * D]
+            h = ops.rmsnorm(x, *layer.norm1)  # [B, H]
+            q, k, v = layer.q(h), layer.k(h), layer.v(h)  # [B, Hq * D], [B, Hkv * D], [B, Hkv * D]
             if layer.q_norm is not None and not layer.norms_per_head:
                 q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
             if layer.clip is not None:
                 q, k, v = (t.clamp(-layer.clip, layer.clip) for t in (q, k, v))
-            q, k = q.view(hq, d), k.view(hkv, d)  # [Hq, D], [Hkv, D]
+            q, k = q.reshape(rows * hq, d), k.reshape(rows * hkv, d)  # [B * Hq, D], [B * Hkv, D]
             if layer.q_norm is not None and layer.norms_per_head:
                 q, k = ops.rmsnorm(q, *layer.q_norm), ops.rmsnorm(k, *layer.k_norm)
-            q = ops.rope_(q.contiguous(), cos, sin)  # in place (contiguous() is q itself here)
-            k = ops.rope_(k.contiguous(), cos, sin)
-            keys, values = cache.keys[i], cache.values[i]
-            keys[:, pos] = k
-            values[:, pos] = v.view(hkv, d)
-            attn = ops.attend(q, keys, values, pos + 1, self.scale, self._scores)  # [Hq * D]
-            x = x + layer.o(attn[None])
+            q, k, v = q.view(rows, hq, d), k.view(rows, hkv, d), v.reshape(rows, hkv, d)
+            attended = []
+            for b, (cache, pos, (c, s)) in enumerate(zip(caches, positions, tables, strict=True)):
+                qb = ops.rope_(q[b], c, s)  # in place: q[b] is a contiguous [Hq, D] block of q
+                keys, values = cache.keys[i], cache.values[i]
+                keys[:, pos] = ops.rope_(k[b], c, s)
+                values[:, pos] = v[b]
+                attended.append(ops.attend(qb, keys, values, pos + 1, self.scale, self._scores))  # [Hq * D]
+            attn = attended[0][None] if rows == 1 else torch.stack(attended)  # [B, Hq * D]
+            x = x + layer.o(attn)
             x = x + layer.feed_forward(ops.rmsnorm(x, *layer.norm2))
-        cache.length = pos + 1
-        return self.lm_head(ops.rmsnorm(x, *self.norm))[0]
+        for cache, pos in zip(caches, positions, strict=True):
+            cache.length = pos + 1
+        return self.lm_head(ops.rmsnorm(x, *self.norm))
 
 
 def _head_dim(cfg) -> int:

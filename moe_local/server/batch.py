@@ -2,7 +2,8 @@
 
 The worker takes jobs from the engine's queue whenever a place is free (at a step boundary),
 prefills each new generation alone, and then decodes every running generation in one forward pass
-per token (``moe_local.batching.DecodeBatch``), so an expert loaded for one step serves every
+per token (``moe_local.batching.new_batch``: the lean step where it computes the model, else a padded
+batch through transformers), so an expert loaded for one step serves every
 sequence routed to it. Each generation keeps its own KV cache rows, sampler (its own seeded
 generator), penalties, grammar matcher, stop strings, logprobs and budget: its tokens go through
 ``stream_from_steps`` exactly as a lone generation's do. A finished or cancelled generation leaves
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moe_local.batching import DecodeBatch, LogitsBox, batched_steps, prefill
+from moe_local.batching import LogitsBox, batched_steps, new_batch, prefill
 from moe_local.errors import MoeLocalError
 from moe_local.grammar import GrammarError
 from moe_local.server.jobs import Job
@@ -63,7 +64,7 @@ class Scheduler:
         self.engine = engine
         self.lm = engine.lm
         self.parallel = parallel
-        self.batch = DecodeBatch(engine.lm)
+        self.batch = new_batch(engine.lm)
         self.active: list[Slot] = []
 
     def run(self) -> None:
@@ -135,7 +136,7 @@ class Scheduler:
         try:
             logits = self.batch.step({slot: slot.last for slot in self.active})
         except Exception as exc:  # the model failed: every generation in the batch ends with it
-            slots, self.active, self.batch = self.active, [], DecodeBatch(self.lm)
+            slots, self.active, self.batch = self.active, [], new_batch(self.lm)
             for slot in slots:
                 self._fail(slot, exc)
             return
