@@ -224,8 +224,14 @@ class OffloadedExperts(nn.Module):
         union = list(dict.fromkeys(e for ids in needed for e in ids))
         self._announce(x, union)
         resident = self.store.resident(self.layer)
+        order = self.store.order(self.layer, union, resident)
+        fetched = self._fetch_all(x, order, resident)
+        if fetched is not None:
+            pairs = [_native_pair(w, dense=True) for w in fetched]
+            if all(p is not None for p in pairs):  # one native call, the loop's roundings
+                return self._rows_call(x, experts, weights, needed, order, resident, pairs)
         products: dict[tuple[int, int], torch.Tensor] = {}  # (row, expert) -> [1, H] weighted output
-        for e in self.store.order(self.layer, union, resident):
+        for e in order:
             rows = [b for b, ids in enumerate(needed) if e in ids]
             w_e = torch.stack([weights[b][experts[b].index(e)] for b in rows])[:, None]  # [n, 1]
             y = self._weighted(e, x[rows], w_e)  # [n, H]
@@ -236,6 +242,22 @@ class OffloadedExperts(nn.Module):
             for e in self.store.order(self.layer, ids, resident):
                 out[b : b + 1] += products[b, e].to(out.dtype)
         return out
+
+    def _rows_call(self, x, experts, weights, needed, order, resident, pairs) -> torch.Tensor:
+        """``decode_rows`` of resident fused experts as one ``native.experts_rows_bf16`` call."""
+        rows = [[b for b, ids in enumerate(needed) if e in ids] for e in order]
+        slot: dict[tuple[int, int], int] = {}  # (row, expert) -> its output's place in the call
+        for e, routed in zip(order, rows, strict=True):
+            for b in routed:
+                slot[b, e] = len(slot)
+        mix, mixed = [], []
+        for b, ids in enumerate(needed):
+            adds = self.store.order(self.layer, ids, resident)  # decode_token's order for this row
+            mix.append([slot[b, e] for e in adds])
+            mixed.append([float(weights[b][experts[b].index(e)]) for e in adds])
+        k = max(len(m) for m in mix)
+        w = torch.tensor([m + [0.0] * (k - len(m)) for m in mixed], dtype=torch.float32)  # [B, K]
+        return native.experts_rows_bf16(x.contiguous(), pairs, rows, mix, w)
 
     def _fetch_all(self, x: torch.Tensor, order: list[int], resident: set[int]) -> list | None:
         """Every expert of ``order`` at once, for one native call, or None where that cannot run.

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 10
+_ABI = 11
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the
@@ -141,8 +141,8 @@ def _library() -> ctypes.CDLL | None:
     ex.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32, i32]
     ex.argtypes += [i32, i32, ptr, i32, ptr, i32, i32]
     ex.restype = i32
-    mix = lib.moe_local_experts_bf16
-    mix.argtypes = [i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32]
+    mix = lib.moe_local_experts_rows_bf16
+    mix.argtypes = [i32, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32, ptr, ptr, ptr, i32, i32]
     mix.restype = i32
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32, ptr, i32]
@@ -516,16 +516,57 @@ def experts_bf16(
     Raises:
         MemoryError: the kernel's temporaries cannot be allocated.
     """
+    n = len(experts)
+    return experts_rows_bf16(x2, experts, [[0]] * n, [list(range(n))], weights.reshape(1, n))
+
+
+def experts_rows_bf16(
+    x2: torch.Tensor,
+    experts: list[tuple[FusedWeight, FusedWeight]],
+    rows: list[list[int]],
+    mix: list[list[int]],
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Several rows' gated experts, each expert computed once for all its rows, in one call.
+
+    Args:
+        x2: contiguous bfloat16 ``[B, H]`` on the CPU.
+        experts: ``(gate_up, down)`` of each of n experts.
+        rows: for each expert, the rows of ``x2`` it computes (its output "pairs", numbered in
+            expert order: expert 0's rows first).
+        mix: for each row, the pairs it adds, in order (at most K of them).
+        weights: ``[B, K]`` float32: the routing weight of each of those pairs.
+
+    Returns:
+        ``[B, H]`` bfloat16: row b is the sum from zero of its pairs' outputs times their weights,
+        a bf16 rounding after each product and addition (``OffloadedExperts``' loop).
+
+    Raises:
+        MemoryError: the kernel's temporaries cannot be allocated.
+    """
     first_gu, first_d = experts[0]
     h, i = first_d.out_features, first_d.in_features
-    rows = [tuple(p or 0 for p in (*gu._args[:3], *d._args[:3])) for gu, d in experts]
-    ptrs = torch.tensor(rows, dtype=torch.int64)  # [n, 6]
+    b, k = weights.shape
+    if len(rows) != len(experts) or len(mix) != b or any(len(m) > k for m in mix):
+        raise ValueError("rows, mix and weights must describe the same experts and rows")
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + len(r))
+    if any(not 0 <= j < b for r in rows for j in r) or any(not 0 <= p < starts[-1] for m in mix for p in m):
+        raise ValueError("a row or pair index outside the call")
+    ptrs = torch.tensor(
+        [tuple(p or 0 for p in (*gu._args[:3], *d._args[:3])) for gu, d in experts], dtype=torch.int64
+    )
     meta = torch.tensor([(*gu._args[5:9], *d._args[5:9]) for gu, d in experts], dtype=torch.int32)
+    flat = torch.tensor([j for r in rows for j in r], dtype=torch.int32)
+    first = torch.tensor(starts, dtype=torch.int32)
+    order = torch.tensor([m + [-1] * (k - len(m)) for m in mix], dtype=torch.int32)  # [B, K]
     w = weights.to(torch.float32).contiguous()
-    out = torch.empty(1, h, dtype=torch.bfloat16)
-    rc = first_gu._lib.moe_local_experts_bf16(
-        len(experts), ptrs.data_ptr(), meta.data_ptr(), h, i, x2.data_ptr(), w.data_ptr(), out.data_ptr(),
-        first_gu.threads_for(1), first_d.threads_for(1),
+    out = torch.empty(b, h, dtype=torch.bfloat16)
+    rc = first_gu._lib.moe_local_experts_rows_bf16(
+        len(experts), ptrs.data_ptr(), meta.data_ptr(), h, i, x2.data_ptr(), flat.data_ptr(),
+        first.data_ptr(), b, k, order.data_ptr(), w.data_ptr(), out.data_ptr(),
+        first_gu.threads_for(max(map(len, rows))), first_d.threads_for(max(map(len, rows))),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the native kernel could not allocate its temporaries for the experts")

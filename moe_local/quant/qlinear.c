@@ -33,7 +33,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 10; }
+int moe_local_qlinear_abi(void) { return 11; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -529,53 +529,61 @@ done:
     return rc;
 }
 
-/* A decode token's routed experts in one call: out[H] = the sum over e of bf16(y_e * bf16(w_e)), y_e =
- * moe_local_expert_bf16(x), added in the given order with a bf16 rounding after each addition (the
- * roundings of OffloadedExperts' loop: a bf16 product, then out += it from zeros). weights: n float32
- * routing weights. ptrs: n rows of 6 pointers (gate_up codes, scales, zeros; down codes, scales,
- * zeros); meta: n rows of 8 ints (gate_up bits, group, code stride, scale stride; the same of down). */
-int moe_local_experts_bf16(int n, const int64_t *ptrs, const int32_t *meta, int H, int I, const uint16_t *x,
-                           const float *weights, uint16_t *out, int threads_gu, int threads_d) {
+/* The routed experts of B rows (the newest tokens of B sequences) in one call. Expert e computes the
+ * rows rows[first[e]] .. rows[first[e + 1] - 1] of x, all at once (its weights read once for them),
+ * its outputs landing in pair slots first[e] .. first[e + 1] - 1. Row b then adds its K slots
+ * mix[b * K + j] (-1: none), each times bf16(weights[b * K + j]), in that order from zero with a bf16
+ * rounding after each product and addition: the roundings of OffloadedExperts' loop (a bf16 product,
+ * then out += it). ptrs: n rows of 6 pointers (gate_up codes, scales, zeros; down codes, scales,
+ * zeros); meta: n rows of 8 ints (gate_up bits, group, code stride, scale stride; the same of down).
+ * x [B, H], out [B, H] bf16. */
+int moe_local_experts_rows_bf16(int n, const int64_t *ptrs, const int32_t *meta, int H, int I, const uint16_t *x,
+                                const int32_t *rows, const int32_t *first, int B, int K, const int32_t *mix,
+                                const float *weights, uint16_t *out, int threads_gu, int threads_d) {
+    const int pairs = first[n];
+    uint16_t *xs = malloc(sizeof(uint16_t) * (size_t)pairs * H);
+    uint16_t *ys = malloc(sizeof(uint16_t) * (size_t)pairs * H);
+    if (!xs || !ys) {
+        free(xs), free(ys);
+        return -1;
+    }
+    for (int p = 0; p < pairs; p++) memcpy(xs + (size_t)p * H, x + (size_t)rows[p] * H, sizeof(uint16_t) * H);
     /* with several threads and experts, each thread computes whole experts (one thread each: the same
        values, since a row's sum never depends on the split) instead of splitting every matrix: half
        the thread start-ups and waits, and the activations between the matrices overlap */
     const int threads = threads_gu > threads_d ? threads_gu : threads_d;
-    const int per_expert = threads > 1 && n > 1;
-    uint16_t *ys = malloc(sizeof(uint16_t) * (size_t)H * (per_expert ? n : 1));
-    if (!ys) return -1;
     int failed = 0;
-    if (per_expert) {
+#define EXPERT_CALL(E, TG, TD)                                                                                    \
+    moe_local_expert_bf16((const uint8_t *)ptrs[6 * (E)], (const uint16_t *)ptrs[6 * (E) + 1],                    \
+                          (const uint16_t *)ptrs[6 * (E) + 2], meta[8 * (E)], meta[8 * (E) + 1], meta[8 * (E) + 2], \
+                          meta[8 * (E) + 3], (const uint8_t *)ptrs[6 * (E) + 3], (const uint16_t *)ptrs[6 * (E) + 4], \
+                          (const uint16_t *)ptrs[6 * (E) + 5], meta[8 * (E) + 4], meta[8 * (E) + 5],               \
+                          meta[8 * (E) + 6], meta[8 * (E) + 7], H, I, xs + (size_t)first[E] * H,                  \
+                          first[(E) + 1] - first[E], ys + (size_t)first[E] * H, TG, TD)
+    if (threads > 1 && n > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads < n ? threads : n) reduction(| : failed)
-        for (int e = 0; e < n; e++) {
-            const int64_t *p = ptrs + (size_t)e * 6;
-            const int32_t *m = meta + (size_t)e * 8;
-            failed |= moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
-                                            m[0], m[1], m[2], m[3], (const uint8_t *)p[3], (const uint16_t *)p[4],
-                                            (const uint16_t *)p[5], m[4], m[5], m[6], m[7], H, I, x, 1,
-                                            ys + (size_t)e * H, 1, 1) != 0;
+        for (int e = 0; e < n; e++) failed |= EXPERT_CALL(e, 1, 1) != 0;
+    } else {
+        for (int e = 0; e < n && !failed; e++) failed = EXPERT_CALL(e, threads_gu, threads_d) != 0;
+    }
+#undef EXPERT_CALL
+    for (int b = 0; b < B && !failed; b++) {
+        uint16_t *ob = out + (size_t)b * H;
+        for (int h = 0; h < H; h++) ob[h] = 0;
+        for (int j = 0; j < K; j++) {
+            const int p = mix[b * K + j];
+            if (p < 0) continue;
+            const float w = round_bf16(weights[b * K + j]);
+            const uint16_t *y = ys + (size_t)p * H;
+            for (int h = 0; h < H; h++) {
+                const uint32_t yu = (uint32_t)y[h] << 16, ou = (uint32_t)ob[h] << 16;
+                float yf, of;
+                memcpy(&yf, &yu, sizeof yf);
+                memcpy(&of, &ou, sizeof of);
+                ob[h] = to_bf16(of + round_bf16(yf * w));
+            }
         }
     }
-    for (int h = 0; h < H; h++) out[h] = 0;
-    for (int e = 0; e < n && !failed; e++) {
-        uint16_t *y = per_expert ? ys + (size_t)e * H : ys;
-        if (!per_expert) {
-            const int64_t *p = ptrs + (size_t)e * 6;
-            const int32_t *m = meta + (size_t)e * 8;
-            failed = moe_local_expert_bf16((const uint8_t *)p[0], (const uint16_t *)p[1], (const uint16_t *)p[2],
-                                           m[0], m[1], m[2], m[3], (const uint8_t *)p[3], (const uint16_t *)p[4],
-                                           (const uint16_t *)p[5], m[4], m[5], m[6], m[7], H, I, x, 1, y,
-                                           threads_gu, threads_d) != 0;
-            if (failed) break;
-        }
-        const float w = round_bf16(weights[e]);
-        for (int h = 0; h < H; h++) {
-            const uint32_t yu = (uint32_t)y[h] << 16, ou = (uint32_t)out[h] << 16;
-            float yf, of;
-            memcpy(&yf, &yu, sizeof yf);
-            memcpy(&of, &ou, sizeof of);
-            out[h] = to_bf16(of + round_bf16(yf * w));
-        }
-    }
-    free(ys);
+    free(xs), free(ys);
     return failed ? -1 : 0;
 }

@@ -77,12 +77,20 @@ def test_each_row_equals_its_sequence_alone(tiny_checkpoint, case):
             assert torch.equal(have, want)
 
 
-def test_quantized_experts_batch_to_the_bit(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "q4"  # rows wide enough for the native kernel: experts share their reads
-    quantize_checkpoint(
-        tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128), folder, load_recipe("all-4bit")
-    )
-    lm = load(folder, LoadOptions(dtype="bfloat16"))
+@pytest.fixture(scope="module")
+def q4_folder(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch") / "q4"  # rows wide enough for the native kernel
+    source = tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128)
+    quantize_checkpoint(source, folder, load_recipe("all-4bit"))
+    return folder
+
+
+@pytest.mark.parametrize("budget", [None, 2])  # all resident (one native call a layer), or 2 experts: misses
+def test_quantized_experts_batch_to_the_bit(q4_folder, budget):
+    lm = load(q4_folder, LoadOptions(dtype="bfloat16"))
+    if budget:
+        one = max(lm.store.get(0, e).nbytes for e in range(4))
+        lm = load(q4_folder, LoadOptions(dtype="bfloat16", expert_memory=budget * one + one // 2))
     prompts, feeds = _streams(lm, 1)
     together = _together(lm, prompts, feeds, starts=[0, 1, 1])
     for prompt, feed, got in zip(prompts, feeds, together, strict=True):

@@ -72,3 +72,20 @@ def test_bf16_experts_take_the_same_single_call(tiny_checkpoint, threads, monkey
     finally:
         torch.set_num_threads(before)
     assert len(calls) == 3
+
+
+def test_rows_call_refuses_indices_outside_it(quantized):
+    lm = load(quantized, LoadOptions(dtype="bfloat16"))
+    experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
+    from moe_local.experts.module import _native_pair
+
+    pair = _native_pair(lm.store.get(experts.layer, 0))
+    x = torch.zeros(2, 128, dtype=torch.bfloat16)
+    weights = torch.ones(2, 1)
+    assert native.experts_rows_bf16(x, [pair], [[0, 1]], [[0], [1]], weights).shape == (2, 128)
+    with pytest.raises(ValueError, match="outside the call"):
+        native.experts_rows_bf16(x, [pair], [[0, 2]], [[0], [1]], weights)  # no row 2
+    with pytest.raises(ValueError, match="outside the call"):
+        native.experts_rows_bf16(x, [pair], [[0, 1]], [[0], [2]], weights)  # no pair 2
+    with pytest.raises(ValueError, match="same experts and rows"):
+        native.experts_rows_bf16(x, [pair], [[0, 1]], [[0]], weights)
