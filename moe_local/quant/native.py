@@ -517,7 +517,7 @@ def experts_bf16(
         MemoryError: the kernel's temporaries cannot be allocated.
     """
     n = len(experts)
-    return experts_rows_bf16(x2, experts, [[0]] * n, [list(range(n))], weights.reshape(1, n))
+    return _rows_call(x2, experts, [0] * n, list(range(n + 1)), list(range(n)), weights.tolist(), 1, n, 1)
 
 
 def experts_rows_bf16(
@@ -544,8 +544,6 @@ def experts_rows_bf16(
     Raises:
         MemoryError: the kernel's temporaries cannot be allocated.
     """
-    first_gu, first_d = experts[0]
-    h, i = first_d.out_features, first_d.in_features
     b, k = weights.shape
     if len(rows) != len(experts) or len(mix) != b or any(len(m) > k for m in mix):
         raise ValueError("rows, mix and weights must describe the same experts and rows")
@@ -554,19 +552,26 @@ def experts_rows_bf16(
         starts.append(starts[-1] + len(r))
     if any(not 0 <= j < b for r in rows for j in r) or any(not 0 <= p < starts[-1] for m in mix for p in m):
         raise ValueError("a row or pair index outside the call")
-    ptrs = torch.tensor(
-        [tuple(p or 0 for p in (*gu._args[:3], *d._args[:3])) for gu, d in experts], dtype=torch.int64
-    )
-    meta = torch.tensor([(*gu._args[5:9], *d._args[5:9]) for gu, d in experts], dtype=torch.int32)
-    flat = torch.tensor([j for r in rows for j in r], dtype=torch.int32)
-    first = torch.tensor(starts, dtype=torch.int32)
-    order = torch.tensor([m + [-1] * (k - len(m)) for m in mix], dtype=torch.int32)  # [B, K]
-    w = weights.to(torch.float32).contiguous()
+    order = [p for m in mix for p in m + [-1] * (k - len(m))]  # [B * K]
+    flat = [j for r in rows for j in r]
+    most = max(map(len, rows))
+    return _rows_call(x2, experts, flat, starts, order, weights.reshape(-1).tolist(), b, k, most)
+
+
+def _rows_call(x2, experts, flat, starts, order, weights, b: int, k: int, most_rows: int) -> torch.Tensor:
+    """The native call of ``experts_rows_bf16`` on checked arguments (ctypes arrays: a decode step
+    makes this call once per layer, where building tensors for its six small arrays cost more)."""
+    first_gu, first_d = experts[0]
+    h, i = first_d.out_features, first_d.in_features
+    n = len(experts)
+    ptrs = (ctypes.c_int64 * (6 * n))(*(p or 0 for gu, d in experts for p in (*gu._args[:3], *d._args[:3])))
+    meta = (ctypes.c_int32 * (8 * n))(*(v for gu, d in experts for v in (*gu._args[5:9], *d._args[5:9])))
     out = torch.empty(b, h, dtype=torch.bfloat16)
     rc = first_gu._lib.moe_local_experts_rows_bf16(
-        len(experts), ptrs.data_ptr(), meta.data_ptr(), h, i, x2.data_ptr(), flat.data_ptr(),
-        first.data_ptr(), b, k, order.data_ptr(), w.data_ptr(), out.data_ptr(),
-        first_gu.threads_for(max(map(len, rows))), first_d.threads_for(max(map(len, rows))),
+        n, ptrs, meta, h, i, x2.data_ptr(), (ctypes.c_int32 * len(flat))(*flat),
+        (ctypes.c_int32 * len(starts))(*starts), b, k, (ctypes.c_int32 * len(order))(*order),
+        (ctypes.c_float * len(weights))(*weights), out.data_ptr(),
+        first_gu.threads_for(most_rows), first_d.threads_for(most_rows),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the native kernel could not allocate its temporaries for the experts")
