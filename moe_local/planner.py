@@ -127,6 +127,19 @@ def _cast_transient(info: ModelInfo, dtype: str) -> int:
     return int(getattr(text, "vocab_size", 0) or 0) * int(getattr(text, "hidden_size", 0) or 0) * max(stored)
 
 
+def _layout_transient(info: ModelInfo) -> int:
+    """Bytes held twice while a quantized folder's dense weights are laid out for the kernel.
+
+    Each quantized linear is read, then copied with each row's scales beside its codes
+    (``moe_local.quant.interleave``) before the read copy goes: the largest of them (the lm_head, at
+    most 8 bits a weight) is held twice for a moment.
+    """
+    if not info.quantized:
+        return 0
+    text = info.config.get_text_config() if hasattr(info.config, "get_text_config") else info.config
+    return int(getattr(text, "vocab_size", 0) or 0) * int(getattr(text, "hidden_size", 0) or 0)
+
+
 def make_plan(
     info: ModelInfo,
     *,
@@ -191,7 +204,7 @@ def _fits_whole(info, ram: int, base: Overhead, context: int, dtype_bytes, name:
     dense, one = resident_sizes(info, name)
     kv = kv_cache_bytes(info.config, context, dtype_bytes or _FLOAT_BYTES.get(name, 2))
     runtime = _with_activations(info, base, context, name) if measured else base
-    over = runtime.total + _cast_transient(info, name)
+    over = runtime.total + _cast_transient(info, name) + _layout_transient(info)
     return ram - dense - kv - over >= info.moe_layers * info.experts_per_layer * one
 
 
@@ -202,11 +215,13 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
     kv = kv_cache_bytes(info.config, context, dtype_bytes or _FLOAT_BYTES.get(name, 2))
     n_experts = info.moe_layers * info.experts_per_layer
     # on the CPU a miss is read before the cache evicts for it, and a prefill chunk prefetches
-    # 2 x top-k experts of the next layer: measured 42 MiB over the budget for 45 MiB reserved
-    in_flight = (2 * max(info.top_k, 1) + 1) * one if gpu == "cpu" else 0
+    # 2 x top-k experts of the next layer: measured 42 MiB over the budget for 45 MiB reserved;
+    # a quantized expert is also copied into the kernel's row layout as it is read (one more)
+    laid_out = one if info.quantized else 0
+    in_flight = (2 * max(info.top_k, 1) + 1) * one + laid_out if gpu == "cpu" else 0
     if gpu == "cpu":
         fast, h2d, dev_bw = ram, None, ram_bw
-        over = runtime.total + _cast_transient(info, name)
+        over = runtime.total + _cast_transient(info, name) + _layout_transient(info)
         what_over = f"{human_bytes(over)} runtime (this process now, activations, slack)"
     else:
         card, h2d, dev_bw = GPUS[gpu]
@@ -216,14 +231,14 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
     room = fast - dense - kv - over
     need = info.moe_layers * one  # one expert per layer at least
     prefetch = True
-    if room >= n_experts * one:
-        slots, in_flight = n_experts, 0  # every expert resident: nothing streams
+    if room >= n_experts * one + laid_out:
+        slots, in_flight = n_experts, 0  # every expert resident: nothing streams (after the load)
     elif room - in_flight >= need:
         slots = (room - in_flight) // one
-    elif gpu == "cpu" and room - one >= need:
+    elif gpu == "cpu" and room - one - laid_out >= need:
         # no room to read ahead: without prefetch only the miss being read is in flight (big
         # experts under a tight cap: a Mixtral-8x7B bf16 expert is 336 MiB, 5 of them 1.6 GiB)
-        prefetch, in_flight = False, one
+        prefetch, in_flight = False, one + laid_out
         slots = (room - in_flight) // one
     else:
         lack = need + in_flight - room

@@ -209,3 +209,25 @@ def test_an_explicit_expert_budget_that_cannot_fit_is_refused_in_one_line(wide):
     too_big = LoadOptions(dtype="float32", expert_memory=20 * one)
     with pytest.raises(MoeLocalError, match=r"--expert-memory .* does not fit: .* give at most"):
         planned_options(wide, too_big, cpu_memory=cap, context=256)
+
+
+def test_a_quantized_folder_counts_its_row_layout_copies(tiny_checkpoint, tmp_path):
+    """Read weights are copied into the kernel's row layout before the read copy goes: counted."""
+    from moe_local.convert.writer import quantize_checkpoint
+    from moe_local.recipes import load_recipe
+
+    folder = tmp_path / "q4"
+    source = tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128, num_local_experts=8)
+    quantize_checkpoint(source, folder, load_recipe("all-4bit"))
+    info = inspect_model(folder)
+    assert info.quantized and info.moe_layers * info.experts_per_layer == 16
+    roomy = make_plan(info, cpu_memory=8 * 2**30, context=256, overhead=FIXED)
+    one, dense, kv = roomy.expert_bytes, roomy.dense_bytes, roomy.kv_bytes
+    text = info.config.get_text_config()
+    lm_head = text.vocab_size * text.hidden_size  # the largest linear, held twice while laid out
+    assert roomy.overhead == FIXED.total + lm_head
+    base = dense + kv + FIXED.total + lm_head
+    ahead = make_plan(info, cpu_memory=base + (2 * info.top_k + 2 + 3) * one, context=256, overhead=FIXED)
+    assert ahead.prefetch and ahead.fast_slots == 3 and ahead.reads_in_flight == (2 * info.top_k + 2) * one
+    tight = make_plan(info, cpu_memory=base + (2 + 2) * one, context=256, overhead=FIXED)
+    assert not tight.prefetch and tight.reads_in_flight == 2 * one and tight.fast_slots == 2
