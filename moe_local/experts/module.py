@@ -189,11 +189,9 @@ class OffloadedExperts(nn.Module):
         slot = {e: j for j, e in enumerate(experts)}
         resident = self.store.resident(self.layer)
         order = self.store.order(self.layer, needed, resident)
-        fetched = self._fetch_all(x, order, resident)
-        if fetched is not None:
-            pairs = [_native_pair(w, dense=True) for w in fetched]
-            if all(p is not None for p in pairs):  # one native call, the loop's roundings
-                return native.experts_bf16(x.contiguous(), pairs, weights[[slot[e] for e in order]])
+        fetched, pairs = self._fused_pairs(x, order, resident)
+        if pairs is not None:  # one native call, the loop's roundings
+            return native.experts_bf16(x.contiguous(), pairs, weights[[slot[e] for e in order]])
         out = torch.zeros_like(x)  # [1, H]
         for i, e in enumerate(order):
             j = slot[e]
@@ -225,16 +223,14 @@ class OffloadedExperts(nn.Module):
         self._announce(x, union)
         resident = self.store.resident(self.layer)
         order = self.store.order(self.layer, union, resident)
-        fetched = self._fetch_all(x, order, resident)
-        if fetched is not None:
-            pairs = [_native_pair(w, dense=True) for w in fetched]
-            if all(p is not None for p in pairs):  # one native call, the loop's roundings
-                return self._rows_call(x, experts, weights, needed, order, resident, pairs)
+        fetched, pairs = self._fused_pairs(x, order, resident)
+        if pairs is not None:  # one native call, the loop's roundings
+            return self._rows_call(x, experts, weights, needed, order, resident, pairs)
         products: dict[tuple[int, int], torch.Tensor] = {}  # (row, expert) -> [1, H] weighted output
-        for e in order:
+        for i, e in enumerate(order):
             rows = [b for b, ids in enumerate(needed) if e in ids]
             w_e = torch.stack([weights[b][experts[b].index(e)] for b in rows])[:, None]  # [n, 1]
-            y = self._weighted(e, x[rows], w_e)  # [n, H]
+            y = self._weighted(e, x[rows], w_e, None if fetched is None else fetched[i])  # [n, H]
             for j, b in enumerate(rows):
                 products[b, e] = y[j : j + 1]
         out = torch.zeros_like(x)  # [B, H]
@@ -258,6 +254,17 @@ class OffloadedExperts(nn.Module):
         k = max(len(m) for m in mix)
         w = torch.tensor([m + [0.0] * (k - len(m)) for m in mixed], dtype=torch.float32)  # [B, K]
         return native.experts_rows_bf16(x.contiguous(), pairs, rows, mix, w)
+
+    def _fused_pairs(
+        self, x: torch.Tensor, order: list[int], resident: set[int]
+    ) -> tuple[list | None, list | None]:
+        """The weights of ``order`` taken at once (``_fetch_all``) and their native calls: the calls
+        are None where any of them cannot run natively, the weights None where they were not taken."""
+        fetched = self._fetch_all(x, order, resident)
+        if fetched is None:
+            return None, None
+        pairs = [_native_pair(w, dense=True) for w in fetched]
+        return fetched, pairs if all(p is not None for p in pairs) else None
 
     def _fetch_all(self, x: torch.Tensor, order: list[int], resident: set[int]) -> list | None:
         """Every expert of ``order`` at once, for one native call, or None where that cannot run.

@@ -72,10 +72,13 @@ def interleave(weights: Sequence[QuantizedTensor]) -> list[QuantizedTensor]:
     for w, (scale_bytes, codes_at, row) in zip(weights, sizes, strict=True):
         rows = buffer[start : start + w.shape[0] * row].view(w.shape[0], row)  # [O, row bytes]
         start += w.shape[0] * row
-        rows.zero_()  # the padding too: no uninitialised bytes in a buffer that may be copied whole
         scales = rows[:, :scale_bytes].view(torch.float16)  # [O, G]
         zeros = rows[:, scale_bytes : 2 * scale_bytes].view(torch.float16)
         packed = rows[:, codes_at : codes_at + w._packed.shape[1]]  # [O, P]
+        # the padding is zeroed (no uninitialised bytes in a buffer that may be copied whole); the
+        # rest is written below, so the expert read on a miss is not cleared first
+        rows[:, 2 * scale_bytes : codes_at].zero_()
+        rows[:, codes_at + w._packed.shape[1] :].zero_()
         packed.copy_(w._packed)
         scales.copy_(w.scales)
         zeros.copy_(w.zeros)

@@ -114,3 +114,15 @@ def test_a_folder_reads_interleaved_and_generates_the_same(tiny_checkpoint, tmp_
     assert plain.store.get(plain.sites[0].layer, 0).gate_up._packed.is_contiguous()
     with torch.inference_mode():
         assert torch.equal(plain.model(ids).logits, got)
+
+
+def test_padding_bytes_are_zero_not_left_over():
+    (w,) = _weights(4, 64, (8, 320), n=1)  # 5 groups: 20 bytes of scales and zeros, codes at byte 32
+    (mixed,) = interleave([w])
+    code_stride, _ = native.row_strides(mixed._packed, mixed.scales, mixed.zeros)
+    assert code_stride == 32 + 160
+    base = mixed.scales.untyped_storage().data_ptr()
+    assert mixed._packed.data_ptr() - base == 32  # codes after the padding, 32-byte aligned
+    rows = torch.empty(0, dtype=torch.uint8).set_(mixed.scales.untyped_storage()).view(8, code_stride)
+    assert not rows[:, 20:32].any()  # the 12 padding bytes of every row
+    assert torch.equal(rows[:, 32:], w.packed) and torch.equal(mixed.dequantize(), w.dequantize())
