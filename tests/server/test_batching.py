@@ -132,6 +132,36 @@ def test_greedy_streams_decoded_together_match_each_alone(engines, family, strea
     assert max((k for k, n in grew.items() if n > 0), default=0) == streams  # they did decode together
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_bf16_models_batch_on_the_lean_step_and_answer_as_alone(tiny_checkpoint, family):
+    """bf16 compute: the worker's batch is the lean one (own caches, no padding), each answer the same
+    to the bit as the request served alone, log-probabilities included."""
+    from moe_local.batching import new_batch
+    from moe_local.config import LoadOptions
+    from moe_local.lean import ops
+    from moe_local.lean.batch import LeanBatch
+
+    if not ops.available():
+        pytest.skip("no native operations on this machine")
+    engine = _start(tiny_checkpoint(family), options=LoadOptions(dtype="bfloat16"), parallel=4)
+    try:
+        assert isinstance(new_batch(engine.lm), LeanBatch)
+        requests = [{"ids": PROMPTS[i], "params": _params(i)} for i in range(4)]
+
+        async def main():
+            alone = await _alone(engine, requests)
+            before = _steps_by_size(engine)
+            return alone, before, await _together(engine, requests, stagger=True)
+
+        alone, before, together = asyncio.run(main())
+        for got, want in zip(together, alone, strict=True):
+            assert got == want  # tokens, text, finish and log-probabilities, exactly
+        grew = {k: n - before.get(k, 0) for k, n in _steps_by_size(engine).items()}
+        assert max((k for k, n in grew.items() if n > 0), default=0) == 4
+    finally:
+        engine.stop()
+
+
 def test_sampling_stops_grammar_and_choices_stay_per_request(engines):
     """Seeded sampling with penalties, a stop string, a JSON grammar and n=2, decoded together."""
     engine = engines("mixtral")
