@@ -49,7 +49,7 @@ def batch_support(lm: LoadedModel) -> str | None:
     from transformers.cache_utils import DynamicLayer
 
     model = lm.model
-    if LeanDecoder.build(model, lm.context) is not None:
+    if LeanDecoder.computes(model):
         return None  # the lean batch: each sequence prefilled alone, decoded unpadded (any attention)
     family = getattr(model.config, "model_type", "")
     if is_encoder_decoder(model):

@@ -160,7 +160,7 @@ class BlobExperts(ExpertSource):
 
 def _kernel_layout(parts: dict[str, object]) -> dict[str, object]:
     """The expert's native-kernel weights with each row's codes, scales and zeros side by side, in one
-    new buffer (``moe_local.quant.interleave``: a third faster to read from RAM); the read blob goes."""
+    new buffer (``moe_local.quant.interleave``: one stream through memory); the read blob goes."""
     from moe_local.quant.interleave import interleavable, interleave
 
     names = [name for name, w in parts.items() if interleavable(w)]
@@ -218,7 +218,7 @@ def load_dense(
         try:
             qt = rebuild(tensors, shape, _scheme(schemes[name], name))
             if linear is not None and interleavable(qt):
-                qt = interleave([qt])[0]  # a decode step reads it a third faster (moe_local.quant.interleave)
+                qt = interleave([qt])[0]  # one stream through memory per row (moe_local.quant.interleave)
             module = (
                 make_linear_module(qt, kept.pop(f"{mod_name}.bias", None))
                 if linear is not None

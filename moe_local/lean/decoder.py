@@ -212,6 +212,11 @@ class LeanDecoder:
             return None
         return cls(model, [_layer(layer, structure) for layer in model.model.layers], context)
 
+    @staticmethod
+    def computes(model: nn.Module) -> bool:
+        """Whether ``build`` would give ``model`` a lean decoder (the checks only, nothing built)."""
+        return _structure_of(model)[0] is not None
+
     def new_cache(self) -> LeanCache:
         """An empty cache for one more sequence of this model (``step_rows``)."""
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, 0, limit=self.context)

@@ -2,10 +2,11 @@
 side by side.
 
 As stored (an expert's blob, the dense file), a weight's codes, scales and zeros are three arrays, so
-a matrix-vector product walks three streams through memory at once. With each row's codes followed
-by its scales and zeros, the same product reads one stream: on the 2-core AVX-512 EPYC of
-``benchmarks/RESULTS.md`` an int4-g64 ``[7168, 1024]`` matrix read from RAM went from 14.3 to
-18.7 GB/s on one core (``benchmarks/bench_interleave.py``). The values are the same bytes, so every
+a matrix-vector product walks three streams through memory at once. With each row's scales and
+zeros beside its codes, the same product reads one stream: on the 2-core AVX-512 EPYC of
+``benchmarks/RESULTS.md`` an int4-g64 ``[7168, 1024]`` matrix read from RAM went from 19 to 26 GB/s
+on two threads, and within the noise on one (``benchmarks/bench_interleave.py``; a harness of the
+kernel alone gave 14.3 -> 18.7 GB/s on one core). The values are the same bytes, so every
 result is bit-identical; the tensors become row-strided views of one buffer, which the native kernel
 reads through its row strides (``native.row_strides``) and torch reads like any strided tensor.
 

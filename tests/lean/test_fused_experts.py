@@ -24,17 +24,12 @@ def quantized(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("budget", [None, "two experts"])
-def test_fused_token_equals_the_loop(quantized, budget, monkeypatch):
-    lm = load(quantized, LoadOptions(dtype="bfloat16"))
-    if budget:
-        one = max(w.nbytes for w in [lm.store.get(0, e) for e in range(4)])
-        lm = load(quantized, LoadOptions(dtype="bfloat16", expert_memory=2 * one + one // 2))
-    experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
+def _tokens_equal_the_loop(experts: OffloadedExperts, seed: int, monkeypatch) -> int:
+    """Three tokens through ``decode_token`` equal ``forward`` (the loop); how many fused calls ran."""
     calls = []
     fused = native.experts_bf16
     monkeypatch.setattr(native, "experts_bf16", lambda *a: calls.append(1) or fused(*a))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for ids in ([0, 1], [3, 2], [1, 3]):
         x = torch.randn(1, 128, generator=gen).bfloat16()
         weights = torch.softmax(torch.randn(2, generator=gen), -1)
@@ -42,10 +37,21 @@ def test_fused_token_equals_the_loop(quantized, budget, monkeypatch):
             got = experts.decode_token(x, ids, weights)
             reference = experts(x, torch.tensor([ids]), weights[None])  # forward: the loop
         assert torch.equal(got, reference)
+    return len(calls)
+
+
+@pytest.mark.parametrize("budget", [None, "two experts"])
+def test_fused_token_equals_the_loop(quantized, budget, monkeypatch):
+    lm = load(quantized, LoadOptions(dtype="bfloat16"))
+    if budget:
+        one = max(w.nbytes for w in [lm.store.get(0, e) for e in range(4)])
+        lm = load(quantized, LoadOptions(dtype="bfloat16", expert_memory=2 * one + one // 2))
+    experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
+    calls = _tokens_equal_the_loop(experts, 0, monkeypatch)
     if budget is None:
-        assert len(calls) == 3  # every expert resident: one native call per token
+        assert calls == 3  # every expert resident: one native call per token
     else:
-        assert calls == []  # each token's experts were read from disk: the loop, one read each
+        assert calls == 0  # each token's experts were read from disk: the loop, one read each
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -55,23 +61,12 @@ def test_bf16_experts_take_the_same_single_call(tiny_checkpoint, threads, monkey
     )
     experts = next(m for m in lm.model.modules() if isinstance(m, OffloadedExperts))
     assert lm.store.get(experts.layer, 0).gate_up.dtype is torch.bfloat16  # plain matrices, not codes
-    calls = []
-    fused = native.experts_bf16
-    monkeypatch.setattr(native, "experts_bf16", lambda *a: calls.append(1) or fused(*a))
-    gen = torch.Generator().manual_seed(threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for ids in ([0, 1], [3, 2], [1, 3]):
-            x = torch.randn(1, 128, generator=gen).bfloat16()
-            weights = torch.softmax(torch.randn(2, generator=gen), -1)
-            with torch.inference_mode():
-                got = experts.decode_token(x, ids, weights)
-                reference = experts(x, torch.tensor([ids]), weights[None])  # forward: the loop
-            assert torch.equal(got, reference)
+        assert _tokens_equal_the_loop(experts, threads, monkeypatch) == 3
     finally:
         torch.set_num_threads(before)
-    assert len(calls) == 3
 
 
 def test_rows_call_refuses_indices_outside_it(quantized):
