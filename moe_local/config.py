@@ -108,6 +108,9 @@ class LoadOptions:
         cpu_compute: "auto", "on" or "off": compute device misses found in host RAM on the CPU.
         policy: expert cache eviction policy, "lru" or "lfu".
         prefetch: guess the next layer's experts with its router and read them ahead.
+        embedding_on_disk: leave an untied input embedding table in its file and read the rows
+            each lookup needs (``moe_local.loading.disk_embedding``; the planner sets it when
+            experts stream, CPU only).
     """
 
     dtype: str = "auto"
@@ -119,6 +122,7 @@ class LoadOptions:
     cpu_compute: str = "auto"
     policy: str = "lru"
     prefetch: bool = True
+    embedding_on_disk: bool = False
 
     def __post_init__(self) -> None:
         context = self.context

@@ -11,6 +11,7 @@ from moe_local.format.gptq_reader import GptqExperts
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.format.safetensors_io import SafetensorsFile
 from moe_local.loading.checkpoint import GPTQ, checkpoint_kind, open_checkpoint
+from moe_local.loading.disk_embedding import find_table
 from moe_local.loading.families import IN_MEMORY_EXPERTS, TESTED_FAMILIES, family_state
 from moe_local.loading.resolve import resolve_model_path
 
@@ -35,6 +36,7 @@ class ModelInfo:
     one_expert_bytes: int = 0  # the largest expert, as stored
     quantized: bool = False
     config: object = None  # the transformers config
+    embedding_bytes: int = 0  # an input table a budgeted load leaves on disk (disk_embedding), as stored
 
 
 def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
@@ -120,6 +122,7 @@ def inspect_model(model: str | Path, *, download: bool = False) -> ModelInfo:
         one_expert_bytes=one_expert,
         quantized=quantized,
         config=config,
+        embedding_bytes=table.nbytes if (table := find_table(ckpt)) is not None else 0,
     )
 
 

@@ -6,8 +6,9 @@ v2 ``memory.max``/``memory.high``), which is often far less than the machine's R
 planner's budget, bench's all-resident floor run, the check of ``--cpu-memory``) reads
 ``memory_limit`` and ``available_memory`` here instead of the host's numbers.
 
-The runtime overhead is measured, not assumed: this process's resident memory now (the
-interpreter, torch, transformers and whatever is loaded already) plus estimates, from the
+The runtime overhead is measured, not assumed: the memory this process holds now (the
+interpreter, torch, transformers and whatever is loaded already; its anonymous pages and a working
+set of the files it maps, the rest of which a cap reclaims) plus estimates, from the
 config alone, of one prefill chunk's activations, and a fixed slack for the allocator and the
 imports generation still makes.
 """
@@ -24,12 +25,17 @@ _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as the page-rounded LONG_MAX
 # Allocator slack and what generation still imports or builds after planning (the tokenizer,
 # sampling, kernel layouts of dense weights): measured 7-10 MiB past the load with a 64-token
 # prompt on a 0.5 GB checkpoint, about 40 MiB with 512-token prompts.
-# What the runtime holds before any weight, at its smallest: `import torch` is 218 MiB resident on
-# the 2-core test VM, transformers 21 MiB more and a model family's classes another 130 MiB (the
-# planner measures the real figure later). A --cpu-memory below this cannot run anything: it is
+# What the runtime holds before any weight, at its smallest (``held_memory``): after `import torch,
+# moe_local.loading.loader` 238 MiB are anonymous on the 2-core test VM (torch alone 143 MiB; the rest
+# transformers and what it imports), plus the mapped files' working set; the model's classes and
+# the planner's measurement add more later. A --cpu-memory below this cannot run anything: it is
 # refused in one line before loading, instead of the cgroup's OOM killer ending the process.
-MIN_PROCESS_MEMORY = 384 * 2**20
+MIN_PROCESS_MEMORY = 288 * 2**20
 SLACK = 64 * 2**20
+# Mapped code and data files the decode loop keeps touching: of the ~106 MiB of file pages resident
+# after the imports most ran once (import-time initialisation); under a cap the kernel reclaims
+# those and leaves the working set. Counted with margin (see ``held_memory``).
+FILE_WORKING_SET = 48 * 2**20
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,20 @@ def process_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def held_memory() -> int:
+    """Resident bytes this process cannot hand back under a memory limit, in bytes.
+
+    Anonymous and shared-memory pages stay (there is no swap to push them to); of the file pages
+    it maps (the code of Python, torch and the kernels) the kernel reclaims all but those in use
+    and reads them back on demand, so only a working set of ``FILE_WORKING_SET`` is counted. Where
+    /proc does not split the resident set, all of it (``process_rss``).
+    """
+    anon, shmem, files = (_status_bytes(f) for f in ("RssAnon", "RssShmem", "RssFile"))
+    if anon is None or files is None:
+        return process_rss()
+    return anon + (shmem or 0) + min(files, FILE_WORKING_SET)
+
+
 def peak_rss() -> int:
     """This process's peak resident memory so far (VmHWM), in bytes."""
     peak = _status_bytes("VmHWM")
@@ -294,8 +314,8 @@ class Overhead:
     """What running a model costs in RAM beyond its weights and KV cache.
 
     Attributes:
-        baseline: this process's resident memory when measured (interpreter, torch,
-            transformers, the model's modeling code, anything loaded already).
+        baseline: the memory this process holds when measured (``held_memory``: the
+            interpreter, torch, transformers, the model's modeling code, anything loaded already).
         activations: one prefill chunk's hidden states, attention scores and expert
             intermediates (estimated from the config).
         slack: allocator slack and the imports generation still makes.
@@ -366,7 +386,7 @@ def runtime_overhead(
         import torch  # noqa: F401  (counted: a load imports them anyway)
         import transformers  # noqa: F401
 
-        baseline = process_rss()
+        baseline = held_memory()
     act = activation_bytes(config, context, dtype_bytes) if config is not None else 0
     if config is not None and dtype_bytes == 2 and _bf16_gemm():
         act += BF16_GEMM_WORKSPACE

@@ -59,6 +59,7 @@ class Plan:
     dtype: str = "float32"  # the compute dtype the sizes are for
     runtime: Overhead | None = None  # the host's measured runtime overhead, in parts
     prefetch: bool = True  # False: no room to read ahead, misses are read when routed (CPU)
+    embedding_on_disk: bool = False  # the input table is read row by row from its file (not in dense_bytes)
 
     @property
     def expert_memory(self) -> int | None:
@@ -173,7 +174,7 @@ def make_plan(
         The plan.
 
     Raises:
-        MoeLocalError: the dense part and KV cache do not fit, or not even one expert per layer fits;
+        MoeLocalError: the dense part and KV cache do not fit, or not even one expert fits;
             the message says how much is lacking and what would fit.
     """
     if gpu != "cpu" and gpu not in GPUS:
@@ -229,7 +230,16 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         over = DEVICE_OVERHEAD
         what_over = f"{human_bytes(over)} runtime"
     room = fast - dense - kv - over
-    need = info.moe_layers * one  # one expert per layer at least
+    on_disk = False
+    if gpu == "cpu" and info.embedding_bytes and room < n_experts * one + laid_out:
+        # experts stream: the input table stays in its file (moe_local.loading.disk_embedding), its
+        # bytes go to experts; counted as resident_sizes counted it (cast with the dense part)
+        freed = info.embedding_bytes * dense // max(info.dense_bytes, 1)
+        dense, room, on_disk = dense - freed, room + freed, True
+    # the cache must hold one expert: a miss is computed as soon as it is read (the loop takes
+    # one expert at a time; several at once only when all are resident), so a budget of one
+    # streams every layer's experts in turn; slow, but it runs where nothing else can
+    need = one
     prefetch = True
     if room >= n_experts * one + laid_out:
         slots, in_flight = n_experts, 0  # every expert resident: nothing streams (after the load)
@@ -245,7 +255,7 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         where = "cpu" if gpu == "cpu" else gpu
         raise MoeLocalError(
             f"needs {human_bytes(lack)} more on {where}: dense part {human_bytes(dense)} + KV cache "
-            f"{human_bytes(kv)} for {context} tokens + {what_over} + one expert per layer and "
+            f"{human_bytes(kv)} for {context} tokens + {what_over} + one expert cached and "
             f"{human_bytes(in_flight)} of reads in flight ({name}); try a smaller --context, "
             "a lower-bit --recipe (e.g. mixtral-4090) or more memory"
         )
@@ -280,6 +290,7 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         dtype=name,
         runtime=runtime,
         prefetch=prefetch,
+        embedding_on_disk=on_disk,
     )
 
 
@@ -337,20 +348,25 @@ def planned_options(model: str | Path, options, *, cpu_memory: int | None = None
     import dataclasses
 
     if options.expert_memory is not None:
-        _check_explicit_budget(model, options, cpu_memory, context)
-        return options, None
+        on_disk = _check_explicit_budget(model, options, cpu_memory, context)
+        return dataclasses.replace(options, embedding_on_disk=on_disk), None
     p, info = plan_for(model, cpu_memory=cpu_memory, context=context, dtype=options.dtype)
     dtype = options.dtype
     if dtype == "auto" and p.dtype != compute_dtype(info, "auto", options.device):
         dtype = p.dtype
     prefetch = options.prefetch and p.prefetch  # no room to read ahead: the plan turned it off
-    return dataclasses.replace(options, expert_memory=p.expert_memory, dtype=dtype, prefetch=prefetch), p
+    on_disk = p.embedding_on_disk
+    planned = dict(expert_memory=p.expert_memory, dtype=dtype, prefetch=prefetch, embedding_on_disk=on_disk)
+    return dataclasses.replace(options, **planned), p
 
 
-def _check_explicit_budget(model: str | Path, options, cpu_memory: int | None, context: int) -> None:
+def _check_explicit_budget(model: str | Path, options, cpu_memory: int | None, context: int) -> bool:
     """Refuse an ``--expert-memory`` that cannot fit beside the dense part and the runtime.
 
     Under a cgroup limit an oversized budget is otherwise found out by the OOM killer, mid-decode.
+
+    Returns:
+        Whether the plan checked against leaves the input table on disk (the load must too).
 
     Raises:
         MoeLocalError: the budget, the dense part, the KV cache, the runtime and one expert read
@@ -360,10 +376,10 @@ def _check_explicit_budget(model: str | Path, options, cpu_memory: int | None, c
 
     info = inspect_model(model)
     if not info.moe_layers:
-        return
+        return False
     p = make_plan(info, cpu_memory=cpu_memory, context=context, dtype=options.dtype)
     if p.fast_slots >= p.total_experts:
-        return  # every expert fits: any budget does
+        return False  # every expert fits: any budget does, the table stays in RAM
     fixed = p.dense_bytes + p.kv_bytes + p.overhead + p.expert_bytes  # one expert read before eviction
     if fixed + options.expert_memory > p.fast_memory:
         most = max(p.fast_memory - fixed, 0)
@@ -373,3 +389,4 @@ def _check_explicit_budget(model: str | Path, options, cpu_memory: int | None, c
             f"flight this process would need {human_bytes(fixed + options.expert_memory)} of the "
             f"{human_bytes(p.fast_memory)} it may use; give at most {human_bytes(most)}"
         )
+    return p.embedding_on_disk

@@ -8,7 +8,7 @@ import pytest
 
 from moe_local.errors import MoeLocalError
 from moe_local.inspection import inspect_model
-from moe_local.memory import Overhead, process_rss
+from moe_local.memory import Overhead, held_memory
 from moe_local.planner import kv_cache_bytes, make_plan
 from moe_local.tiny import tiny_config
 from tests.helpers import assert_one_line_error, run_cli
@@ -18,8 +18,8 @@ FIXED = Overhead(baseline=200 * MiB, activations=3 * MiB, slack=1 * MiB)  # a ru
 
 
 def above_this_process(mib: int) -> str:
-    """A --cpu-memory of this process's RSS now plus ``mib`` MiB (the planner counts what it holds)."""
-    return f"{(process_rss() >> 20) + mib}MiB"
+    """A --cpu-memory of what this process holds now plus ``mib`` MiB (the planner counts that)."""
+    return f"{(held_memory() >> 20) + mib}MiB"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_plan_places_and_predicts(wide):
 def test_cpu_memory_is_a_ceiling_for_the_whole_process(wide):
     info = inspect_model(wide)
     for extra in (110, 130, 150):  # the slack, activations and reads in flight take about 90 MiB
-        cap = process_rss() + extra * MiB
+        cap = held_memory() + extra * MiB
         p = make_plan(info, cpu_memory=cap, context=256)  # the runtime measured now
         assert 0 < p.fast_slots < p.total_experts
         assert p.runtime.baseline >= 100 * MiB and p.runtime.activations > 0 and p.runtime.slack > 0
@@ -70,9 +70,9 @@ def test_cpu_memory_is_a_ceiling_for_the_whole_process(wide):
 
 def test_plan_measures_the_runtime_instead_of_assuming_it(wide):
     info = inspect_model(wide)
-    before = process_rss()
+    before = held_memory()
     p = make_plan(info, cpu_memory=8 * 2**30, context=256)
-    assert before - 64 * MiB <= p.runtime.baseline <= process_rss() + 64 * MiB
+    assert before - 64 * MiB <= p.runtime.baseline <= held_memory() + 64 * MiB
     assert p.overhead == p.runtime.total
     longer = make_plan(info, cpu_memory=8 * 2**30, context=4096, overhead=FIXED)
     assert longer.kv_bytes == 16 * p.kv_bytes
@@ -103,7 +103,7 @@ def test_plan_refuses_with_what_is_lacking(wide):
     with pytest.raises(MoeLocalError, match=r"needs .* more on cpu: .* runtime"):
         make_plan(info, cpu_memory=FIXED.total, context=256, overhead=FIXED)
     with pytest.raises(MoeLocalError, match=r"needs .* more on cpu"):
-        make_plan(info, cpu_memory=process_rss(), context=256)  # what this process holds already
+        make_plan(info, cpu_memory=held_memory(), context=256)  # what this process holds already
     with pytest.raises(MoeLocalError, match="unknown --gpu"):
         make_plan(info, gpu="tpu")
 
@@ -135,7 +135,8 @@ def test_generate_uses_the_plan(capsys, wide):
     code, _, err = run_cli(capsys, *args)
     assert code == 0
     assert " 0 misses" not in err  # the planned budget holds only some experts
-    code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", "400MiB")
+    below = above_this_process(-8)
+    code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", below)
     assert_one_line_error(code, err, "more on cpu")  # this test process alone holds more than that
     code, _, err = run_cli(capsys, "generate", str(wide), "hi", "-n", "3", "--cpu-memory", "64MiB")
     assert_one_line_error(code, err, "less than moe-local's runtime alone holds")
@@ -164,8 +165,8 @@ def test_cpu_memory_beyond_this_machine_refused(capsys, tiny_mixtral, command):
 
 
 def test_a_cap_with_no_room_to_read_ahead_plans_without_prefetch(wide):
-    """One expert per layer fits, the reads ahead do not: prefetch off, only the miss in flight."""
-    info = inspect_model(wide)
+    """Some experts fit, the reads ahead do not: prefetch off, only the miss in flight."""
+    info = dataclasses.replace(inspect_model(wide), embedding_bytes=0)  # the table's bytes aside
     one = info.one_expert_bytes
     kv = kv_cache_bytes(info.config, 256, 4)
     base = info.dense_bytes + kv + FIXED.total
@@ -179,8 +180,11 @@ def test_a_cap_with_no_room_to_read_ahead_plans_without_prefetch(wide):
         tight.dense_bytes + tight.kv_bytes + tight.overhead + tight.reads_in_flight + tight.expert_memory
     )
     assert charged <= base + 5 * one
-    with pytest.raises(MoeLocalError, match=r"needs .* more on cpu"):
-        make_plan(info, cpu_memory=base + 4 * one, context=256, overhead=FIXED)  # not even the miss
+    # one cached expert and the miss being read: every layer's experts stream through one slot
+    least = make_plan(info, cpu_memory=base + 2 * one, context=256, overhead=FIXED)
+    assert least.fast_slots == 1 and least.expert_memory == one and not least.prefetch
+    with pytest.raises(MoeLocalError, match=r"needs .* more on cpu: .* one expert cached"):
+        make_plan(info, cpu_memory=base + 2 * one - 1, context=256, overhead=FIXED)
 
 
 def test_planned_options_turn_prefetch_off_when_the_plan_has_no_room(wide):
@@ -189,7 +193,7 @@ def test_planned_options_turn_prefetch_off_when_the_plan_has_no_room(wide):
 
     info = inspect_model(wide)
     one = info.one_expert_bytes
-    cap = info.dense_bytes + kv_cache_bytes(info.config, 256, 4) + process_rss() + 200 * MiB + 5 * one
+    cap = info.dense_bytes + kv_cache_bytes(info.config, 256, 4) + held_memory() + 200 * MiB + 5 * one
     options, plan = planned_options(wide, LoadOptions(dtype="float32"), cpu_memory=cap, context=256)
     assert plan is not None and options.prefetch == plan.prefetch
     assert options.expert_memory == plan.expert_memory
@@ -202,10 +206,14 @@ def test_an_explicit_expert_budget_that_cannot_fit_is_refused_in_one_line(wide):
 
     info = inspect_model(wide)
     one = info.one_expert_bytes
-    roomy = make_plan(info, cpu_memory=process_rss() + 2**30, context=256, dtype="float32")
+    roomy = make_plan(info, cpu_memory=held_memory() + 2**30, context=256, dtype="float32")
     cap = roomy.dense_bytes + roomy.kv_bytes + roomy.overhead + 9 * one  # 4 slots and reads ahead
     fits = LoadOptions(dtype="float32", expert_memory=one)
-    assert planned_options(wide, fits, cpu_memory=cap, context=256) == (fits, None)
+    # the plan checked against streams experts: the input table is left on disk, as it counted
+    assert planned_options(wide, fits, cpu_memory=cap, context=256) == (
+        dataclasses.replace(fits, embedding_on_disk=True),
+        None,
+    )
     too_big = LoadOptions(dtype="float32", expert_memory=20 * one)
     with pytest.raises(MoeLocalError, match=r"--expert-memory .* does not fit: .* give at most"):
         planned_options(wide, too_big, cpu_memory=cap, context=256)
@@ -219,7 +227,7 @@ def test_a_quantized_folder_counts_its_row_layout_copies(tiny_checkpoint, tmp_pa
     folder = tmp_path / "q4"
     source = tiny_checkpoint("mixtral", hidden_size=128, intermediate_size=128, num_local_experts=8)
     quantize_checkpoint(source, folder, load_recipe("all-4bit"))
-    info = inspect_model(folder)
+    info = dataclasses.replace(inspect_model(folder), embedding_bytes=0)  # the table's bytes aside
     assert info.quantized and info.moe_layers * info.experts_per_layer == 16
     roomy = make_plan(info, cpu_memory=8 * 2**30, context=256, overhead=FIXED)
     one, dense, kv = roomy.expert_bytes, roomy.dense_bytes, roomy.kv_bytes

@@ -14,12 +14,24 @@ from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import Slot, checksum, tensor_checksum, unpack_blob
 from moe_local.format.dense import embedding_named, linear_named
+from moe_local.format.direct_read import pread_into, read_range
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.format.paths import file_inside
-from moe_local.format.safetensors_io import SafetensorsFile, pread_into
+from moe_local.format.safetensors_io import SafetensorsFile
 from moe_local.format.source import ExpertSource
 
 _log = logging.getLogger(__name__)
+
+
+def _read_cached(path: Path, offset: int, length: int) -> torch.Tensor:
+    """Read ``length`` bytes at ``offset`` through the page cache (an unbudgeted load keeps it)."""
+    blob = torch.empty(length, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pread_into(fd, memoryview(blob.numpy()), offset)
+    finally:
+        os.close(fd)
+    return blob
 
 
 def _scheme(name: object, what: str):
@@ -115,20 +127,15 @@ class BlobExperts(ExpertSource):
 
         entry = self.layers[layer]
         offset, length, crc = entry["experts"][expert]
-        blob = torch.empty(length, dtype=torch.uint8)
         path = self.folder / entry["file"]  # checked to lie inside the folder by _check_entry
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise ExpertBlobError(layer, expert, f"cannot open {entry['file']} ({exc.strerror})") from exc
-        try:
-            pread_into(fd, memoryview(blob.numpy()), offset)
-            if self.drop_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError as exc:
-            raise ExpertBlobError(layer, expert, f"{entry['file']} is truncated ({exc})") from exc
-        finally:
-            os.close(fd)
+            if self.drop_cache:  # a budgeted load: past the page cache (O_DIRECT) where it can
+                blob = read_range(path, offset, length, element=8)
+            else:
+                blob = _read_cached(path, offset, length)
+        except OSError as exc:  # an error of open() names the file; one of reading does not
+            what = f"cannot open {entry['file']} ({exc.strerror})" if exc.filename else None
+            raise ExpertBlobError(layer, expert, what or f"{entry['file']} is truncated ({exc})") from exc
         if (layer, expert) not in self.verified:
             if checksum(memoryview(blob.numpy())) != crc:
                 raise ExpertBlobError(layer, expert, f"checksum mismatch in {entry['file']} (corrupt file)")
@@ -201,8 +208,9 @@ def load_dense(
     total = 0
     schemes: dict[str, str] = manifest["dense"]
     quantized = {n for n, s in schemes.items() if s != "keep"}
+    wanted = lm.state_dict(keep_vars=True)  # a table left on disk (DiskEmbedding) is not read here
     for name, scheme in schemes.items():
-        if scheme == "keep":
+        if scheme == "keep" and name in wanted:
             t = read(name)
             kept[name] = t.to(dtype) if t.is_floating_point() else t
             total += kept[name].numel() * kept[name].element_size()

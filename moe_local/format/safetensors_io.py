@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import CheckpointError
+from moe_local.format.direct_read import pread_into, read_range
 from moe_local.format.paths import file_inside
 
 DTYPES: dict[str, torch.dtype] = {
@@ -50,7 +51,6 @@ for _name, _attr in (
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SUB_BYTE = ("F4", "F6_E2M3", "F6_E3M2")  # valid safetensors dtypes of under 8 bits: not read yet
 _MAX_HEADER = 100 * 1024 * 1024
-_CHUNK = 1 << 30  # pread moves at most ~2 GiB per call on Linux
 
 
 @dataclass(frozen=True)
@@ -62,20 +62,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
-
-
-def pread_into(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``, looping over short reads.
-
-    Raises:
-        OSError: when the file ends before ``buf`` is full.
-    """
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done : done + _CHUNK]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
 
 
 class SafetensorsFile:
@@ -188,14 +174,21 @@ class SafetensorsFile:
                 where = f"{into.dtype} {list(into.shape)}"
                 raise ValueError(f"cannot read {nbytes} bytes of {dtype} into {where}")
             out = into.view(-1).view(torch.uint8)
-        else:
+        if drop_cache:  # past the page cache (O_DIRECT) where the filesystem allows it
+            try:
+                data = read_range(self.path, offset, nbytes, element=dtype.itemsize)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {self.path.name}: {exc}") from exc
+            if into is None:
+                return data.view(dtype).reshape(shape)
+            out.copy_(data)  # one more copy, from an aligned buffer the caller's cannot be
+            return out.view(dtype).reshape(shape)
+        if into is None:
             out = torch.empty(nbytes, dtype=torch.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             if nbytes:
                 pread_into(fd, memoryview(out.numpy()), offset)
-            if drop_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.path.name}: {exc}") from exc
         finally:

@@ -91,6 +91,8 @@ def load(
     )
     tok = ckpt.tokenizer() if tokenizer else None
     lm, sites, config = ckpt.meta, ckpt.sites, ckpt.config
+    if options.embedding_on_disk and torch.device(options.device).type == "cpu":
+        _leave_table_on_disk(ckpt)
     dense_bytes = ckpt.load_dense(progress)
     store = _make_store(ckpt.experts, sites, options, progress, ckpt.dtype)
     swap_experts(lm, sites, store)
@@ -113,6 +115,18 @@ def load(
     if isinstance(store, TieredStore) and options.cpu_compute == "auto" and sites:
         _calibrate_cost(loaded, store, sites)
     return loaded
+
+
+def _leave_table_on_disk(ckpt) -> None:
+    """Put a ``DiskEmbedding`` in place of the input table before the dense part is read."""
+    from moe_local.loading.disk_embedding import DiskEmbedding, find_table, verify
+
+    source = find_table(ckpt)
+    if source is None:  # the planner counted the table resident too (inspect_model found none)
+        return
+    verify(source)
+    table = ckpt.meta.get_submodule(source.name)
+    ckpt.meta.set_submodule(source.name, DiskEmbedding(source, ckpt.dtype, table.padding_idx))
 
 
 def load_gptq(
