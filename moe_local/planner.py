@@ -60,6 +60,7 @@ class Plan:
     runtime: Overhead | None = None  # the host's measured runtime overhead, in parts
     prefetch: bool = True  # False: no room to read ahead, misses are read when routed (CPU)
     embedding_on_disk: bool = False  # the input table is read row by row from its file (not in dense_bytes)
+    load_transient: int = 0  # held twice while the dense part loads, in the room experts take later
 
     @property
     def expert_memory(self) -> int | None:
@@ -220,9 +221,13 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
     # a quantized expert is also copied into the kernel's row layout as it is read (one more)
     laid_out = one if info.quantized else 0
     in_flight = (2 * max(info.top_k, 1) + 1) * one + laid_out if gpu == "cpu" else 0
+    # held twice for a moment while the dense part loads, before any expert is read: it needs the
+    # room the experts take later, not room of its own
+    transient = 0
     if gpu == "cpu":
         fast, h2d, dev_bw = ram, None, ram_bw
-        over = runtime.total + _cast_transient(info, name) + _layout_transient(info)
+        over = runtime.total
+        transient = _cast_transient(info, name) + _layout_transient(info)
         what_over = f"{human_bytes(over)} runtime (this process now, activations, slack)"
     else:
         card, h2d, dev_bw = GPUS[gpu]
@@ -259,6 +264,13 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
             f"{human_bytes(in_flight)} of reads in flight ({name}); try a smaller --context, "
             "a lower-bit --recipe (e.g. mixtral-4090) or more memory"
         )
+    if room < transient:
+        raise MoeLocalError(
+            f"needs {human_bytes(transient - room)} more on cpu while loading: dense part "
+            f"{human_bytes(dense)} + KV cache {human_bytes(kv)} + {what_over} + "
+            f"{human_bytes(transient)} held twice while the dense part is cast or laid out ({name}); "
+            "try a smaller --context, a lower-bit --recipe (e.g. mixtral-4090) or more memory"
+        )
     ram_experts = 0
     if gpu != "cpu":  # host RAM holds what the card does not, up to its budget
         ram_experts = min(n_experts - slots, max(0, (ram - runtime.total) // one))
@@ -291,6 +303,7 @@ def _place(info, gpu, gpu_memory, ram, context, disk_bw, ram_bw, dtype_bytes, na
         runtime=runtime,
         prefetch=prefetch,
         embedding_on_disk=on_disk,
+        load_transient=transient,
     )
 
 

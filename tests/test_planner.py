@@ -233,9 +233,19 @@ def test_a_quantized_folder_counts_its_row_layout_copies(tiny_checkpoint, tmp_pa
     one, dense, kv = roomy.expert_bytes, roomy.dense_bytes, roomy.kv_bytes
     text = info.config.get_text_config()
     lm_head = text.vocab_size * text.hidden_size  # the largest linear, held twice while laid out
-    assert roomy.overhead == FIXED.total + lm_head
-    base = dense + kv + FIXED.total + lm_head
+    assert roomy.overhead == FIXED.total and roomy.load_transient == lm_head
+    base = dense + kv + FIXED.total
     ahead = make_plan(info, cpu_memory=base + (2 * info.top_k + 2 + 3) * one, context=256, overhead=FIXED)
     assert ahead.prefetch and ahead.fast_slots == 3 and ahead.reads_in_flight == (2 * info.top_k + 2) * one
     tight = make_plan(info, cpu_memory=base + (2 + 2) * one, context=256, overhead=FIXED)
     assert not tight.prefetch and tight.reads_in_flight == 2 * one and tight.fast_slots == 2
+    # the lm_head's second copy is made while the dense part loads, in the room the experts take
+    # later: a cap that holds the experts' least but not that copy is refused, for the load
+    import copy
+
+    config = copy.deepcopy(info.config)
+    config.get_text_config().vocab_size = 32000  # an lm_head of 4 MiB, more than 5 experts
+    wide_vocab = dataclasses.replace(info, config=config)
+    with pytest.raises(MoeLocalError, match=r"more on cpu while loading: .* 3.9 MiB held twice"):
+        make_plan(wide_vocab, cpu_memory=base + 5 * one, context=256, overhead=FIXED)
+    assert make_plan(wide_vocab, cpu_memory=base + 32000 * 128, context=256, overhead=FIXED).fast_slots > 2
