@@ -114,6 +114,7 @@ def test_plan_cli(capsys, wide):
     )
     assert code == 0
     assert "disk (read on demand)" in out and "predicted decode" in out
+    assert "input embedding table" in out  # the experts stream: the table stays in its file
     code, _, err = run_cli(capsys, "plan", str(wide), "--cpu-memory", "100MiB")
     assert_one_line_error(code, err, "more on cpu")
 

@@ -352,6 +352,12 @@ def plan(
     for col in ("what", "where", "size"):
         table.add_column(col)
     table.add_row("dense part", fast, human_bytes(p.dense_bytes))
+    if p.embedding_on_disk:
+        table.add_row(
+            "input embedding table", "disk (rows read per lookup)", human_bytes(info.embedding_bytes)
+        )
+    if p.load_transient:
+        table.add_row("held twice while loading", f"{fast}, before experts", human_bytes(p.load_transient))
     table.add_row(f"KV cache ({p.context} tokens)", fast, human_bytes(p.kv_bytes))
     table.add_row("runtime (measured on cpu)" if gpu == "cpu" else "runtime", fast, human_bytes(p.overhead))
     if p.reads_in_flight:
