@@ -61,11 +61,14 @@ def find_table(ckpt) -> TableSource | None:
     from moe_local.loading.checkpoint import HF, MOE_LOCAL
 
     meta = ckpt.meta
-    table = meta.get_input_embeddings() if hasattr(meta, "get_input_embeddings") else None
+    try:  # a model class may not say (transformers raises NotImplementedError)
+        table = meta.get_input_embeddings()
+        out = meta.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
     if type(table) is not nn.Embedding or table.weight.dim() != 2:
         return None  # a scaled or quantized table computes more than a row lookup
     text = getattr(ckpt.config, "get_text_config", lambda: ckpt.config)()
-    out = meta.get_output_embeddings() if hasattr(meta, "get_output_embeddings") else None
     if getattr(text, "tie_word_embeddings", False) or (out is not None and out.weight is table.weight):
         return None  # the output projection reads the whole table every step
     name = next((n for n, m in meta.named_modules() if m is table), None)
