@@ -68,8 +68,7 @@ class CachedStore(ExpertStore):
         self._bytes = 0
         self._last: Key | None = None
         self._prefetched: set[Key] = set()  # resident because of a prefetch, not used yet
-        self._expected: dict[int, int] = {}  # bytes of the last expert read, per layer
-        self._largest = 0  # bytes of the largest expert read so far (a layer not read yet)
+        self._largest = 0  # bytes of the largest expert read so far: the room a miss makes first
         self._pending: dict[Key, Future[ExpertWeights]] = {}
         self._pool = ThreadPoolExecutor(prefetch_workers, "moe-prefetch") if prefetch_workers > 0 else None
 
@@ -95,7 +94,7 @@ class CachedStore(ExpertStore):
             # room first: read while the cache is full, a miss would hold the budget plus the
             # expert for a moment, which under a tight cap makes the kernel reclaim (and then
             # read back) the code pages of the process itself
-            self._evict_until(self.budget_bytes - self._expected.get(layer, self._largest))
+            self._evict_until(self.budget_bytes - self._largest)
             t0 = time.perf_counter()
             w = self._reader(layer, expert)
             stats.io_wait_s += time.perf_counter() - t0
@@ -130,7 +129,6 @@ class CachedStore(ExpertStore):
 
     def _insert(self, key: Key, w: ExpertWeights) -> None:
         size = w.nbytes
-        self._expected[key[0]] = size
         self._largest = max(self._largest, size)
         self._evict_until(self.budget_bytes - size, protect=(key,))
         self._cache[key] = w

@@ -1,8 +1,9 @@
 """A small safetensors reader built on ``os.pread``: no mmap, no pickle.
 
 Reading with pread into buffers we own keeps resident memory equal to what we keep,
-instead of leaving touched mmap pages in RSS; ``drop_cache`` also evicts the file's
-pages from the OS page cache so a RAM budget holds for the whole process (a cgroup charges
+instead of leaving touched mmap pages in RSS; ``drop_cache`` also keeps the bytes read out of
+the OS page cache (``O_DIRECT``, or read and then dropped where a filesystem refuses it:
+``moe_local.format.direct_read``) so a RAM budget holds for the whole process (a cgroup charges
 the page cache it fills to its limit). It is asked per read, or for every read of a file
 (``SafetensorsFile(path, drop_cache=True)``, ``CheckpointFiles(folder, drop_cache=True)``):
 the dense part, read once, then leaves no cached copy behind either.
