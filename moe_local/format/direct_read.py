@@ -60,7 +60,13 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
 
 
 def read_range(
-    path: str | os.PathLike[str], offset: int, nbytes: int, *, direct: bool = True, element: int = 1
+    path: str | os.PathLike[str],
+    offset: int,
+    nbytes: int,
+    *,
+    direct: bool = True,
+    element: int = 1,
+    drop: bool = True,
 ) -> torch.Tensor:
     """Read ``nbytes`` at ``offset`` of ``path`` into a new uint8 tensor, leaving no page cache.
 
@@ -69,6 +75,8 @@ def read_range(
         offset: first byte.
         nbytes: bytes to read.
         direct: try ``O_DIRECT`` first (False: buffered, then the pages dropped).
+        drop: with ``direct=False``, drop the pages read (False: a plain read that leaves them
+            cached, as an unbudgeted load wants).
         element: bytes per element the caller will view the bytes as: a direct read whose
             ``offset`` is not a multiple of it is copied to a fresh tensor, so the view is legal.
 
@@ -87,7 +95,7 @@ def read_range(
             if exc.errno != errno.EINVAL:
                 raise
             _REFUSED.add(key)  # this filesystem does not do O_DIRECT: buffered from now on
-    return _read_buffered(key, offset, nbytes)
+    return _read_buffered(key, offset, nbytes, drop or direct)
 
 
 def _read_direct(path: str, offset: int, nbytes: int) -> torch.Tensor:
@@ -104,13 +112,13 @@ def _read_direct(path: str, offset: int, nbytes: int) -> torch.Tensor:
     return buf[offset - start : offset - start + nbytes]
 
 
-def _read_buffered(path: str, offset: int, nbytes: int) -> torch.Tensor:
+def _read_buffered(path: str, offset: int, nbytes: int, drop: bool) -> torch.Tensor:
     out = torch.empty(nbytes, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
         if nbytes:
             pread_into(fd, memoryview(out.numpy()), offset)
-        if hasattr(os, "posix_fadvise"):  # whole pages: the kernel keeps a page only partly named
+        if drop and hasattr(os, "posix_fadvise"):  # whole pages: the kernel keeps a page only partly named
             start = offset - offset % ALIGN
             span = -(-(offset + nbytes - start) // ALIGN) * ALIGN
             os.posix_fadvise(fd, start, span, os.POSIX_FADV_DONTNEED)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -14,24 +13,13 @@ from moe_local.experts.sites import ExpertsSite
 from moe_local.experts.weights import ExpertWeights
 from moe_local.format.blob import Slot, checksum, tensor_checksum, unpack_blob
 from moe_local.format.dense import embedding_named, linear_named
-from moe_local.format.direct_read import pread_into, read_range
+from moe_local.format.direct_read import read_range
 from moe_local.format.manifest import DENSE_FILE
 from moe_local.format.paths import file_inside
 from moe_local.format.safetensors_io import SafetensorsFile
 from moe_local.format.source import ExpertSource
 
 _log = logging.getLogger(__name__)
-
-
-def _read_cached(path: Path, offset: int, length: int) -> torch.Tensor:
-    """Read ``length`` bytes at ``offset`` through the page cache (an unbudgeted load keeps it)."""
-    blob = torch.empty(length, dtype=torch.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pread_into(fd, memoryview(blob.numpy()), offset)
-    finally:
-        os.close(fd)
-    return blob
 
 
 def _scheme(name: object, what: str):
@@ -129,10 +117,8 @@ class BlobExperts(ExpertSource):
         offset, length, crc = entry["experts"][expert]
         path = self.folder / entry["file"]  # checked to lie inside the folder by _check_entry
         try:
-            if self.drop_cache:  # a budgeted load: past the page cache (O_DIRECT) where it can
-                blob = read_range(path, offset, length, element=8)
-            else:
-                blob = _read_cached(path, offset, length)
+            # a budgeted load reads past the page cache (O_DIRECT where it can), others through it
+            blob = read_range(path, offset, length, direct=self.drop_cache, element=8, drop=self.drop_cache)
         except OSError as exc:  # an error of open() names the file; one of reading does not
             what = f"cannot open {entry['file']} ({exc.strerror})" if exc.filename else None
             raise ExpertBlobError(layer, expert, what or f"{entry['file']} is truncated ({exc})") from exc

@@ -15,6 +15,7 @@ Shapes: [...] token ids, [..., H] embeddings.  V=vocabulary rows, H=embedding wi
 from __future__ import annotations
 
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,12 @@ class DiskEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.out_dtype = dtype
         self._row_bytes = self.embedding_dim * source.dtype.itemsize
+        # opened once, not per lookup (a decode step looks up one row); closed with the module
+        try:
+            self._fd = os.open(source.path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open {source.path.name} for its embedding rows: {exc}") from exc
+        weakref.finalize(self, os.close, self._fd)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -156,14 +163,11 @@ class DiskEmbedding(nn.Module):
         unique, inverse = torch.unique(flat, return_inverse=True)
         rows = torch.empty((unique.numel(), self.embedding_dim), dtype=self.source.dtype)  # [U, H]
         raw = rows.view(torch.uint8).view(-1)
-        fd = os.open(self.source.path, os.O_RDONLY)
         try:
             for i, row in enumerate(unique.tolist()):
                 start = self.source.offset + row * self._row_bytes
                 part = raw[i * self._row_bytes : (i + 1) * self._row_bytes]
-                pread_into(fd, memoryview(part.numpy()), start)
+                pread_into(self._fd, memoryview(part.numpy()), start)
         except OSError as exc:
             raise CheckpointError(f"cannot read embedding rows from {self.source.path.name}: {exc}") from exc
-        finally:
-            os.close(fd)
         return rows.to(self.out_dtype)[inverse].reshape(*ids.shape, self.embedding_dim)
