@@ -182,6 +182,8 @@ def _random_quantized(shape: tuple[int, int], scheme, pool: torch.Tensor, gen: t
     start = int(torch.randint(0, pool.numel() - n, (1,), generator=gen)) if pool.numel() > n else 0
     packed = pool[start : start + n].clone().view(o, -1) if pool.numel() > n else torch.randint(
         0, 256, (o, n // o), dtype=torch.uint8, generator=gen)  # fmt: skip
+    if getattr(scheme, "ternary", False):  # 2-bit codes of 0..2 only: code 3 becomes 2
+        packed -= (packed & 0x55) & ((packed >> 1) & 0x55)  # lanes of 3 lose 1, nothing borrows
     groups = i // scheme.group_size
     scale = 0.02 * 3.46 / scheme.qmax  # uniform codes over the range give ~0.02 rms
     scales = torch.full((o, groups), scale, dtype=torch.float16)

@@ -105,11 +105,17 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
             f"cannot quantize {name} {tuple(shape)} as {qtype}: {i} is not divisible by the group size"
         )
     groups = i // qtype.group_size
+    if getattr(qtype, "ternary", False):  # five codes a byte, each row padded to whole bytes
+        from moe_local.quant.pack import ternary_packed_size
+
+        codes = o * ternary_packed_size(i)
+    else:
+        codes = o * i * qtype.bits // 8
     if getattr(qtype, "superblock", False):  # two 8-bit codes per group, two fp16 per super-block
         from moe_local.quant.superblock import superblocks
 
-        return o * i * qtype.bits // 8 + 2 * o * groups + 4 * o * superblocks(groups, qtype.group_size)
-    return o * i * qtype.bits // 8 + 2 * 2 * o * groups
+        return codes + 2 * o * groups + 4 * o * superblocks(groups, qtype.group_size)
+    return codes + 2 * 2 * o * groups
 
 
 def _quantize(

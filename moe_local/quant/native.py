@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("qlinear.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fopenmp")
 NATIVE_BITS: tuple[int, ...] = (8, 4, 2)
 _CHUNK_BYTES = 32  # codes per chunk: 32 bytes of them (see qlinear.c)
-_ABI = 11
+_ABI = 12
 # Multiply-adds of one call from which the rows are split over torch's threads: below it, waking
 # the second thread (and waiting for it when another process holds that core) costs more than it saves.
 # 2^19 splits a decode step's 1024 x 1024 attention projections too: at 2 threads the lean step of the
@@ -147,6 +147,9 @@ def _library() -> ctypes.CDLL | None:
     deq = lib.moe_local_dequantize
     deq.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32, ptr, i32]
     deq.restype = None
+    tern = lib.moe_local_ternary_to_2bit
+    tern.argtypes = [ptr, ctypes.c_int64, i32, i32, ptr]
+    tern.restype = i32
     return lib
 
 
@@ -575,4 +578,28 @@ def _rows_call(x2, experts, flat, starts, order, weights, b: int, k: int, most_r
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the native kernel could not allocate its temporaries for the experts")
+    return out
+
+
+def ternary_to_2bit(packed: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``pack.ternary_to_2bit`` in C (one table lookup a byte), or None where the kernel is not built.
+
+    Args:
+        packed: contiguous CPU ``uint8`` ``[R, ceil(n / 5)]``, checked by the caller.
+        n: codes per row, a multiple of 4.
+
+    Returns:
+        ``[R, n / 4]`` uint8, or None without the native library.
+
+    Raises:
+        ValueError: on a byte above 242 (the data is not ternary-packed).
+    """
+    lib = _library()
+    if lib is None or packed.device.type != "cpu":
+        return None
+    packed = packed.contiguous()
+    rows = packed.numel() // max(packed.shape[-1], 1)
+    out = torch.empty(*packed.shape[:-1], n // 4, dtype=torch.uint8)
+    if lib.moe_local_ternary_to_2bit(packed.data_ptr(), rows, packed.shape[-1], n, out.data_ptr()):
+        raise ValueError("a ternary-packed byte is at most 242: the data is not ternary-packed")
     return out

@@ -6,8 +6,10 @@ Layouts (little-endian within each byte group, code ``k`` in the lowest free bit
 * 4 bits: two codes per byte, ``byte = c0 | c1 << 4``.
 * 2 bits: four codes per byte, ``byte = c0 | c1 << 2 | c2 << 4 | c3 << 6``.
 * 3 bits: eight codes in three bytes: the 24-bit little-endian word ``sum(c_k << 3k)``.
+* ternary (codes 0, 1, 2; ``pack_ternary``): five codes in one byte, ``sum(c_k * 3**k)`` (at most
+  242), each row padded with zero codes to a multiple of five.
 
-Shapes: ``codes [..., N] -> packed [..., N * bits / 8]``.
+Shapes: ``codes [..., N] -> packed [..., N * bits / 8]`` (ternary: ``[..., ceil(N / 5)]``).
 """
 
 from __future__ import annotations
@@ -131,3 +133,103 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         b2 >> 5,
     )
     return torch.stack(parts, dim=-1).view(*lead, n)
+
+
+TERNARY_PER_BYTE = 5
+_TERNARY_MAX_BYTE = 3**TERNARY_PER_BYTE - 1  # 242
+# byte -> its five base-3 digits, lowest first (bytes above 242 are refused before the lookup)
+_TERNARY_DIGITS = torch.stack([(torch.arange(256) // 3**k) % 3 for k in range(TERNARY_PER_BYTE)], dim=-1).to(
+    torch.uint8
+)  # [256, 5]
+
+
+def ternary_packed_size(n: int) -> int:
+    """Bytes a row of ``n`` ternary codes packs into: ``ceil(n / 5)``."""
+    if n < 0:
+        raise ValueError(f"a row holds a non-negative number of codes, got {n}")
+    return -(-n // TERNARY_PER_BYTE)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Pack codes 0, 1, 2 along the last dimension, five to a byte.
+
+    Args:
+        codes: ``uint8`` tensor ``[..., N]`` with values in ``{0, 1, 2}``.
+
+    Returns:
+        A contiguous ``uint8`` tensor ``[..., ceil(N / 5)]``; a row's last byte is padded with zero codes.
+
+    Raises:
+        ValueError: on a non-uint8 or 0-dim tensor or a code above 2.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be a uint8 tensor, got {_dtype_name(codes)}")
+    if codes.dim() == 0:
+        raise ValueError("codes must have at least one dimension")
+    if codes.numel() and int(codes.max()) > 2:
+        raise ValueError(f"ternary codes are 0, 1 or 2, got {int(codes.max())}")
+    n = codes.shape[-1]
+    m = ternary_packed_size(n)
+    padded = torch.nn.functional.pad(codes, (0, m * TERNARY_PER_BYTE - n)) if m * 5 != n else codes
+    u = padded.reshape(*codes.shape[:-1], m, TERNARY_PER_BYTE)
+    out = u[..., 4] * 3  # Horner's rule in uint8: every partial sum is at most 242
+    for k in (3, 2, 1):
+        out += u[..., k]
+        out *= 3
+    return out.add_(u[..., 0]).contiguous()
+
+
+def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Unpack bytes written by ``pack_ternary`` into one code (0, 1 or 2) per byte.
+
+    Args:
+        packed: ``uint8`` tensor ``[..., ceil(n / 5)]``.
+        n: codes per row.
+
+    Returns:
+        A contiguous ``uint8`` tensor ``[..., n]``.
+
+    Raises:
+        ValueError: on a non-uint8 tensor, a last dim that does not hold ``n`` codes, or a byte
+            above 242 (no five ternary codes make it: the data is not ternary-packed).
+    """
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a uint8 tensor, got {_dtype_name(packed)}")
+    if packed.dim() == 0:
+        raise ValueError("packed must have at least one dimension")
+    m = ternary_packed_size(n)
+    if packed.shape[-1] != m:
+        raise ValueError(f"{n} ternary codes need a last dim of {m} bytes, got {packed.shape[-1]}")
+    if packed.numel() and int(packed.max()) > _TERNARY_MAX_BYTE:
+        raise ValueError(f"a ternary-packed byte is at most {_TERNARY_MAX_BYTE}, got {int(packed.max())}")
+    digits = _TERNARY_DIGITS.to(packed.device)[packed.long()]  # [..., m, 5]
+    return digits.reshape(*packed.shape[:-1], m * TERNARY_PER_BYTE)[..., :n].contiguous()
+
+
+def ternary_to_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Repack ternary bytes into the 2-bit packing: ``pack_codes(unpack_ternary(packed, n), 2)``.
+
+    This runs on every ternary expert read from disk, so it goes through moe-local's C kernel where
+    that is built (about a byte a nanosecond) and through the two torch steps otherwise.
+
+    Args:
+        packed: ``uint8`` tensor ``[..., ceil(n / 5)]`` written by ``pack_ternary``.
+        n: codes per row, a multiple of 4.
+
+    Returns:
+        A contiguous ``uint8`` tensor ``[..., n / 4]``.
+
+    Raises:
+        ValueError: as ``unpack_ternary``, or when ``n`` is not a multiple of 4.
+    """
+    from moe_local.quant import native  # here: the package imports this module before native
+
+    if n % 4:
+        raise ValueError(f"2-bit packing needs the last dim to be a multiple of 4, got {n}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() == 0:
+        raise ValueError(f"packed must be a uint8 tensor with a dimension, got {_dtype_name(packed)}")
+    m = ternary_packed_size(n)
+    if packed.shape[-1] != m:
+        raise ValueError(f"{n} ternary codes need a last dim of {m} bytes, got {packed.shape[-1]}")
+    fast = native.ternary_to_2bit(packed, n) if packed.numel() else None
+    return fast if fast is not None else pack_codes(unpack_ternary(packed, n), 2)

@@ -33,7 +33,7 @@
 
 #define CHUNK_BYTES 32
 
-int moe_local_qlinear_abi(void) { return 11; }
+int moe_local_qlinear_abi(void) { return 12; }
 
 /* Quantize one token's activations: per chunk of 32 * P values, int8 codes in plane order and a scale,
  * and per group the sum of the rounded activations (a group is whole chunks, or 1/2, 1/4, 1/8 of one). */
@@ -252,6 +252,41 @@ int moe_local_qlinear(const uint8_t *codes, const uint16_t *scales, const uint16
         ROWS(2, group)
     }
     free(xq), free(dx), free(sumx);
+    return 0;
+}
+
+/* Ternary rows (five base-3 codes a byte, lowest first: moe_local/quant/pack.py) into the 2-bit packing,
+ * rows of n codes (n a multiple of 4): src [rows, m] with m = ceil(n / 5), dst [rows, n / 4]. Each
+ * byte's five codes are looked up as ten bits and shifted into a bit buffer that is emptied a byte at
+ * a time. Returns 0, or -1 where a byte above 242 (not five ternary codes) is met. */
+int moe_local_ternary_to_2bit(const uint8_t *src, int64_t rows, int m, int n, uint8_t *dst) {
+    static uint16_t table[243];
+    static int ready = 0;
+    if (!ready) { /* idempotent: concurrent first calls write the same values */
+        for (int b = 0; b < 243; b++) {
+            int v = b, bits = 0;
+            for (int k = 0; k < 5; k++, v /= 3) bits |= (v % 3) << (2 * k);
+            table[b] = (uint16_t)bits;
+        }
+        ready = 1;
+    }
+    const int out_bytes = n / 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *s = src + r * (int64_t)m;
+        uint8_t *d = dst + r * (int64_t)out_bytes;
+        uint64_t acc = 0;
+        int held = 0, written = 0;
+        for (int j = 0; j < m && written < out_bytes; j++) {
+            if (s[j] > 242) return -1;
+            acc |= (uint64_t)table[s[j]] << held;
+            held += 10;
+            while (held >= 8 && written < out_bytes) {
+                d[written++] = (uint8_t)acc;
+                acc >>= 8;
+                held -= 8;
+            }
+        }
+    }
     return 0;
 }
 

@@ -4,6 +4,9 @@ A scheme is written ``int<bits>-g<group_size>`` (``int4-g64``), optionally follo
 ``-<method>`` (``int3-g64-hqq``); the method defaults to ``rtn``. A ``k`` after the group size
 (``int4-g32k``, ``int3-g16k-hqq``) stores each group's scale and offset as 8-bit codes under one
 fp16 pair per super-block of 256 weights (``moe_local.quant.superblock``), as llama.cpp's k-quants do.
+``tern-g<group_size>[k]`` is the ternary scheme: three levels per group (codes 0, 1, 2), stored five
+codes to a byte (1.6 bits per weight before scales; ``moe_local.quant.pack.pack_ternary``) and held
+in memory as 2-bit codes, so every 2-bit kernel runs it unchanged.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ VALID_BITS: tuple[int, ...] = (8, 4, 3, 2)
 VALID_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128)
 VALID_METHODS: tuple[str, ...] = ("rtn", "hqq", "gptq")  # gptq needs calibration: see quant.gptq
 
+TERNARY_STORED_BITS = 8 / 5  # five base-3 codes per byte (3**5 = 243 <= 256)
 # Bits stored per group on top of the codes: one fp16 scale and one fp16 zero point.
 GROUP_OVERHEAD_BITS = 32
 
-_QTYPE_RE = re.compile(r"^int(\d+)-g(\d+)(k?)(?:-([a-z]+))?$")
+_QTYPE_RE = re.compile(r"^(?:int(\d+)|(tern))-g(\d+)(k?)(?:-([a-z]+))?$")
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,15 @@ class QType:
             ``"hqq"`` (calibration-free optimization, see ``moe_local.quant.hqq``).
         superblock: scales and offsets stored as 8-bit codes under one fp16 pair per super-block
             (``moe_local.quant.superblock``) instead of an fp16 scale and zero per group.
+        ternary: three levels per group (codes 0..2), stored base 3, five codes a byte; ``bits``
+            is then 2, the width the codes are held and computed at in memory.
     """
 
     bits: int
     group_size: int
     method: str = "rtn"
     superblock: bool = False
+    ternary: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in VALID_BITS:
@@ -54,11 +61,16 @@ class QType:
             raise ValueError(f"superblock must be True or False, got {self.superblock!r}")
         if self.superblock and self.method == "gptq":
             raise ValueError("super-block scales (the 'k' schemes) are built for rtn and hqq, not gptq")
+        if not isinstance(self.ternary, bool):
+            raise ValueError(f"ternary must be True or False, got {self.ternary!r}")
+        if self.ternary and self.bits != 2:
+            raise ValueError(f"ternary codes are held as 2-bit codes: bits must be 2, got {self.bits}")
 
     @property
     def name(self) -> str:
-        """The scheme's short name without the method, e.g. ``"int4-g64"`` or ``"int4-g32k"``."""
-        return f"int{self.bits}-g{self.group_size}{'k' if self.superblock else ''}"
+        """The scheme's short name without the method: ``"int4-g64"``, ``"int4-g32k"``, ``"tern-g64k"``."""
+        width = "tern" if self.ternary else f"int{self.bits}"
+        return f"{width}-g{self.group_size}{'k' if self.superblock else ''}"
 
     @property
     def full_name(self) -> str:
@@ -67,8 +79,13 @@ class QType:
 
     @property
     def qmax(self) -> int:
-        """The largest code, ``2**bits - 1``."""
-        return (1 << self.bits) - 1
+        """The largest code: ``2**bits - 1``, or 2 for ternary."""
+        return 2 if self.ternary else (1 << self.bits) - 1
+
+    @property
+    def stored_bits(self) -> float:
+        """Bits per code as written to disk: ``bits``, or 1.6 for ternary (five codes a byte)."""
+        return TERNARY_STORED_BITS if self.ternary else float(self.bits)
 
     def __str__(self) -> str:
         return self.full_name
@@ -78,7 +95,8 @@ def parse_qtype(text: str, method: str | None = None) -> QType:
     """Parse a scheme name such as ``"int4-g64"`` or ``"int3-g128-hqq"``.
 
     Args:
-        text: ``int<bits>-g<group_size>[-<method>]``; case and surrounding spaces are ignored.
+        text: ``int<bits>-g<group_size>[k][-<method>]`` or ``tern-g<group_size>[k][-<method>]``;
+            case and surrounding spaces are ignored.
         method: the method to use when ``text`` names none (default ``"rtn"``); a method in
             ``text`` must agree with it.
 
@@ -93,11 +111,13 @@ def parse_qtype(text: str, method: str | None = None) -> QType:
     match = _QTYPE_RE.match(text.strip().lower())
     if match is None:
         raise ValueError(f"cannot parse scheme {text!r}; expected e.g. 'int4-g64' or 'int3-g64-hqq'")
-    bits, group_size, named_method = int(match.group(1)), int(match.group(2)), match.group(4)
-    superblock = match.group(3) == "k"
+    ternary = match.group(2) == "tern"
+    bits = 2 if ternary else int(match.group(1))
+    group_size, named_method = int(match.group(3)), match.group(5)
+    superblock = match.group(4) == "k"
     if named_method is not None and method is not None and named_method != method:
         raise ValueError(f"scheme {text!r} names method {named_method!r} but {method!r} was requested")
-    return QType(bits, group_size, named_method or method or "rtn", superblock)
+    return QType(bits, group_size, named_method or method or "rtn", superblock, ternary)
 
 
 def bits_per_weight(qtype: QType) -> float:
@@ -108,9 +128,10 @@ def bits_per_weight(qtype: QType) -> float:
 
     Returns:
         ``bits + 32 / group_size``, e.g. 4.5 for ``int4-g64``; for super-block schemes
-        ``bits + 16 / group_size + 32 / 256``, e.g. 4.625 for ``int4-g32k``.
+        ``bits + 16 / group_size + 32 / 256``, e.g. 4.625 for ``int4-g32k``; ternary codes count
+        1.6 bits (``tern-g64k``: 1.975).
     """
     if qtype.superblock:
         per_super = max(SUPERBLOCK_WEIGHTS, qtype.group_size)
-        return qtype.bits + CODE_OVERHEAD_BITS / qtype.group_size + SUPER_OVERHEAD_BITS / per_super
-    return qtype.bits + GROUP_OVERHEAD_BITS / qtype.group_size
+        return qtype.stored_bits + CODE_OVERHEAD_BITS / qtype.group_size + SUPER_OVERHEAD_BITS / per_super
+    return qtype.stored_bits + GROUP_OVERHEAD_BITS / qtype.group_size

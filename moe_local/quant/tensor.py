@@ -13,6 +13,9 @@ the ONE copy of the codes in memory: ``packed`` (and ``tensors()``, saving, movi
 packing from it, exactly, when asked. Two copies are kept only where the conversion cannot be undone
 on this machine or the codes are pinned for device copies. ``nbytes`` counts the stored tensors
 still held, ``kernel_cache_nbytes`` the layout and the kernel's per-group parameters.
+
+Ternary schemes (``tern-g64k``) are held as 2-bit codes (their values 0..2), so every path above runs
+them; only ``tensors()`` (what is saved) packs them five to a byte, and ``from_tensors`` unpacks them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from moe_local.quant import int8_kernel, kernels, native, superblock
 from moe_local.quant.base import QuantizedWeight, check_shape
-from moe_local.quant.pack import packed_size, unpack_codes
+from moe_local.quant.pack import pack_ternary, packed_size, ternary_to_2bit, unpack_codes
 from moe_local.quant.rtn import row_chunks
 from moe_local.quant.schemes import QType
 from moe_local.quant.scratch import bf16_rows, float32_rows
@@ -170,13 +173,16 @@ class QuantizedTensor(QuantizedWeight):
             ``{"packed", "scale_codes": [O, G] uint8, "offset_codes": [O, G] int8,
             "superscales": [O, S, 2] fp16}``, the codes recovered from the expanded scales.
         """
+        packed = self.packed
+        if self.qtype.ternary:  # saved five codes a byte; held as 2-bit codes
+            packed = pack_ternary(unpack_codes(packed, 2, self.shape[1]))
         if not self.qtype.superblock:
-            return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+            return {"packed": packed, "scales": self.scales, "zeros": self.zeros}
         codes = self._scale_codes or superblock.recover_codes(
             self.scales, self.zeros, self.superscales, self.qtype.group_size
         )
         return {
-            "packed": self.packed,
+            "packed": packed,
             "scale_codes": codes[0],
             "offset_codes": codes[1],
             "superscales": self.superscales,
@@ -204,6 +210,11 @@ class QuantizedTensor(QuantizedWeight):
         names = SUPERBLOCK_TENSOR_NAMES if scheme.superblock else TENSOR_NAMES
         if set(tensors) != set(names):
             raise ValueError(f"expected tensors {sorted(names)}, got {sorted(tensors)}")
+        if scheme.ternary:  # five codes a byte as saved -> the 2-bit codes every kernel reads
+            packed = tensors["packed"]
+            if not isinstance(packed, torch.Tensor) or packed.dim() != 2 or packed.shape[0] != shape[0]:
+                raise ValueError(f"packed must be a uint8 [O, ceil(I / 5)] tensor for {scheme}")
+            tensors = {**tensors, "packed": ternary_to_2bit(packed, int(shape[1]))}
         if not scheme.superblock:
             return cls(tensors["packed"], tensors["scales"], tensors["zeros"], tuple(shape), scheme)
         return cls._from_codes(tensors, tuple(shape), scheme)
