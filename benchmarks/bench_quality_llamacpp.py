@@ -59,6 +59,7 @@ MOE_ROWS = {
     "q3+imatrix": ("recipe:q3", True),
     "q2+imatrix": ("recipe:q2", True),
     "under-3bit+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit.toml'}", True),
+    "experts-ternary+imatrix": (f"recipe:{HERE / 'recipes' / 'experts-ternary.toml'}", True),
     # GPTQ at 3 bits in natural column order and with activation order (static groups), and rtn
     "int3-g64-gptq": ("int3-g64-gptq", False),
     "int3-g64-gptq+act-order": ("int3-g64-gptq", False),

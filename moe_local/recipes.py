@@ -2,7 +2,9 @@
 
 A recipe is a TOML file with ``[[rule]]`` tables (``match`` a glob over tensor names,
 ``scheme`` like ``int4-g64-hqq``, ``nf4``, ``mxfp4`` or ``keep``); the first rule that matches a
-tensor decides.
+tensor decides. An expert rule may instead give ``choose = [schemes]`` and ``bits = N``: the
+quantizer measures each expert part of each layer under every scheme listed and picks per layer
+and part the mix of least measured error within N bits per weight (``moe_local.convert.allocate``).
 Routers, embeddings, norms and lm_head are never put below 8 bits unless a rule names them
 (its pattern contains the protected word, e.g. ``*.lm_head.*``).
 """
@@ -42,6 +44,15 @@ class Rule:
     scheme: object | None  # QType, BnbType, Mxfp4Type, or None for "keep"
     index: int
     reason: str = ""
+    choices: tuple = ()  # a choice rule's group-wise schemes; ``scheme`` is the one nearest ``bits``
+    bits: float | None = None  # a choice rule's budget: mean bits per weight over what it matches
+
+    @property
+    def label(self) -> str:
+        """How the rule reads: the scheme's name, ``keep``, or ``choose(a|b|c)@2.6``."""
+        if self.choices:
+            return f"choose({'|'.join(q.full_name for q in self.choices)})@{self.bits:g}"
+        return self.scheme.full_name if self.scheme is not None else "keep"
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,14 @@ class Recipe:
                 return QType(scheme.bits, scheme.group_size, method)
             return dataclasses.replace(scheme, method=method)
 
-        rules = tuple(Rule(r.pattern, convert(r.scheme, r.pattern), r.index) for r in self.rules)
+        rules = tuple(
+            dataclasses.replace(
+                r,
+                scheme=convert(r.scheme, r.pattern),
+                choices=tuple(dict.fromkeys(convert(q, r.pattern) for q in r.choices)),
+            )
+            for r in self.rules
+        )
         return Recipe(f"{self.name}+{method}", self.description, rules)
 
     def with_experts(self, bits: int | None = None, group_size: int | None = None) -> Recipe:
@@ -130,6 +148,18 @@ class Recipe:
         rules = tuple(Rule(n, None, 0, why) for n, why in sorted(names.items()))
         return Recipe(self.name, self.description, (*rules, *self.rules))
 
+    def choice_rule_for(self, tensor: str) -> Rule | None:
+        """The choice rule (``choose`` and ``bits``) that decides ``tensor``, else None."""
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(tensor, rule.pattern):
+                return rule if rule.choices else None
+        return None
+
+    def with_assignment(self, schemes: dict[str, object]) -> Recipe:
+        """The same rules behind one exact rule per tensor of ``schemes`` (what an allocation chose)."""
+        rules = tuple(Rule(name, q, 0) for name, q in sorted(schemes.items()))
+        return Recipe(self.name, self.description, (*rules, *self.rules))
+
     def reason_for(self, tensor: str) -> str | None:
         """Why ``tensor`` is kept whatever the rules say (a rule from ``keeping``), else None."""
         for rule in self.rules:
@@ -139,7 +169,7 @@ class Recipe:
 
     def describe(self) -> str:
         """The rules in order, one line: ``*.experts.* int2-g64-hqq, ..., * keep``."""
-        return ", ".join(f"{r.pattern} {r.scheme.full_name if r.scheme else 'keep'}" for r in self.rules)
+        return ", ".join(f"{r.pattern} {r.label}" for r in self.rules)
 
     def scheme_for(self, tensor: str, in_features: int | None = None):
         """Return the scheme for ``tensor`` (None: keep it as it is).
@@ -236,10 +266,8 @@ def load_recipe(name_or_path: str) -> Recipe:
 
     Raises:
         MoeLocalError: unknown name, unreadable file, TOML that does not parse (with its line),
-            or a rule with a bad scheme (with the rule's number).
+            or a rule with a bad scheme or choice (with the rule's number).
     """
-    from moe_local.quant.api import parse_scheme
-
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = RECIPE_DIR / f"{name_or_path}.toml"
@@ -258,19 +286,46 @@ def load_recipe(name_or_path: str) -> Recipe:
     raw_rules = data.get("rule")
     if not isinstance(raw_rules, list) or not raw_rules:
         raise MoeLocalError(f"recipe {path.name} has no [[rule]] tables")
-    rules = []
-    for i, r in enumerate(raw_rules, 1):
-        if (
-            not isinstance(r, dict)
-            or not isinstance(r.get("match"), str)
-            or not isinstance(r.get("scheme"), str)
-        ):
-            raise MoeLocalError(f"recipe {path.name}: rule {i} needs string fields match and scheme")
-        scheme = None
-        if r["scheme"] != "keep":
-            try:
-                scheme = parse_scheme(r["scheme"])
-            except ValueError as exc:
-                raise MoeLocalError(f"recipe {path.name}: rule {i} ({r['match']}): {exc}") from exc
-        rules.append(Rule(r["match"], scheme, i))
+    rules = [_parse_rule(path.name, i, r) for i, r in enumerate(raw_rules, 1)]
     return Recipe(path.stem, str(data.get("description", "")), tuple(rules))
+
+
+def _parse_rule(file: str, i: int, r: object) -> Rule:
+    """Rule ``i`` of recipe ``file``: ``match`` with ``scheme``, or with ``choose`` and ``bits``."""
+    from moe_local.quant import QType, bits_per_weight
+    from moe_local.quant.api import parse_scheme
+
+    if not isinstance(r, dict) or not isinstance(r.get("match"), str):
+        raise MoeLocalError(f"recipe {file}: rule {i} needs string fields match and scheme")
+    where = f"recipe {file}: rule {i} ({r['match']})"
+    if "choose" in r:
+        choose, bits = r["choose"], r.get("bits")
+        if "scheme" in r:
+            raise MoeLocalError(f"{where}: give scheme or choose, not both")
+        if not isinstance(choose, list) or len(choose) < 2 or not all(isinstance(c, str) for c in choose):
+            raise MoeLocalError(f"{where}: choose needs a list of two or more scheme names")
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+            raise MoeLocalError(f"{where}: choose needs bits = the mean bits per weight to fit in")
+        if r["match"] != EXPERTS_PATTERN and ".experts." not in r["match"]:
+            raise MoeLocalError(f"{where}: choose applies to expert tensors (a match inside *.experts.*)")
+        try:
+            choices = tuple(parse_scheme(c) for c in choose)
+        except ValueError as exc:
+            raise MoeLocalError(f"{where}: {exc}") from exc
+        if not all(isinstance(q, QType) for q in choices):
+            raise MoeLocalError(f"{where}: choose takes group-wise schemes (int4-g32k-hqq, tern-g64k, ...)")
+        low, high = min(map(bits_per_weight, choices)), max(map(bits_per_weight, choices))
+        if not low <= bits <= high:
+            cost = f"{low:.3g} to {high:.3g} bits/weight"
+            raise MoeLocalError(f"{where}: bits = {bits:g} is outside what its schemes cost ({cost})")
+        nearest = min(choices, key=lambda q: (abs(bits_per_weight(q) - bits), bits_per_weight(q)))
+        return Rule(r["match"], nearest, i, choices=choices, bits=float(bits))
+    if not isinstance(r.get("scheme"), str):
+        raise MoeLocalError(f"recipe {file}: rule {i} needs string fields match and scheme")
+    scheme = None
+    if r["scheme"] != "keep":
+        try:
+            scheme = parse_scheme(r["scheme"])
+        except ValueError as exc:
+            raise MoeLocalError(f"{where}: {exc}") from exc
+    return Rule(r["match"], scheme, i)

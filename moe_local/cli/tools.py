@@ -162,11 +162,14 @@ def quantize(
         )
     if act_order and not _has_gptq(rec):
         raise MoeLocalError("--act-order applies to gptq rules; this recipe has none (add --method gptq)")
-    if (calibration is not None or calibration_tokens is not None) and not (_has_gptq(rec) or imatrix):
+    choosing = any(r.choices for r in rec.rules)
+    if (calibration is not None or calibration_tokens is not None) and not (
+        _has_gptq(rec) or imatrix or choosing
+    ):
         flag = "--calibration" if calibration is not None else "--calibration-tokens"
         raise MoeLocalError(
-            f"{flag} is for gptq rules or --imatrix: add --method gptq or --imatrix, "
-            "or use a recipe with -gptq schemes"
+            f"{flag} is for gptq rules, --imatrix or a recipe's choose rules: add --method gptq or "
+            "--imatrix, or use a recipe with -gptq schemes"
         )
     from moe_local.planner import GPUS
 
@@ -256,6 +259,10 @@ def _print_summary(report, rec, gpu: str | None) -> None:
         )
         for layer, seen in report.tokens_per_expert.items():
             typer.echo(f"  layer {layer}: " + " ".join(str(n) for n in seen))
+    if report.allocation is not None:
+        typer.echo(f"allocation ({report.allocation.measured_on}): {report.allocation.summary()}")
+    elif dry_run and any(r.choices for r in rec.rules):
+        typer.echo("choose rules are measured when quantizing: the plan sizes them at their nearest scheme")
     if gpu is not None:
         typer.echo(_fits_line(report, gpu))
     verb = "would write" if dry_run else "wrote"

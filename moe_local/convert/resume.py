@@ -38,7 +38,7 @@ def run_record(
     ident = index.read_bytes() if index.exists() else "\n".join(sorted(files.names())).encode()
     shards = {name: [f.size, _sample_digest(f.path, f.size)] for name, f in sorted(files.files.items())}
     config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
-    rules = [[r.pattern, r.scheme.full_name if r.scheme is not None else "keep"] for r in recipe.rules]
+    rules = [[r.pattern, r.label] for r in recipe.rules]
     cal = None
     if calibration is not None and Path(calibration).is_file():
         cal = hashlib.sha256(Path(calibration).read_bytes()).hexdigest()

@@ -28,6 +28,7 @@ from moe_local.convert.outdir import (
 )
 from moe_local.convert.resume import check_start, run_record, start_partial
 from moe_local.convert.source import open_source
+from moe_local.convert.tensor_quant import quantize_tensor as _quantize
 from moe_local.convert.workers import ordered_map
 from moe_local.errors import MoeLocalError
 from moe_local.experts.weights import ExpertWeights
@@ -72,6 +73,7 @@ class QuantizeReport:
     calibration_tokens: int = 0
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> routed tokens (GPTQ)
     dense_bytes_out: int = 0  # of ``bytes_out``, the dense part (everything but the experts)
+    allocation: object | None = None  # a choice rule's ``Allocation`` (``moe_local.convert.allocate``)
 
     def add(self, scheme: str, params: int, bytes_in: int, bytes_out: int, err: float | None = None) -> None:
         row = self.rows.setdefault(scheme, SchemeRow(scheme))
@@ -116,52 +118,6 @@ def _qbytes(shape: tuple[int, int], qtype, name: str = "") -> int:
 
         return codes + 2 * o * groups + 4 * o * superblocks(groups, qtype.group_size)
     return codes + 2 * 2 * o * groups
-
-
-def _quantize(
-    w: torch.Tensor,
-    qtype,
-    name: str,
-    inputs: torch.Tensor | None = None,
-    imatrix: bool = False,
-    act_order: bool = False,
-):
-    """Quantize ``w`` [O, I]; GPTQ uses ``inputs`` [n, I] (the calibration tokens it sees).
-
-    With ``imatrix``, rtn and hqq rules weight their rounding by the inputs' mean square per
-    channel (``inputs`` may be tokens or an accumulator of them); with ``act_order``, gptq rules
-    visit columns by decreasing Hessian diagonal with static groups.
-    """
-    from moe_local.quant import QuantizedTensor
-    from moe_local.quant.api import quantize_scheme
-
-    try:
-        method = getattr(qtype, "method", None)
-        if imatrix and inputs is not None and method in ("rtn", "hqq"):
-            from moe_local.quant.hqq import hqq_quantize
-            from moe_local.quant.importance import importance_of, weighted_rtn_quantize
-
-            imp = importance_of(inputs)
-            parts = (
-                hqq_quantize(w, qtype, importance=imp)
-                if method == "hqq"
-                else weighted_rtn_quantize(w, qtype, imp)
-            )
-            shape = (int(w.shape[0]), int(w.shape[1]))
-            return QuantizedTensor(parts.packed, parts.scales, parts.zeros, shape, qtype, parts.superscales)
-        if method != "gptq":
-            return quantize_scheme(w, qtype)
-        from moe_local.quant.gptq import HessianAccumulator, gptq_quantize
-
-        if isinstance(inputs, HessianAccumulator):
-            acc = inputs
-        else:
-            acc = HessianAccumulator(w.shape[1])
-            acc.add(inputs)
-        qt = gptq_quantize(w.float(), acc.hessian(), qtype, act_order=act_order)
-        return QuantizedTensor(qt.packed, qt.scales, qt.zeros, qt.shape, qtype)
-    except ValueError as exc:
-        raise MoeLocalError(f"cannot quantize {name} {tuple(w.shape)} as {qtype}: {exc}") from exc
 
 
 def _stored_nbytes(qt) -> int:
@@ -258,7 +214,8 @@ def quantize_checkpoint(
     imatrix_dense = {n for n, q in dense_schemes.items() if imatrix and _is_weighted(q)}
     if imatrix and calibration is None:
         raise MoeLocalError("--imatrix measures importance on calibration text: pass --calibration FILE")
-    if any(_is_gptq(r.scheme) for r in recipe.rules) or imatrix:
+    choosing = any(r.choices for r in recipe.rules)
+    if any(_is_gptq(r.scheme) for r in recipe.rules) or imatrix or (choosing and calibration is not None):
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
         from moe_local.convert.calibration import collect_calibration
@@ -274,6 +231,21 @@ def quantize_checkpoint(
         )
         report.calibration_tokens = cal.tokens
         report.tokens_per_expert = cal.seen
+    if choosing:  # a choice rule: measure its schemes on every layer, then fix one per expert part
+        from moe_local.convert.allocate import allocate
+
+        report.allocation = allocate(
+            recipe,
+            experts,
+            sites,
+            cal,
+            min_tokens=min_expert_tokens,
+            imatrix=imatrix,
+            act_order=act_order,
+            progress=progress,
+        )
+        if report.allocation is not None:
+            recipe = recipe.with_assignment(report.allocation.schemes)
 
     try:
         if not resume:
@@ -313,6 +285,8 @@ def quantize_checkpoint(
             "dense_crc32": dense_sums,
             "layers": layers,
         }
+        if report.allocation is not None:
+            manifest["allocation"] = report.allocation.to_json()
         if staged:
             manifest["staged"] = {"source": "unquantized", "dtype": _config_dtype(config)}
         write_json_atomic(partial / MANIFEST, manifest)
