@@ -60,6 +60,10 @@ MOE_ROWS = {
     "q2+imatrix": ("recipe:q2", True),
     "under-3bit+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit.toml'}", True),
     "experts-ternary+imatrix": (f"recipe:{HERE / 'recipes' / 'experts-ternary.toml'}", True),
+    # mixed precision by measured error (choose rules) at the uniform recipes' expert bits
+    "under-3bit-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit-mixed.toml'}", True),
+    "q2-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'q2-mixed.toml'}", True),
+    "q3-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'q3-mixed.toml'}", True),
     # GPTQ at 3 bits in natural column order and with activation order (static groups), and rtn
     "int3-g64-gptq": ("int3-g64-gptq", False),
     "int3-g64-gptq+act-order": ("int3-g64-gptq", False),
@@ -329,6 +333,7 @@ def llama_reference(rows: dict, corpus: str, windows: int, bpw: float) -> float 
 def target_lines(rows: dict, windows: int) -> list[str]:
     """The issue's targets, checked on the rows of ``windows`` windows (computed, not written by hand)."""
     ladder = ("q8", "q6", "q5", "q4", "q3", "q2", "under-3bit")  # recipes; scheme rows are probes
+    ladder += ("q3-mixed", "q2-mixed", "under-3bit-mixed", "experts-ternary")  # recipe files of benchmarks/
     ours = [
         r
         for r in rows.values()
@@ -365,6 +370,14 @@ def target_lines(rows: dict, windows: int) -> list[str]:
         ds = deltas(r)
         ok = all(d is not None and d <= 30 for d in ds)
         out.append(f"- under 3 bits/weight within +30%: {r['scheme']} {fmt(ds)}: {'met' if ok else 'MISSED'}")
+    for r in (r for r in ours if r["scheme"].startswith("experts-ternary")):
+        ds = deltas(r)
+        ok = all(d is not None and d <= 100 for d in ds)
+        verdict = "usable" if ok else "NOT usable"
+        out.append(
+            f"- sub-2-bit experts (ternary, 1.975 bits/weight; usable: perplexity at most doubled): "
+            f"{r['scheme']} at {r['bpw']:.2f} bits/weight {fmt(ds)}: {verdict}"
+        )
     return out
 
 

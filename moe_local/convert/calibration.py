@@ -34,6 +34,7 @@ class LayerCalibration:
     router_b: torch.Tensor | None  # [E]
     gate_fn: object  # the family's own gate function (maps [n, 2I] -> [n, I])
     has_gate: bool
+    residual_sq: float | None = None  # mean ||h||^2 per token of the residual stream after the layer
 
     def tokens_for(self, expert: int, min_tokens: int) -> tuple[torch.Tensor, int]:
         """Inputs for ``expert``: its routed tokens, topped up with its best-scoring ones.
@@ -133,6 +134,20 @@ def collect_calibration(
             )
 
         hooks.append(mod.register_forward_pre_hook(grab))
+    residual: dict[int, list] = {}  # layer -> [sum of ||h||^2, tokens]: how large an error there is
+    for site in lm.sites:
+        path = site.name.rpartition(".")[0].rpartition(".")[0]  # SITE = LAYER.BLOCK.experts
+        if path:
+            acc_h = residual[site.layer] = [0.0, 0]
+
+            def energy(m, args, out, acc=acc_h):
+                h = out[0] if isinstance(out, (tuple, list)) else out
+                if isinstance(h, torch.Tensor) and h.dim() >= 2:
+                    h = h.reshape(-1, h.shape[-1]).float()
+                    acc[0] += float(h.square().sum())
+                    acc[1] += int(h.shape[0])
+
+            hooks.append(lm.model.get_submodule(path).register_forward_hook(energy))
     try:
         with torch.inference_mode():
             seq2seq = getattr(lm.model.config, "is_encoder_decoder", False)
@@ -151,6 +166,8 @@ def collect_calibration(
         idx = torch.cat([r[1] for r in captured[site.layer]])
         block = lm.model.get_submodule(site.name.rpartition(".")[0])
         w, b = router_of(block, site.num_experts, x.shape[-1])
-        cal.layers[site.layer] = LayerCalibration(x, idx, w, b, mod._gate, mod.has_gate)
+        total, count = residual.get(site.layer, (0.0, 0))
+        res = total / count if count and total > 0 else None
+        cal.layers[site.layer] = LayerCalibration(x, idx, w, b, mod._gate, mod.has_gate, res)
         cal.seen[site.layer] = [int((idx == e).any(-1).sum()) for e in range(site.num_experts)]
     return cal

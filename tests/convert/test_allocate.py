@@ -80,6 +80,7 @@ def test_a_checkpoint_gets_the_measured_mix_within_its_bits(
     alloc = report.allocation
     assert alloc is not None and alloc.bits <= 2.9
     assert ("calibration tokens" in alloc.measured_on) == calibrated
+    assert ("against the residual stream" in alloc.measured_on) == calibrated  # the layers' h was measured
     manifest = json.loads((tmp_path / "q" / "moe_local.json").read_text())
     record = manifest["allocation"]
     assert record["target_bits"] == 2.9 and set(record["units"]) == {u.name for u in alloc.units}
