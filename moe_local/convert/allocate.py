@@ -8,7 +8,8 @@ included):
 
 * with calibration text, the error is the experts' *output* error on their routed tokens with only
   that part quantized, per token and relative to the residual stream the output is added to:
-  ``mean ||y_q - y||^2 / mean ||h||^2`` (``h`` the layer's output in calibration). Relative to the
+  ``mean ||y_q - y||^2 / median ||h||^2`` (``h`` the layer's output in calibration; the median
+  token, as a few attention-sink tokens carry residuals thousands of times larger). Relative to the
   residual, not to the experts' own output: a layer whose experts add little to the stream may be
   coarse, and a first layer whose stream is still small may not (measured: relative to their own
   output the first and last layers of the demo looked easiest and got ternary codes, and perplexity

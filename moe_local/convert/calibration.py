@@ -34,7 +34,7 @@ class LayerCalibration:
     router_b: torch.Tensor | None  # [E]
     gate_fn: object  # the family's own gate function (maps [n, 2I] -> [n, I])
     has_gate: bool
-    residual_sq: float | None = None  # mean ||h||^2 per token of the residual stream after the layer
+    residual_sq: float | None = None  # median ||h||^2 of a token's residual stream after the layer
 
     def tokens_for(self, expert: int, min_tokens: int) -> tuple[torch.Tensor, int]:
         """Inputs for ``expert``: its routed tokens, topped up with its best-scoring ones.
@@ -134,18 +134,16 @@ def collect_calibration(
             )
 
         hooks.append(mod.register_forward_pre_hook(grab))
-    residual: dict[int, list] = {}  # layer -> [sum of ||h||^2, tokens]: how large an error there is
+    residual: dict[int, list] = {}  # layer -> ||h||^2 of each token: how large an error there is
     for site in lm.sites:
         path = site.name.rpartition(".")[0].rpartition(".")[0]  # SITE = LAYER.BLOCK.experts
         if path:
-            acc_h = residual[site.layer] = [0.0, 0]
+            norms = residual[site.layer] = []
 
-            def energy(m, args, out, acc=acc_h):
+            def energy(m, args, out, norms=norms):
                 h = out[0] if isinstance(out, (tuple, list)) else out
                 if isinstance(h, torch.Tensor) and h.dim() >= 2:
-                    h = h.reshape(-1, h.shape[-1]).float()
-                    acc[0] += float(h.square().sum())
-                    acc[1] += int(h.shape[0])
+                    norms.append(h.reshape(-1, h.shape[-1]).float().square().sum(dim=-1))
 
             hooks.append(lm.model.get_submodule(path).register_forward_hook(energy))
     try:
@@ -166,8 +164,10 @@ def collect_calibration(
         idx = torch.cat([r[1] for r in captured[site.layer]])
         block = lm.model.get_submodule(site.name.rpartition(".")[0])
         w, b = router_of(block, site.num_experts, x.shape[-1])
-        total, count = residual.get(site.layer, (0.0, 0))
-        res = total / count if count and total > 0 else None
+        # the median token: a few attention-sink tokens carry residuals thousands of times larger
+        norms = residual.get(site.layer)
+        res = float(torch.cat(norms).median()) if norms else None
+        res = res if res is not None and res > 0 else None
         cal.layers[site.layer] = LayerCalibration(x, idx, w, b, mod._gate, mod.has_gate, res)
         cal.seen[site.layer] = [int((idx == e).any(-1).sum()) for e in range(site.num_experts)]
     return cal
