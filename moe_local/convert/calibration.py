@@ -137,7 +137,11 @@ def collect_calibration(
     residual: dict[int, list] = {}  # layer -> ||h||^2 of each token: how large an error there is
     for site in lm.sites:
         path = site.name.rpartition(".")[0].rpartition(".")[0]  # SITE = LAYER.BLOCK.experts
-        if path:
+        try:
+            layer_mod = lm.model.get_submodule(path) if path else None
+        except AttributeError:  # a family nesting its experts otherwise: errors fall back to the output's
+            layer_mod = None
+        if layer_mod is not None:
             norms = residual[site.layer] = []
 
             def energy(m, args, out, norms=norms):
@@ -145,7 +149,7 @@ def collect_calibration(
                 if isinstance(h, torch.Tensor) and h.dim() >= 2:
                     norms.append(h.reshape(-1, h.shape[-1]).float().square().sum(dim=-1))
 
-            hooks.append(lm.model.get_submodule(path).register_forward_hook(energy))
+            hooks.append(layer_mod.register_forward_hook(energy))
     try:
         with torch.inference_mode():
             seq2seq = getattr(lm.model.config, "is_encoder_decoder", False)
