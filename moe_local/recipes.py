@@ -148,6 +148,11 @@ class Recipe:
         rules = tuple(Rule(n, None, 0, why) for n, why in sorted(names.items()))
         return Recipe(self.name, self.description, (*rules, *self.rules))
 
+    @property
+    def has_choices(self) -> bool:
+        """Whether a rule leaves its schemes to measurement (``choose`` and ``bits``)."""
+        return any(r.choices for r in self.rules)
+
     def choice_rule_for(self, tensor: str) -> Rule | None:
         """The choice rule (``choose`` and ``bits``) that decides ``tensor``, else None."""
         for rule in self.rules:

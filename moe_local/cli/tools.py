@@ -162,9 +162,8 @@ def quantize(
         )
     if act_order and not _has_gptq(rec):
         raise MoeLocalError("--act-order applies to gptq rules; this recipe has none (add --method gptq)")
-    choosing = any(r.choices for r in rec.rules)
     if (calibration is not None or calibration_tokens is not None) and not (
-        _has_gptq(rec) or imatrix or choosing
+        _has_gptq(rec) or imatrix or rec.has_choices
     ):
         flag = "--calibration" if calibration is not None else "--calibration-tokens"
         raise MoeLocalError(
@@ -261,7 +260,7 @@ def _print_summary(report, rec, gpu: str | None) -> None:
             typer.echo(f"  layer {layer}: " + " ".join(str(n) for n in seen))
     if report.allocation is not None:
         typer.echo(f"allocation ({report.allocation.measured_on}): {report.allocation.summary()}")
-    elif dry_run and any(r.choices for r in rec.rules):
+    elif dry_run and rec.has_choices:
         typer.echo("choose rules are measured when quantizing: the plan sizes them at their nearest scheme")
     if gpu is not None:
         typer.echo(_fits_line(report, gpu))

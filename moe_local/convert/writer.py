@@ -214,8 +214,8 @@ def quantize_checkpoint(
     imatrix_dense = {n for n, q in dense_schemes.items() if imatrix and _is_weighted(q)}
     if imatrix and calibration is None:
         raise MoeLocalError("--imatrix measures importance on calibration text: pass --calibration FILE")
-    choosing = any(r.choices for r in recipe.rules)
-    if any(_is_gptq(r.scheme) for r in recipe.rules) or imatrix or (choosing and calibration is not None):
+    measured = recipe.has_choices and calibration is not None  # choose rules measure on it when given
+    if any(_is_gptq(r.scheme) for r in recipe.rules) or imatrix or measured:
         if calibration is None:
             raise MoeLocalError("gptq needs calibration text: pass --calibration FILE")
         from moe_local.convert.calibration import collect_calibration
@@ -231,7 +231,7 @@ def quantize_checkpoint(
         )
         report.calibration_tokens = cal.tokens
         report.tokens_per_expert = cal.seen
-    if choosing:  # a choice rule: measure its schemes on every layer, then fix one per expert part
+    if recipe.has_choices:  # a choice rule: measure its schemes on every layer, then fix one per expert part
         from moe_local.convert.allocate import allocate
 
         report.allocation = allocate(

@@ -150,6 +150,18 @@ def ternary_packed_size(n: int) -> int:
     return -(-n // TERNARY_PER_BYTE)
 
 
+def _check_ternary(packed: object, n: int) -> int:
+    """The bytes per row of ``n`` ternary codes, once ``packed`` is a uint8 tensor with that last dim."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a uint8 tensor, got {_dtype_name(packed)}")
+    if packed.dim() == 0:
+        raise ValueError("packed must have at least one dimension")
+    m = ternary_packed_size(n)
+    if packed.shape[-1] != m:
+        raise ValueError(f"{n} ternary codes need a last dim of {m} bytes, got {packed.shape[-1]}")
+    return m
+
+
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack codes 0, 1, 2 along the last dimension, five to a byte.
 
@@ -170,7 +182,8 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ternary codes are 0, 1 or 2, got {int(codes.max())}")
     n = codes.shape[-1]
     m = ternary_packed_size(n)
-    padded = torch.nn.functional.pad(codes, (0, m * TERNARY_PER_BYTE - n)) if m * 5 != n else codes
+    pad = m * TERNARY_PER_BYTE - n
+    padded = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
     u = padded.reshape(*codes.shape[:-1], m, TERNARY_PER_BYTE)
     out = u[..., 4] * 3  # Horner's rule in uint8: every partial sum is at most 242
     for k in (3, 2, 1):
@@ -193,13 +206,7 @@ def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
         ValueError: on a non-uint8 tensor, a last dim that does not hold ``n`` codes, or a byte
             above 242 (no five ternary codes make it: the data is not ternary-packed).
     """
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be a uint8 tensor, got {_dtype_name(packed)}")
-    if packed.dim() == 0:
-        raise ValueError("packed must have at least one dimension")
-    m = ternary_packed_size(n)
-    if packed.shape[-1] != m:
-        raise ValueError(f"{n} ternary codes need a last dim of {m} bytes, got {packed.shape[-1]}")
+    m = _check_ternary(packed, n)
     if packed.numel() and int(packed.max()) > _TERNARY_MAX_BYTE:
         raise ValueError(f"a ternary-packed byte is at most {_TERNARY_MAX_BYTE}, got {int(packed.max())}")
     digits = _TERNARY_DIGITS.to(packed.device)[packed.long()]  # [..., m, 5]
@@ -226,10 +233,6 @@ def ternary_to_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
     if n % 4:
         raise ValueError(f"2-bit packing needs the last dim to be a multiple of 4, got {n}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() == 0:
-        raise ValueError(f"packed must be a uint8 tensor with a dimension, got {_dtype_name(packed)}")
-    m = ternary_packed_size(n)
-    if packed.shape[-1] != m:
-        raise ValueError(f"{n} ternary codes need a last dim of {m} bytes, got {packed.shape[-1]}")
+    _check_ternary(packed, n)  # bytes above 242: refused by the C loop or by unpack_ternary
     fast = native.ternary_to_2bit(packed, n) if packed.numel() else None
     return fast if fast is not None else pack_codes(unpack_ternary(packed, n), 2)
