@@ -173,7 +173,14 @@ class HfExperts(ExpertSource):
         gate, up = self.files.info(per["gate"]), self.files.info(per["up"])
         if gate.dtype != up.dtype or gate.shape[1:] != up.shape[1:] or (self.dtype not in (None, gate.dtype)):
             return None  # a cast or odd shapes: the general path
-        out = torch.empty((gate.shape[0] + up.shape[0], *gate.shape[1:]), dtype=gate.dtype)
+        shape = (gate.shape[0] + up.shape[0], *gate.shape[1:])
+        if self.drop_cache and type(self.files) is CheckpointFiles:
+            # past the page cache, straight into place where the file's layout allows (a wrapper
+            # such as the FP8 reader's dequantized files reads its own way)
+            joined = self.files.read_joined([per["gate"], per["up"]])
+            if joined is not None:
+                return joined.reshape(shape)
+        out = torch.empty(shape, dtype=gate.dtype)
         self.files.read(per["gate"], drop_cache=self.drop_cache, out=out[: gate.shape[0]])
         self.files.read(per["up"], drop_cache=self.drop_cache, out=out[gate.shape[0] :])
         return out

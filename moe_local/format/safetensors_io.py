@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moe_local.errors import CheckpointError
-from moe_local.format.direct_read import pread_into, read_range
+from moe_local.format.direct_read import pread_into, read_joined, read_range
 from moe_local.format.paths import file_inside
 
 DTYPES: dict[str, torch.dtype] = {
@@ -150,6 +150,24 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self._read_range(info.offset, info.nbytes, info.dtype, info.shape, drop_cache, out)
 
+    def read_joined(self, names: list[str]) -> torch.Tensor | None:
+        """Tensors of one dtype read past the page cache straight into one buffer, one after another.
+
+        Returns:
+            Their bytes joined, viewed as their dtype and flat, or None where ``read_joined`` of
+            ``direct_read`` cannot (the caller reads them one by one).
+        """
+        infos = [self.tensors[n] for n in names]
+        if len({i.dtype for i in infos}) != 1:
+            return None
+        try:
+            data = read_joined(self.path, [(i.offset, i.nbytes) for i in infos])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path.name}: {exc}") from exc
+        if data is None or data.data_ptr() % infos[0].dtype.itemsize:
+            return None
+        return data.view(infos[0].dtype)
+
     def read_slice(self, name: str, index: int, *, drop_cache: bool | None = None) -> torch.Tensor:
         """Read ``tensor[index]`` of a tensor along its first dimension (one contiguous range)."""
         info = self.tensors[name]
@@ -255,6 +273,11 @@ class CheckpointFiles:
     ) -> torch.Tensor:
         """Read tensor ``key`` from whichever shard holds it (into ``out`` when given; None: its default)."""
         return self.key_to_file[key].read(key, drop_cache=drop_cache, out=out)
+
+    def read_joined(self, keys: list[str]) -> torch.Tensor | None:
+        """``SafetensorsFile.read_joined`` of tensors in one shard; None when they lie in several."""
+        files = {id(self.key_to_file[k]) for k in keys}
+        return self.key_to_file[keys[0]].read_joined(keys) if len(files) == 1 else None
 
     def read_slice(self, key: str, index: int, *, drop_cache: bool | None = None) -> torch.Tensor:
         """Read ``key[index]`` along the first dimension (``drop_cache`` None: the file's default)."""

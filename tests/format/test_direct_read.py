@@ -118,3 +118,68 @@ def test_a_filesystem_without_o_direct_is_read_buffered(data_file, monkeypatch):
 def test_other_errors_are_not_hidden(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_range(tmp_path / "missing.bin", 0, 10)
+
+
+def _direct_or_skip(path) -> None:
+    if refused(path):
+        pytest.skip("this filesystem refuses O_DIRECT (tmpfs): read_joined leaves the reading to others")
+
+
+@pytest.mark.parametrize("first", [0, 100, ALIGN - 1])
+def test_joined_ranges_are_read_into_place(tmp_path, first):
+    # three ranges with whole blocks between them (as Mixtral's gate, down and up lie), not whole blocks
+    # long themselves: each aligned read writes around its range, and the result is still exact
+    payload = os.urandom(12 * ALIGN)
+    path = tmp_path / "data.bin"
+    path.write_bytes(payload)
+    a, b = ALIGN + 300, 2 * ALIGN - 300
+    ranges = [(first, a), (first + a + 2 * ALIGN, b), (first + a + 2 * ALIGN + b + ALIGN, 77)]
+    got = direct_read.read_joined(path, ranges)
+    if got is None:
+        _direct_or_skip(path)
+    assert bytes(got.numpy()) == b"".join(payload[o : o + n] for o, n in ranges)
+    assert got.numel() == a + b + 77 and got.is_contiguous()
+
+
+def test_joined_ranges_need_whole_blocks_between_them(data_file):
+    path, _ = data_file
+    assert direct_read.read_joined(path, [(0, 100), (150, 10)]) is None  # a gap of 50 bytes
+    assert direct_read.read_joined(path, [(0, 100), (100 + ALIGN, 0)]) is None  # nothing to read
+    assert direct_read.read_joined(path, []) is None
+
+
+def test_a_joined_range_past_the_end_is_an_error(data_file):
+    path, _ = data_file
+    try:
+        got = direct_read.read_joined(path, [(0, 10), (10 + ALIGN, SIZE)])
+    except OSError as exc:
+        assert "end of file" in str(exc)
+    else:
+        assert got is None
+        _direct_or_skip(path)
+        pytest.fail("a range past the end was read")
+
+
+def test_a_budgeted_expert_reads_gate_and_up_into_place(tmp_path, monkeypatch):
+    # the fused gate_up of a budgeted load is read straight into its halves: the same tensor as a plain
+    # read, and no copy (read_joined answered)
+    from moe_local.loading.checkpoint import open_checkpoint
+    from moe_local.tiny import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint("mixtral", tmp_path / "m", hidden_size=64, intermediate_size=32)
+    answers = []
+    real = direct_read.read_joined
+
+    def spy(path, ranges):
+        answers.append(real(path, ranges))
+        return answers[-1]
+
+    monkeypatch.setattr("moe_local.format.safetensors_io.read_joined", spy)
+    plain = open_checkpoint(folder).experts
+    budgeted = open_checkpoint(folder, drop_cache=True).experts
+    for layer, expert in ((0, 0), (1, 3)):
+        want, got = plain.read(layer, expert), budgeted.read(layer, expert)
+        assert torch.equal(want.gate_up, got.gate_up) and torch.equal(want.down, got.down)
+    assert len(answers) == 2
+    if answers[0] is None:
+        _direct_or_skip(next(folder.glob("*.safetensors")))
