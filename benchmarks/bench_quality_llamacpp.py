@@ -62,7 +62,7 @@ MOE_ROWS = {
     "experts-ternary+imatrix": (f"recipe:{HERE / 'recipes' / 'experts-ternary.toml'}", True),
     # mixed precision by measured error (choose rules) at the uniform recipes' expert bits
     "under-3bit-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'under-3bit-mixed.toml'}", True),
-    "q2-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'q2-mixed.toml'}", True),
+    "q2-mixed+imatrix": ("recipe:q2-mixed", True),  # shipped: moe_local/quant_recipes/q2-mixed.toml
     "q3-mixed+imatrix": (f"recipe:{HERE / 'recipes' / 'q3-mixed.toml'}", True),
     # GPTQ at 3 bits in natural column order and with activation order (static groups), and rtn
     "int3-g64-gptq": ("int3-g64-gptq", False),
