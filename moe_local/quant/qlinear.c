@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *codes, 
         /* each token's scale times its chunk's weight scale, 8 at a time first (a group is one chunk:
            the recipes' int4 g64): the chunk loop is then the codes' work and one broadcast load. It was
            instruction-bound, about 30 a chunk, a third of them these scalar steps. */
-        float sd[4 * chunks];
+        float sd[NT * chunks]; /* [NT, chunks] */
         for (int t = 0; t < NT; t++) {
             int c = 0;
             for (; c + 8 <= chunks; c += 8)
